@@ -1,0 +1,147 @@
+"""The ``covey`` command: up, coordinator, miner, chat.
+
+Only this module and ``cli_up`` import typer and rich; the core packages stay free of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from covey.miner.models import BUNDLED_MODEL
+
+app = typer.Typer(help="Covey: an open network for decentralized AI inference.",
+                  no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option(help="Where state, keys and logs are kept.")]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def coordinator(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    data_dir: DataDir = Path(".covey"),
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait per model when "
+                                            "every miner slot is busy; more get 429.")] = 64,
+    queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait.")] = 120.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
+    import uvicorn
+
+    from covey.coordinator.app import CoordinatorConfig, create_app
+    from covey.coordinator.router import QueuePolicy
+
+    _logging(log_level)
+    config = CoordinatorConfig(data_dir=data_dir,
+                               queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
+                timeout_graceful_shutdown=3)
+
+
+@app.command()
+def miner(
+    coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")] = (
+        "http://127.0.0.1:8000"),
+    model: Annotated[str, typer.Option(help="A bundled model name or a path to a .gguf file.")
+                     ] = BUNDLED_MODEL,
+    slots: Annotated[int, typer.Option(min=1, max=64, help="Jobs run at once.")] = 1,
+    name: Annotated[str | None, typer.Option(help="Name to serve a GGUF path under.")] = None,
+    key: Annotated[Path | None, typer.Option(help="Identity key file (default: "
+                                             "DATA_DIR/miner.key, made on first run).")] = None,
+    data_dir: DataDir = Path(".covey"),
+    ctx: Annotated[int, typer.Option(help="Context length in tokens.")] = 4096,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per slot.")] = None,
+    gpu_layers: Annotated[int, typer.Option(help="Layers to offload to a GPU.")] = 0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
+    from covey.miner.agent import HelloRefused, MinerAgent
+    from covey.miner.identity import IdentityError, load_or_create
+    from covey.miner.models import ModelNotFound, resolve_model, weights_sha256
+
+    _logging(log_level)
+    try:
+        signing_key = load_or_create(key or data_dir / "miner.key")
+        model_file = resolve_model(model, name)
+    except (IdentityError, ModelNotFound) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    try:
+        from covey.miner.backends.llama_cpp import LlamaCppBackend, LlamaCppConfig
+    except ImportError as exc:
+        err.print("[red]error:[/red] the llama.cpp backend needs: pip install 'covey[llama]'")
+        raise typer.Exit(2) from exc
+    sha = weights_sha256(model_file.path, data_dir)
+    backend = LlamaCppBackend(model_file, sha, slots,
+                              LlamaCppConfig(n_ctx=ctx, n_threads=threads,
+                                             n_gpu_layers=gpu_layers))
+    agent = MinerAgent(coordinator, signing_key, backend)
+    err.print(f"miner {agent.miner_id[:16]}… serving {model_file.name} "
+              f"({sha[:12]}…, {slots} slot(s)) to {coordinator}")
+    try:
+        asyncio.run(agent.run())
+    except HelloRefused as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        pass
+    finally:
+        backend.close()
+
+
+@app.command()
+def chat(
+    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    url: Annotated[str, typer.Option(help="Coordinator base URL.")] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="Model name.")] = BUNDLED_MODEL,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on answer tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 for greedy.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY")] = None,
+) -> None:
+    """Ask a model and stream the answer to the terminal."""
+    import httpx
+
+    from covey.client import ChatError, stream_chat
+
+    messages = ([{"role": "system", "content": system}] if system else [])
+    messages.append({"role": "user", "content": prompt})
+    try:
+        for piece in stream_chat(url, model, messages, api_key=api_key, max_tokens=max_tokens,
+                                 temperature=temperature):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ChatError as exc:
+        err.print(f"\n[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        err.print(f"\n[red]error:[/red] cannot reach {url}: {exc}. Is `covey up` running?")
+        raise typer.Exit(1) from exc
+    sys.stdout.write("\n")
+
+
+def _register_up() -> None:
+    from covey.cli_up import up
+
+    app.command()(up)
+
+
+_register_up()
+
+
+def main() -> None:
+    """Entry point of the ``covey`` script."""
+    app()

@@ -1,0 +1,120 @@
+"""``covey up``: a coordinator and miners on this machine, as child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+
+from covey.miner.models import BUNDLED_MODEL, ModelNotFound, resolve_model
+
+out = Console()
+
+
+def _spawn(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    log = log_file.open("ab")
+    # Own process group: Ctrl-C reaches `up` only, which then stops miners before the
+    # coordinator so no miner logs a spurious reconnect.
+    return subprocess.Popen([sys.executable, "-m", "covey", *args], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _wait_ready(base: str, model: str, miners: int, procs: list[subprocess.Popen[bytes]],
+                timeout: float) -> str | None:
+    """None once ``miners`` miners serve ``model``; else why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                return f"a child process exited with code {p.returncode}"
+        try:
+            data = httpx.get(f"{base}/v1/models", timeout=2).json()["data"]
+            if any(m["id"] == model and m["miners"] >= miners for m in data):
+                return None
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.25)
+    return f"not ready after {timeout:.0f} s"
+
+
+def up(
+    miners: Annotated[int, typer.Option(min=1, max=32, help="How many miners to start.")] = 1,
+    host: Annotated[str, typer.Option(help="Coordinator interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Coordinator port.")] = 8000,
+    model: Annotated[str, typer.Option(help="Bundled model name or GGUF path.")] = BUNDLED_MODEL,
+    slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
+    data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
+) -> None:
+    """Start a local network (a coordinator and miners with the bundled model); Ctrl-C stops it."""
+    try:
+        served = resolve_model(model).name
+    except ModelNotFound as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    threads = max(1, (os.cpu_count() or 1) // (miners * slots))
+    coord = _spawn(["coordinator", "--host", host, "--port", str(port),
+                    "--data-dir", str(data_dir)], data_dir / "coordinator.log")
+    procs = [coord]
+    for i in range(miners):
+        mdir = data_dir / f"miner-{i}"
+        mdir.mkdir(exist_ok=True)
+        procs.append(_spawn(["miner", "--coordinator", base, "--model", model,
+                             "--slots", str(slots), "--threads", str(threads),
+                             "--data-dir", str(mdir)], data_dir / f"miner-{i}.log"))
+    stop = False
+
+    def _on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    out.print(f"starting a coordinator and {miners} miner(s); logs in {data_dir}/")
+    problem = _wait_ready(base, served, miners, procs, 180)
+    if problem is not None and not stop:
+        out.print(f"[red]covey up failed:[/red] {problem}; see the logs in {data_dir}/")
+        _stop(list(reversed(procs)))
+        raise typer.Exit(1)
+    if not stop:
+        body = json.dumps({"model": served, "messages": [
+            {"role": "user", "content": "Say hello in five words."}]})
+        out.print(f"\n[bold green]Covey is up[/bold green] at {base}  (web chat: {base}/)\n")
+        out.print("Try it:\n")
+        out.print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{body}'", soft_wrap=True, highlight=False, markup=False)
+        out.print(f"  covey chat --url {base} \"What is the capital of France?\"\n",
+                  highlight=False, markup=False)
+        out.print("Press Ctrl-C to stop.")
+    while not stop:
+        if any(p.poll() is not None for p in procs):
+            out.print(f"[red]a process exited[/red]; see the logs in {data_dir}/")
+            break
+        time.sleep(0.5)
+    out.print("stopping…")
+    _stop(list(reversed(procs)))
+    out.print("stopped.")

@@ -1,0 +1,1 @@
+"""The coordinator: OpenAI-compatible API, miner sessions, routing and the web page."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP routes (thin) and the serving logic behind them."""

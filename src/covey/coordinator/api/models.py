@@ -1,0 +1,46 @@
+"""``GET /v1/models``, ``GET /v1/miners`` and ``GET /healthz``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from covey.coordinator.miners import MinerRegistry
+from covey.protocol.openai import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    """Every known model, with how many live miners serve it now."""
+    registry: MinerRegistry = request.app.state.registry
+    created = request.app.state.started_at
+    return ModelList(data=[
+        ModelCard(id=name, created=created, miners=len(registry.serving(name)),
+                  context_length=ctx)
+        for name, ctx in sorted(registry.known_models.items())
+    ])
+
+
+@router.get("/v1/miners")
+async def list_miners(request: Request) -> dict[str, object]:
+    """Live miners: id (public key), models, slots, running and completed jobs, hardware."""
+    registry: MinerRegistry = request.app.state.registry
+    return {"object": "list", "data": [
+        {
+            "id": s.miner_id,
+            "models": [m.model_dump() for m in s.hello.models],
+            "slots": s.slots,
+            "active": s.active,
+            "completed": s.completed,
+            "hardware": s.hello.hardware.model_dump(),
+            "version": s.hello.version,
+        }
+        for s in registry.sessions.values()
+    ]}
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> dict[str, object]:
+    """Liveness: ``{"status": "ok", "miners": N}``."""
+    return {"status": "ok", "miners": len(request.app.state.registry.sessions)}

@@ -1,0 +1,82 @@
+"""Checking OpenAI requests and turning them into miner jobs.
+
+Parameters Covey cannot honour are refused with 400 naming the field, rather than ignored.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from covey.coordinator.errors import ApiError
+from covey.protocol import Job, SamplingParams
+from covey.protocol.frames import ChatMessage
+from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+
+def _unsupported(param: str, what: str) -> ApiError:
+    return ApiError(400, f"'{param}' {what} is not supported by this network yet.",
+                    param=param, code="unsupported_parameter")
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+              ) -> SamplingParams:
+    if req.n is not None and req.n > 1:
+        raise _unsupported("n", "greater than 1")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop_list(),
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+    )
+
+
+def chat_job(req: ChatCompletionRequest) -> Job:
+    """The miner job for a chat request.
+
+    Raises:
+        ApiError: 400 for ``n`` > 1, tools, logprobs or a non-text response format.
+    """
+    if req.tools:
+        raise _unsupported("tools", "(function calling)")
+    if req.logprobs:
+        raise _unsupported("logprobs", "")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", "other than text")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    return Job(
+        job_id=f"chatcmpl-{secrets.token_hex(12)}",
+        model=req.model,
+        messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages),
+        params=_sampling(req, max_tokens),
+    )
+
+
+def completion_job(req: CompletionRequest) -> Job:
+    """The miner job for a completion request.
+
+    Raises:
+        ApiError: 400 for several prompts, ``n`` > 1, ``echo``, ``logprobs``, ``suffix`` or
+            ``best_of`` > 1.
+    """
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise _unsupported("prompt", "as a list of several prompts")
+        prompt = prompt[0]
+    if req.echo:
+        raise _unsupported("echo", "")
+    if req.logprobs is not None:
+        raise _unsupported("logprobs", "")
+    if req.suffix:
+        raise _unsupported("suffix", "")
+    if req.best_of is not None and req.best_of > 1:
+        raise _unsupported("best_of", "greater than 1")
+    return Job(
+        job_id=f"cmpl-{secrets.token_hex(12)}",
+        model=req.model,
+        prompt=prompt,
+        params=_sampling(req, req.max_tokens),
+    )

@@ -1,0 +1,173 @@
+"""Serving chat and completion requests: non-streaming bodies and SSE streams.
+
+The same job machinery serves both endpoints; a small formatter per endpoint builds OpenAI's
+response and chunk shapes. A stream that fails after its headers went out ends with an error
+event and ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from covey.coordinator.errors import ApiError
+from covey.coordinator.jobs import RunningJob, start_job
+from covey.coordinator.router import Dispatcher
+from covey.protocol import Delta, Done, Job
+from covey.protocol.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
+
+
+def _usage(done: Done) -> Usage:
+    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                 total_tokens=done.prompt_tokens + done.completion_tokens)
+
+
+def _finish(done: Done) -> str:
+    return "stop" if done.finish_reason == "cancelled" else done.finish_reason
+
+
+@dataclass
+class _Meta:
+    id: str
+    created: int
+    model: str
+    fingerprint: str
+
+
+class ChatFormatter:
+    """Chat completion shapes (``chat.completion`` / ``chat.completion.chunk``)."""
+
+    def __init__(self, meta: _Meta) -> None:
+        self.m = meta
+
+    def _chunk(self, delta: ChatDelta, finish: str | None = None) -> str:
+        return ChatCompletionChunk(
+            id=self.m.id, created=self.m.created, model=self.m.model,
+            system_fingerprint=self.m.fingerprint,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+        ).model_dump_json()
+
+    def first(self) -> str | None:
+        return self._chunk(ChatDelta(role="assistant", content=""))
+
+    def delta(self, text: str) -> str:
+        return self._chunk(ChatDelta(content=text))
+
+    def last(self, done: Done) -> str:
+        return self._chunk(ChatDelta(), _finish(done))
+
+    def usage(self, done: Done) -> str:
+        return ChatCompletionChunk(
+            id=self.m.id, created=self.m.created, model=self.m.model, choices=[],
+            system_fingerprint=self.m.fingerprint, usage=_usage(done),
+        ).model_dump_json()
+
+    def whole(self, text: str, done: Done) -> ChatCompletion:
+        return ChatCompletion(
+            id=self.m.id, created=self.m.created, model=self.m.model,
+            system_fingerprint=self.m.fingerprint, usage=_usage(done),
+            choices=[ChatChoice(message=ChatMessageOut(content=text),
+                                finish_reason=_finish(done))],
+        )
+
+
+class CompletionFormatter:
+    """Legacy completion shapes (``text_completion``, same shape for chunks)."""
+
+    def __init__(self, meta: _Meta) -> None:
+        self.m = meta
+
+    def _make(self, text: str, finish: str | None, usage: Usage | None = None,
+              choices: bool = True) -> Completion:
+        return Completion(
+            id=self.m.id, created=self.m.created, model=self.m.model,
+            system_fingerprint=self.m.fingerprint, usage=usage,
+            choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else [],
+        )
+
+    def first(self) -> str | None:
+        return None
+
+    def delta(self, text: str) -> str:
+        return self._make(text, None).model_dump_json()
+
+    def last(self, done: Done) -> str:
+        return self._make("", _finish(done)).model_dump_json()
+
+    def usage(self, done: Done) -> str:
+        return self._make("", None, _usage(done), choices=False).model_dump_json()
+
+    def whole(self, text: str, done: Done) -> Completion:
+        return self._make(text, _finish(done), _usage(done))
+
+
+Formatter = ChatFormatter | CompletionFormatter
+
+
+def sse(data: str) -> bytes:
+    """One server-sent event carrying ``data``."""
+    return f"data: {data}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+class Serving:
+    """Runs jobs for both endpoints. ``stall_timeout``: seconds a miner may stay silent."""
+
+    def __init__(self, dispatcher: Dispatcher, stall_timeout: float) -> None:
+        self.dispatcher = dispatcher
+        self.stall_timeout = stall_timeout
+
+    async def start(self, job: Job, chat: bool) -> tuple[RunningJob, Formatter]:
+        """Dispatch ``job``; raises :class:`ApiError` before any byte is sent to the client."""
+        running = await start_job(self.dispatcher, job, self.stall_timeout)
+        meta = _Meta(id=job.job_id, created=int(time.time()), model=job.model,
+                     fingerprint=f"miner-{running.session.miner_id[:16]}")
+        fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
+        return running, fmt
+
+    async def complete(self, running: RunningJob, fmt: Formatter) -> ChatCompletion | Completion:
+        """Collect the whole answer (non-streaming)."""
+        parts: list[str] = []
+        async with running:
+            async for frame in running.frames():
+                if isinstance(frame, Delta):
+                    parts.append(frame.text)
+                else:
+                    return fmt.whole("".join(parts), frame)
+        raise AssertionError("frames() ends with done")  # pragma: no cover
+
+    async def stream(self, running: RunningJob, fmt: Formatter, include_usage: bool
+                     ) -> AsyncIterator[bytes]:
+        """SSE events: chunks, the finish chunk, the usage chunk if asked, ``[DONE]``.
+
+        If the client goes away, the generator is closed and the job cancelled on the miner.
+        """
+        async with running:
+            first = fmt.first()
+            if first is not None:
+                yield sse(first)
+            try:
+                async for frame in running.frames():
+                    if isinstance(frame, Delta):
+                        if frame.text:
+                            yield sse(fmt.delta(frame.text))
+                        continue
+                    yield sse(fmt.last(frame))
+                    if include_usage:
+                        yield sse(fmt.usage(frame))
+            except ApiError as exc:
+                yield sse(exc.body().model_dump_json())
+            yield SSE_DONE

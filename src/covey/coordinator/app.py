@@ -1,0 +1,71 @@
+"""FastAPI wiring of the coordinator: state, routes, error handlers, the web page."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from covey import __version__
+from covey.coordinator.api import chat, models
+from covey.coordinator.api.serving import Serving
+from covey.coordinator.errors import install_error_handlers
+from covey.coordinator.miners import MinerRegistry, serve_miner
+from covey.coordinator.router import Dispatcher, QueuePolicy
+
+DEFAULT_CATALOG = {"smollm2-135m-instruct": 8192}
+"""Models a fresh coordinator knows by name before any miner offers them (name → context
+length in tokens), so a request for one gets 503 "no miner" rather than 404."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Coordinator settings.
+
+    ``heartbeat_interval`` and ``miner_timeout`` in seconds (a miner silent for
+    ``miner_timeout`` is evicted); ``stall_timeout``: seconds a running job may go without a
+    frame before the client gets 504; ``queue``: waiting policy when all slots are busy.
+    """
+
+    data_dir: Path = Path(".covey")
+    heartbeat_interval: float = 3.0
+    miner_timeout: float = 10.0
+    stall_timeout: float = 60.0
+    queue: QueuePolicy = QueuePolicy()
+    catalog: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CATALOG))
+
+
+def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
+    """Build the coordinator's ASGI app."""
+    config = config or CoordinatorConfig()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(title="Covey coordinator", version=__version__)
+    registry = MinerRegistry(config.catalog)
+    dispatcher = Dispatcher(registry, config.queue)
+    app.state.config = config
+    app.state.registry = registry
+    app.state.dispatcher = dispatcher
+    app.state.serving = Serving(dispatcher, config.stall_timeout)
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+
+    @app.websocket("/v1/miners/connect")
+    async def miners_connect(ws: WebSocket) -> None:
+        await serve_miner(ws, registry, config.heartbeat_interval, config.miner_timeout)
+
+    web = resources.files("covey.coordinator.web")
+    index_html = web.joinpath("index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return index_html
+
+    app.mount("/static", StaticFiles(packages=[("covey.coordinator", "web")]), name="static")
+    return app

@@ -1,0 +1,129 @@
+"""Running one job on a miner: dispatch, frame stream, cancellation and slot release."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from covey.coordinator.errors import ApiError
+from covey.coordinator.miners import MINER_GONE, MinerSession
+from covey.coordinator.router import Dispatcher
+from covey.protocol import Cancel, Delta, Done, Job, JobError, Started
+
+log = logging.getLogger("covey.coordinator.jobs")
+
+# Miner error codes that describe the request, not the miner; they keep their 400.
+_CLIENT_ERROR_CODES = {"context_length_exceeded", "invalid_value", "invalid_prompt"}
+
+
+def miner_error(frame: JobError) -> ApiError:
+    """Map a miner's ``error`` frame to the API error the client sees."""
+    if frame.code in _CLIENT_ERROR_CODES:
+        return ApiError(400, frame.message, code=frame.code, param=frame.param)
+    return ApiError(502, f"The miner failed: {frame.message}", code=frame.code,
+                    type="server_error")
+
+
+def _gone() -> ApiError:
+    return ApiError(502, "The miner serving this request disconnected before it finished; "
+                    "please retry.", code="miner_disconnected", type="server_error")
+
+
+class RunningJob:
+    """A job dispatched to ``session``; iterate :meth:`frames` for its deltas and done.
+
+    Always call :meth:`close` (it cancels the job on the miner if it is still running, and
+    frees the slot); ``async with`` does it.
+    """
+
+    def __init__(self, job: Job, session: MinerSession, dispatcher: Dispatcher,
+                 stall_timeout: float) -> None:
+        self.job = job
+        self.session = session
+        self.started: Started | None = None
+        self._dispatcher = dispatcher
+        self._stall_timeout = stall_timeout
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._finished = False
+        self._closed = False
+        session.jobs[job.job_id] = self._queue  # type: ignore[assignment]
+
+    async def __aenter__(self) -> RunningJob:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _next(self) -> Started | Delta | Done:
+        try:
+            item = await asyncio.wait_for(self._queue.get(), self._stall_timeout)
+        except TimeoutError:
+            raise ApiError(504, f"The miner sent nothing for {self._stall_timeout:.0f} s.",
+                           code="miner_timeout", type="server_error") from None
+        if item is MINER_GONE:
+            raise _gone()
+        if isinstance(item, JobError):
+            self._finished = True
+            raise miner_error(item)
+        assert isinstance(item, Started | Delta | Done)
+        return item
+
+    async def send(self) -> Started:
+        """Send the job and wait for ``started`` (the prompt fits; prefill begins).
+
+        Raises:
+            ApiError: the miner refused the job (e.g. 400 ``context_length_exceeded``),
+                disconnected or stalled.
+        """
+        try:
+            await self.session.send(self.job)
+        except Exception as exc:  # the socket died between choice and send
+            raise _gone() from exc
+        frame = await self._next()
+        if not isinstance(frame, Started):
+            raise ApiError(502, "The miner broke the protocol (no 'started' frame).",
+                           code="miner_protocol_error", type="server_error")
+        self.started = frame
+        return frame
+
+    async def frames(self) -> AsyncIterator[Delta | Done]:
+        """Deltas, then the final ``done``. Raises :class:`ApiError` like :meth:`send`."""
+        while True:
+            frame = await self._next()
+            if isinstance(frame, Started):
+                raise ApiError(502, "The miner broke the protocol (second 'started').",
+                               code="miner_protocol_error", type="server_error")
+            if isinstance(frame, Done):
+                self._finished = True
+                yield frame
+                return
+            yield frame
+
+    async def close(self) -> None:
+        """Cancel on the miner if unfinished; free the slot. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.session.jobs.pop(self.job.job_id, None)
+        if not self._finished and not self.session.closed:
+            with contextlib.suppress(Exception):
+                await self.session.send(Cancel(job_id=self.job.job_id))
+        self._dispatcher.release(self.session)
+
+
+async def start_job(dispatcher: Dispatcher, job: Job, stall_timeout: float) -> RunningJob:
+    """Reserve a miner for ``job``, send it, and wait until the miner has started it.
+
+    Raises:
+        ApiError: 404/503/429 from routing, or the miner's refusal (see :meth:`RunningJob.send`).
+    """
+    session = await dispatcher.acquire(job.model)
+    running = RunningJob(job, session, dispatcher, stall_timeout)
+    try:
+        await running.send()
+    except BaseException:
+        await running.close()
+        raise
+    return running

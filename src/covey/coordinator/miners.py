@@ -1,0 +1,224 @@
+"""Live miner sessions: the WebSocket handshake, frame routing, liveness and eviction.
+
+Each connected miner is a :class:`MinerSession`. Frames of a job are pushed onto that job's
+queue; when a session ends (socket closed, garbage received, heartbeat missed) every job still
+open on it receives :data:`MINER_GONE`, so no request waits on a dead miner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from covey.protocol import (
+    Challenge,
+    Delta,
+    Done,
+    Heartbeat,
+    Hello,
+    JobError,
+    ModelOffer,
+    Started,
+    Welcome,
+    decode_frame,
+    encode_frame,
+    verify_hello,
+)
+from covey.protocol.frames import _Frame
+
+log = logging.getLogger("covey.coordinator.miners")
+
+MINER_GONE = object()
+"""Put on a job's queue when its miner's session ends before the job did."""
+
+# RFC 6455 1008: policy violation (bad signature); 1003: unsupported data (garbage frames).
+CLOSE_POLICY = 1008
+CLOSE_BAD_DATA = 1003
+
+JobFrame = Started | Delta | Done | JobError
+
+
+@dataclass(eq=False)
+class MinerSession:
+    """One connected, authenticated miner.
+
+    ``active`` counts jobs dispatched and not yet finished; ``completed`` counts finished ones;
+    ``last_seen`` and ``last_dispatch`` are ``time.monotonic()`` seconds.
+    """
+
+    miner_id: str
+    hello: Hello
+    websocket: WebSocket
+    active: int = 0
+    completed: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    last_dispatch: float = 0.0
+    jobs: dict[str, asyncio.Queue[JobFrame | object]] = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def slots(self) -> int:
+        return self.hello.slots
+
+    def offer(self, model: str) -> ModelOffer | None:
+        """The miner's offer for ``model``, or None when it does not serve it."""
+        return next((m for m in self.hello.models if m.name == model), None)
+
+    async def send(self, frame: _Frame) -> None:
+        """Send one frame; raises on a closed socket."""
+        await self.websocket.send_text(encode_frame(frame))
+
+    def fail_open_jobs(self) -> None:
+        """Wake every job still open on this session with :data:`MINER_GONE`."""
+        for queue in self.jobs.values():
+            queue.put_nowait(MINER_GONE)
+
+
+class MinerRegistry:
+    """All live sessions, keyed by miner id (the hex public key).
+
+    ``known_models`` maps every model name the coordinator has heard of (the catalog plus any
+    a miner ever offered) to its context length, so a known model with no live miner can be
+    told apart from an unknown one (503 vs 404).
+    """
+
+    def __init__(self, catalog: dict[str, int] | None = None) -> None:
+        self.sessions: dict[str, MinerSession] = {}
+        self.known_models: dict[str, int] = dict(catalog or {})
+        self.changed = asyncio.Event()
+        self._listeners: list[asyncio.Event] = []
+
+    def serving(self, model: str) -> list[MinerSession]:
+        """Live sessions that serve ``model``."""
+        return [s for s in self.sessions.values() if not s.closed and s.offer(model)]
+
+    def add(self, session: MinerSession) -> MinerSession | None:
+        """Register ``session``; returns the older session of the same key, if any, to close."""
+        old = self.sessions.get(session.miner_id)
+        self.sessions[session.miner_id] = session
+        for m in session.hello.models:
+            self.known_models[m.name] = m.context_length
+        self.notify()
+        return old
+
+    def remove(self, session: MinerSession) -> None:
+        """Drop ``session`` (if still current) and fail its open jobs."""
+        session.closed = True
+        if self.sessions.get(session.miner_id) is session:
+            del self.sessions[session.miner_id]
+        session.fail_open_jobs()
+        self.notify()
+
+    def listen(self) -> asyncio.Event:
+        """An event set on the next change (join, leave, slot freed)."""
+        ev = asyncio.Event()
+        self._listeners.append(ev)
+        return ev
+
+    def unlisten(self, ev: asyncio.Event) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(ev)
+
+    def notify(self) -> None:
+        """Wake everything waiting for a change."""
+        listeners, self._listeners = self._listeners, []
+        for ev in listeners:
+            ev.set()
+
+
+async def _handshake(ws: WebSocket, timeout: float) -> Hello | None:
+    nonce = secrets.token_hex(32)
+    await ws.send_text(encode_frame(Challenge(nonce=nonce)))
+    try:
+        raw = await asyncio.wait_for(ws.receive_text(), timeout)
+        hello = decode_frame(raw)
+    except (TimeoutError, ValidationError, WebSocketDisconnect, KeyError, RuntimeError):
+        await _close(ws, CLOSE_POLICY, "expected a hello")
+        return None
+    if not isinstance(hello, Hello):
+        await _close(ws, CLOSE_POLICY, "expected a hello")
+        return None
+    if hello.nonce != nonce or not verify_hello(hello.model_dump(mode="json")):
+        log.warning("refused miner %s: bad hello signature", hello.public_key[:16])
+        await _close(ws, CLOSE_POLICY, "bad hello signature")
+        return None
+    return hello
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(code=code, reason=reason)
+
+
+async def serve_miner(
+    ws: WebSocket, registry: MinerRegistry, heartbeat_interval: float, miner_timeout: float
+) -> None:
+    """Run one miner's WebSocket from handshake to goodbye.
+
+    A miner that sends a frame that does not parse, or a frame of a kind it may not send, is
+    disconnected; its open jobs fail with :data:`MINER_GONE`.
+    """
+    await ws.accept()
+    hello = await _handshake(ws, timeout=miner_timeout)
+    if hello is None:
+        return
+    session = MinerSession(miner_id=hello.public_key, hello=hello, websocket=ws)
+    old = registry.add(session)
+    if old is not None:
+        registry.remove(old)
+        await _close(old.websocket, 1000, "replaced by a new session")
+    log.info("miner %s joined: %s, %d slots", session.miner_id[:16],
+             ", ".join(m.name for m in hello.models), hello.slots)
+    await session.send(Welcome(miner_id=session.miner_id, heartbeat_interval=heartbeat_interval))
+    pinger = asyncio.create_task(_heartbeats(session, heartbeat_interval, miner_timeout, registry))
+    try:
+        while True:
+            raw = await ws.receive_text()
+            session.last_seen = time.monotonic()
+            try:
+                frame = decode_frame(raw)
+            except ValidationError:
+                log.warning("miner %s sent a malformed frame; disconnecting", session.miner_id[:16])
+                await _close(ws, CLOSE_BAD_DATA, "malformed frame")
+                return
+            if isinstance(frame, Heartbeat):
+                continue
+            if isinstance(frame, Started | Delta | Done | JobError):
+                queue = session.jobs.get(frame.job_id)
+                if queue is not None:  # late frames of a cancelled job are dropped
+                    queue.put_nowait(frame)
+                continue
+            log.warning("miner %s sent a %s frame; disconnecting", session.miner_id[:16],
+                        frame.type)
+            await _close(ws, CLOSE_BAD_DATA, f"unexpected {frame.type} frame")
+            return
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        pinger.cancel()
+        registry.remove(session)
+        log.info("miner %s left", session.miner_id[:16])
+
+
+async def _heartbeats(
+    session: MinerSession, interval: float, timeout: float, registry: MinerRegistry
+) -> None:
+    """Ping the miner every ``interval`` s; evict it when silent for ``timeout`` s."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - session.last_seen > timeout:
+                log.warning("miner %s silent for %.0f s; evicting", session.miner_id[:16], timeout)
+                registry.remove(session)
+                await _close(session.websocket, 1001, "heartbeat timeout")
+                return
+            await session.send(Heartbeat(active=session.active))
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        registry.remove(session)

@@ -1,0 +1,127 @@
+// Covey's first page: list the models, chat with one over the streaming API.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let current = null;      // selected model id
+let history = [];        // chat messages sent so far
+let controller = null;   // AbortController of the running request
+
+async function loadModels() {
+  try {
+    const resp = await fetch("/v1/models");
+    const body = await resp.json();
+    const list = $("models");
+    list.replaceChildren();
+    for (const m of body.data) {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.dataset.model = m.id;
+      b.textContent = `${m.id} — ${m.miners} miner${m.miners === 1 ? "" : "s"}`;
+      b.disabled = m.miners === 0;
+      if (m.id === current) b.classList.add("active");
+      b.addEventListener("click", () => openChat(m.id));
+      li.append(b);
+      list.append(li);
+    }
+    const live = body.data.reduce((n, m) => n + m.miners, 0);
+    $("status").textContent = `${body.data.length} model(s), ${live} miner session(s)`;
+  } catch (e) {
+    $("status").textContent = "coordinator unreachable";
+  }
+}
+
+function openChat(model) {
+  if (current !== model) { history = []; $("log").replaceChildren(); }
+  current = model;
+  $("chat-model").textContent = model;
+  $("chat-pane").hidden = false;
+  for (const b of document.querySelectorAll("#models button")) {
+    b.classList.toggle("active", b.dataset.model === model);
+  }
+  $("prompt").focus();
+}
+
+function addMessage(role, text) {
+  const p = document.createElement("p");
+  p.className = `msg ${role}`;
+  p.textContent = text;
+  $("log").append(p);
+  $("log").scrollTop = $("log").scrollHeight;
+  return p;
+}
+
+// Parse a server-sent event stream, calling onData for every `data:` payload.
+async function readSSE(resp, onData) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (line.startsWith("data: ")) onData(line.slice(6));
+      }
+    }
+  }
+}
+
+async function send(ev) {
+  ev.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || !current || controller) return;
+  $("prompt").value = "";
+  addMessage("user", text);
+  history.push({ role: "user", content: text });
+  const out = addMessage("assistant", "");
+  controller = new AbortController();
+  $("send").disabled = true; $("stop").disabled = false; $("usage").textContent = "";
+  let answer = "";
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: current, messages: history, stream: true,
+                             stream_options: { include_usage: true } }),
+      signal: controller.signal,
+    });
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      throw new Error(body.error ? body.error.message : `HTTP ${resp.status}`);
+    }
+    await readSSE(resp, (data) => {
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const c of chunk.choices) {
+        if (c.delta && c.delta.content) { answer += c.delta.content; out.textContent = answer; }
+      }
+      if (chunk.usage) {
+        $("usage").textContent = `${chunk.usage.prompt_tokens} prompt + ` +
+          `${chunk.usage.completion_tokens} completion tokens`;
+      }
+      $("log").scrollTop = $("log").scrollHeight;
+    });
+    history.push({ role: "assistant", content: answer });
+    out.dataset.done = "true";
+  } catch (e) {
+    if (e.name !== "AbortError") { out.classList.add("error"); out.textContent = `error: ${e.message}`; }
+    else { history.push({ role: "assistant", content: answer }); }
+    out.dataset.done = "true";
+  } finally {
+    controller = null;
+    $("send").disabled = false; $("stop").disabled = true;
+  }
+}
+
+$("chat-form").addEventListener("submit", send);
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+loadModels();
+setInterval(loadModels, 5000);

@@ -1,0 +1,1 @@
+"""The miner: connects out to a coordinator and runs jobs on local backends."""

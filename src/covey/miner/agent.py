@@ -1,0 +1,183 @@
+"""The miner agent: connect out, sign the hello, heartbeat, run jobs, reconnect on loss.
+
+The agent speaks only the wire protocol and the :class:`~covey.miner.backends.base.Backend`
+interface; one agent serves one backend (one model) with ``backend.slots`` jobs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
+from nacl.signing import SigningKey
+from websockets.asyncio.client import ClientConnection
+
+from covey import __version__
+from covey.miner.backends.base import Backend, BackendError
+from covey.miner.hardware import detect_hardware
+from covey.protocol import (
+    Cancel,
+    Challenge,
+    Heartbeat,
+    Hello,
+    Job,
+    JobError,
+    Welcome,
+    decode_frame,
+    encode_frame,
+    sign_hello,
+)
+from covey.protocol.frames import _Frame
+
+log = logging.getLogger("covey.miner")
+
+# Close codes after which retrying cannot help: our hello was refused.
+_FATAL_CLOSE = {1008}
+
+
+class HelloRefused(Exception):
+    """The coordinator refused our hello (bad signature or protocol); retrying won't help."""
+
+
+def ws_url(coordinator: str) -> str:
+    """``http(s)://host:port[/prefix]`` → ``ws(s)://host:port[/prefix]/v1/miners/connect``."""
+    parts = urlsplit(coordinator if "://" in coordinator else f"http://{coordinator}")
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"coordinator URL must start with http:// or https://: {coordinator}")
+    path = parts.path.rstrip("/") + "/v1/miners/connect"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays in seconds: ``initial`` doubling up to ``cap``, ±``jitter`` share."""
+
+    initial: float = 0.5
+    cap: float = 10.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.cap, self.initial * 2**attempt)
+        return base * (1 + random.uniform(-self.jitter, self.jitter))
+
+
+class MinerAgent:
+    """Serves ``backend`` to the coordinator at ``coordinator_url`` under ``key``."""
+
+    def __init__(self, coordinator_url: str, key: SigningKey, backend: Backend,
+                 backoff: Backoff = Backoff()) -> None:
+        self.url = ws_url(coordinator_url)
+        self.key = key
+        self.backend = backend
+        self.backoff = backoff
+        self.miner_id = key.verify_key.encode().hex()
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._send_lock = asyncio.Lock()
+
+    def make_hello(self, nonce: str) -> Hello:
+        """A hello answering ``nonce``, signed by this miner's key."""
+        body = Hello(
+            public_key=self.miner_id, nonce=nonce, hardware=detect_hardware(),
+            models=(self.backend.offer,), slots=self.backend.slots, version=__version__,
+            signature="0" * 128,
+        ).model_dump(mode="json")
+        body["signature"] = sign_hello(self.key, body)
+        return Hello.model_validate(body)
+
+    async def run(self) -> None:
+        """Connect and serve forever, reconnecting with backoff when the link drops.
+
+        Raises:
+            HelloRefused: the coordinator closed the socket with a policy violation.
+        """
+        attempt = 0
+        while True:
+            try:
+                async with websockets.connect(self.url, max_size=2**24, ping_interval=20,
+                                              open_timeout=10) as ws:
+                    await self._session(ws)
+                    attempt = 0
+            except websockets.ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                if code in _FATAL_CLOSE:
+                    reason = exc.rcvd.reason if exc.rcvd else ""
+                    raise HelloRefused(f"coordinator refused this miner: {reason}") from exc
+                log.warning("connection to %s lost (%s)", self.url, exc)
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+                log.warning("cannot reach %s: %s", self.url, exc)
+            finally:
+                await self._cancel_all()
+            delay = self.backoff.delay(attempt)
+            attempt += 1
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _send(self, ws: ClientConnection, frame: _Frame) -> None:
+        async with self._send_lock:
+            await ws.send(encode_frame(frame))
+
+    async def _session(self, ws: ClientConnection) -> None:
+        challenge = decode_frame(await ws.recv())
+        if not isinstance(challenge, Challenge):
+            raise HelloRefused(f"expected a challenge, got {challenge.type}")
+        await self._send(ws, self.make_hello(challenge.nonce))
+        welcome = decode_frame(await ws.recv())
+        if not isinstance(welcome, Welcome):
+            raise HelloRefused(f"expected a welcome, got {welcome.type}")
+        log.info("connected to %s as %s", self.url, self.miner_id[:16])
+        beat = asyncio.create_task(self._heartbeat(ws, welcome.heartbeat_interval))
+        try:
+            async for raw in ws:
+                frame = decode_frame(raw)
+                if isinstance(frame, Job):
+                    task = asyncio.create_task(self._run_job(ws, frame))
+                    self._jobs[frame.job_id] = task
+                    task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
+                elif isinstance(frame, Cancel):
+                    task = self._jobs.get(frame.job_id)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self, ws: ClientConnection, interval: float) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                await self._send(ws, Heartbeat(active=len(self._jobs)))
+
+    async def _run_job(self, ws: ClientConnection, job: Job) -> None:
+        try:
+            if job.model != self.backend.offer.name:
+                raise BackendError("model_not_found", f"this miner does not serve {job.model!r}",
+                                   "model")
+            gen = self.backend.generate(job)
+            try:
+                async for frame in gen:
+                    await self._send(ws, frame)
+            finally:
+                await gen.aclose()
+        except BackendError as exc:
+            await self._send(ws, JobError(job_id=job.job_id, code=exc.code, message=exc.message,
+                                          param=exc.param))
+        except asyncio.CancelledError:
+            log.info("job %s cancelled", job.job_id)
+        except websockets.ConnectionClosed:
+            pass
+        except Exception as exc:  # a backend bug must fail the job, not the miner
+            log.exception("job %s failed", job.job_id)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(ws, JobError(job_id=job.job_id, code="backend_error",
+                                              message=type(exc).__name__))
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._jobs.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

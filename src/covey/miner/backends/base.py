@@ -1,0 +1,45 @@
+"""The interface every miner backend implements (llama.cpp today; more can follow).
+
+A backend owns one model and runs up to ``slots`` generations at once. The agent only calls
+``offer`` and ``generate``; adding a runtime never touches the agent or the coordinator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from covey.protocol import Delta, Done, Job, ModelOffer, Started
+
+
+class BackendError(Exception):
+    """A job the backend refuses or cannot finish; fields follow OpenAI's error shape.
+
+    ``code`` is e.g. ``context_length_exceeded``; ``param`` names the request field at fault.
+    """
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+class Backend(ABC):
+    """One served model.
+
+    ``generate(job)`` yields exactly one ``Started`` (after tokenizing the prompt, before
+    prefill), then ``Delta`` frames, then one ``Done``; it raises :class:`BackendError`
+    instead of yielding ``Started`` when the prompt cannot run. Closing the iterator early
+    cancels the generation and frees its slot.
+    """
+
+    offer: ModelOffer
+    slots: int
+
+    @abstractmethod
+    def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+        """Run ``job``; see the class docstring for the frame order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model's memory and threads."""

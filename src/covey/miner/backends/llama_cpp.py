@@ -1,0 +1,191 @@
+"""llama.cpp backend (llama-cpp-python): GGUF models on CPUs and small GPUs.
+
+Each slot is its own ``Llama`` context (weights are mmapped, so slots share them in memory)
+driven by its own single thread. Generation for a job stays on that thread from prefill to the
+last token: llama-cpp-python's own server hands successive tokens to different threads of a
+pool, and with llama.cpp's OpenMP workers that oversubscribes small machines and halves decode
+speed. Sampling follows OpenAI's meanings: no top-k, no min-p, no repeat penalty unless asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from covey.miner.backends.base import Backend, BackendError
+from covey.miner.backends.text import StreamDecoder
+from covey.miner.models import ModelFile
+from covey.protocol import Delta, Done, Job, ModelOffer, Started
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """``n_ctx``: context length in tokens (0: the model's training length);
+    ``n_threads``: CPU threads per slot (None: CPU count ÷ slots); ``n_batch``: prefill batch;
+    ``n_gpu_layers``: layers to offload when llama.cpp was built with a GPU."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+
+
+class _Slot:
+    def __init__(self, index: int, llm: llama_cpp.Llama) -> None:
+        self.llm = llm
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"llama-slot{index}")
+
+
+class LlamaCppBackend(Backend):
+    """Serves one GGUF model with ``slots`` concurrent generations.
+
+    Raises (from the constructor):
+        ValueError: llama.cpp cannot load the file.
+    """
+
+    def __init__(self, model: ModelFile, sha256: str, slots: int = 1,
+                 config: LlamaCppConfig = LlamaCppConfig()) -> None:
+        self.slots = slots
+        threads = config.n_threads or max(1, (os.cpu_count() or 1) // slots)
+        self._slots = [
+            _Slot(i, llama_cpp.Llama(
+                model_path=str(model.path), n_ctx=config.n_ctx, n_threads=threads,
+                n_threads_batch=threads, n_batch=config.n_batch,
+                n_gpu_layers=config.n_gpu_layers, verbose=False,
+            ))
+            for i in range(slots)
+        ]
+        first = self._slots[0].llm
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        for slot in self._slots:
+            self._free.put_nowait(slot)
+        self._formatter = _chat_formatter(first)
+        self._pieces: dict[int, bytes] = {}
+        self.offer = ModelOffer(name=model.name, sha256=sha256, context_length=first.n_ctx(),
+                                backend="llama.cpp")
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.executor.shutdown(wait=True)
+            slot.llm.close()
+
+    def tokenize_job(self, llm: llama_cpp.Llama, job: Job) -> list[int]:
+        """Prompt token ids: the chat template from the GGUF for chat, raw text otherwise.
+
+        Raises:
+            BackendError: the template rejects the messages (``invalid_value``).
+        """
+        if job.messages is not None:
+            if self._formatter is None:
+                raise BackendError("invalid_value", "this model has no chat template; "
+                                   "use /v1/completions", "messages")
+            try:
+                prompt = self._formatter(
+                    messages=[{"role": m.role, "content": m.content} for m in job.messages]
+                ).prompt
+            except Exception as exc:  # jinja2 raise_exception → ValueError, or a TemplateError
+                raise BackendError("invalid_value", f"chat template: {exc}", "messages") from exc
+            return llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        return llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
+
+    def _piece(self, llm: llama_cpp.Llama, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = llm.detokenize([token])
+        return piece
+
+    def _run(self, llm: llama_cpp.Llama, job: Job,
+             emit: Callable[[object], None], cancel: threading.Event) -> None:
+        """The whole generation, on the slot's own thread; frames go out through ``emit``."""
+        try:
+            tokens = self.tokenize_job(llm, job)
+            n_ctx = llm.n_ctx()
+            if len(tokens) >= n_ctx:
+                param = "messages" if job.messages is not None else "prompt"
+                raise BackendError(
+                    "context_length_exceeded",
+                    f"This model's maximum context length is {n_ctx} tokens. However, your "
+                    f"{param} resulted in {len(tokens)} tokens. Please reduce the length.",
+                    param)
+            emit(Started(job_id=job.job_id, prompt_tokens=len(tokens)))
+            p = job.params
+            budget = n_ctx - len(tokens)
+            max_new = min(p.max_tokens, budget) if p.max_tokens else budget
+            llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
+            decoder = StreamDecoder(p.stop)
+            vocab = llm._model.vocab
+            generated = 0
+            finish = "length"
+            for token in llm.generate(
+                tokens, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
+                temp=p.temperature, repeat_penalty=1.0, reset=True,
+                presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            ):
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                text = decoder.feed(self._piece(llm, token))
+                if decoder.stopped:
+                    finish = "stop"
+                if decoder.stopped or generated >= max_new:
+                    emit(Delta(job_id=job.job_id, text=text + decoder.finish(),
+                               token_ids=(token,)))
+                    break
+                emit(Delta(job_id=job.job_id, text=text, token_ids=(token,)))
+            tail = decoder.finish()
+            if tail:
+                emit(Delta(job_id=job.job_id, text=tail, token_ids=()))
+            emit(Done(job_id=job.job_id, finish_reason=finish, prompt_tokens=len(tokens),
+                      completion_tokens=generated))
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
+            emit(exc)
+
+    async def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+        slot = await self._free.get()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = loop.run_in_executor(slot.executor, self._run, slot.llm, job, emit, cancel)
+        # The slot is free only when its thread has stopped touching the context.
+        future.add_done_callback(lambda _f: self._free.put_nowait(slot))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, Started | Delta | Done)
+                yield item
+                if isinstance(item, Done):
+                    return
+        finally:
+            cancel.set()
+
+
+def _chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
+    """The GGUF's own chat template (``tokenizer.chat_template``), or None if it has none."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        stop_token_ids=[eos],
+    )

@@ -1,0 +1,192 @@
+"""Miner ⇄ coordinator frames: a closed union of small frozen pydantic models.
+
+One WebSocket per miner carries JSON objects, each with a ``type`` field naming its class.
+The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``;
+a job is ``job`` → ``started`` → ``delta``* → ``done`` | ``error``, with ``cancel`` from the
+coordinator; ``heartbeat`` flows both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+
+MinerId = NewType("MinerId", str)
+"""Hex Ed25519 public key of a miner (64 hex characters)."""
+JobId = NewType("JobId", str)
+"""Coordinator-assigned job id, unique per coordinator."""
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Hardware(_Frame):
+    """What the miner runs on: logical CPUs, RAM in bytes, GPU names (empty when none)."""
+
+    cpu_count: int = Field(ge=1)
+    ram_bytes: int = Field(ge=0)
+    gpus: tuple[str, ...] = ()
+
+
+class ModelOffer(_Frame):
+    """One model a miner serves.
+
+    ``sha256`` is the SHA-256 of the weights file, ``context_length`` is in tokens.
+    """
+
+    name: str = Field(min_length=1, max_length=200)
+    sha256: Sha256Hex
+    context_length: int = Field(ge=1)
+    backend: str = Field(min_length=1, max_length=50)
+
+
+class Challenge(_Frame):
+    """First frame from the coordinator: a random nonce (hex) the miner must sign."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class Hello(_Frame):
+    """The miner's answer to a challenge.
+
+    ``signature`` is the hex Ed25519 signature by ``public_key`` over
+    :func:`covey.protocol.signing.hello_digest` of every other field plus the nonce.
+    ``slots`` is how many jobs the miner runs at once.
+    """
+
+    type: Literal["hello"] = "hello"
+    protocol_version: int = PROTOCOL_VERSION
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    hardware: Hardware
+    models: tuple[ModelOffer, ...] = Field(min_length=1, max_length=64)
+    slots: int = Field(ge=1, le=1024)
+    version: str = Field(max_length=50)
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class Welcome(_Frame):
+    """Coordinator accepted the hello; ``heartbeat_interval`` is in seconds."""
+
+    type: Literal["welcome"] = "welcome"
+    miner_id: str
+    heartbeat_interval: float
+
+
+class Heartbeat(_Frame):
+    """Liveness ping, both directions; ``active`` is the sender's running jobs (miner side)."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    active: int = 0
+
+
+class SamplingParams(_Frame):
+    """Decoding settings, with OpenAI's meanings.
+
+    ``max_tokens`` is the cap on generated tokens (None: up to the context length);
+    ``temperature`` 0 means greedy; ``stop`` holds at most 4 strings.
+    """
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = Field(default=(), max_length=4)
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+
+
+class ChatMessage(_Frame):
+    """A chat turn already flattened to text."""
+
+    role: str
+    content: str
+
+
+class Job(_Frame):
+    """Run one generation. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
+
+    type: Literal["job"] = "job"
+    job_id: str
+    model: str
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = SamplingParams()
+
+
+class Started(_Frame):
+    """The prompt fits the context and prefill begins; ``prompt_tokens`` is its length."""
+
+    type: Literal["started"] = "started"
+    job_id: str
+    prompt_tokens: int = Field(ge=0)
+
+
+class Delta(_Frame):
+    """New output: ``token_ids`` generated since the last delta and the text they complete.
+
+    ``text`` may lag ``token_ids``: bytes of a multi-byte character split across tokens, or a
+    possible start of a stop string, are held back until they resolve.
+    """
+
+    type: Literal["delta"] = "delta"
+    job_id: str
+    text: str
+    token_ids: tuple[int, ...]
+
+
+class Done(_Frame):
+    """Generation ended; ``finish_reason`` is OpenAI's ("stop" or "length"); usage in tokens."""
+
+    type: Literal["done"] = "done"
+    job_id: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class JobError(_Frame):
+    """The job failed; ``code`` is OpenAI-style, e.g. ``context_length_exceeded``."""
+
+    type: Literal["error"] = "error"
+    job_id: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Cancel(_Frame):
+    """Coordinator asks the miner to stop a job (the client went away)."""
+
+    type: Literal["cancel"] = "cancel"
+    job_id: str
+
+
+Frame = Annotated[
+    Challenge | Hello | Welcome | Heartbeat | Job | Started | Delta | Done | JobError | Cancel,
+    Field(discriminator="type"),
+]
+
+_FRAME_ADAPTER: TypeAdapter[Frame] = TypeAdapter(Frame)
+
+
+def decode_frame(data: str | bytes) -> Frame:
+    """Parse one JSON frame.
+
+    Raises:
+        pydantic.ValidationError: not JSON, an unknown ``type`` or a field out of range.
+    """
+    return _FRAME_ADAPTER.validate_json(data)
+
+
+def encode_frame(frame: _Frame) -> str:
+    """Serialize a frame to compact JSON text."""
+    return frame.model_dump_json()

@@ -1,0 +1,133 @@
+"""Fixtures that start real coordinators and miners as processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A ``python -m covey …`` child process with its log file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self._fh = log.open("ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", "covey", *args], stdout=self._fh,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._fh.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Network:
+    """A coordinator and any number of miners, all children of the test process."""
+
+    def __init__(self, tmp: Path, *coordinator_args: str) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.coordinator_args = list(coordinator_args)
+        self.miners: list[Proc] = []
+        self.coordinator = self._start_coordinator()
+
+    def _start_coordinator(self) -> Proc:
+        proc = Proc(["coordinator", "--port", str(self.port), "--data-dir",
+                     str(self.tmp / "coordinator"), "--log-level", "warning",
+                     *self.coordinator_args], self.tmp / "coordinator.log")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("coordinator did not start:\n" + proc.output())
+
+    def restart_coordinator(self) -> None:
+        self.coordinator.stop()
+        self.coordinator = self._start_coordinator()
+
+    def add_miner(self, *args: str, wait: bool = True, threads: int = 1) -> Proc:
+        i = len(self.miners)
+        data = self.tmp / f"miner-{i}"
+        proc = Proc(["miner", "--coordinator", self.url, "--data-dir", str(data),
+                     "--threads", str(threads), *args], self.tmp / f"miner-{i}.log")
+        self.miners.append(proc)
+        if wait:
+            self.wait_miners(len(self.miners))
+        return proc
+
+    def live_miners(self, model: str = MODEL) -> int:
+        data = httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]
+        return next((m["miners"] for m in data if m["id"] == model), 0)
+
+    def wait_miners(self, n: int, model: str = MODEL, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.live_miners(model) == n:
+                return
+            for m in self.miners:
+                if m.popen.poll() is not None:
+                    raise RuntimeError("miner exited:\n" + m.output())
+            time.sleep(0.1)
+        logs = "\n".join(m.output()[-2000:] for m in self.miners)
+        raise RuntimeError(f"expected {n} miners, have {self.live_miners(model)}\n{logs}")
+
+    def close(self) -> None:
+        for m in self.miners:
+            m.stop()
+        self.coordinator.stop()
+
+
+@pytest.fixture(scope="session")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    """Shared: one coordinator, two miners of the bundled model (1 slot, 1 thread each)."""
+    net = Network(tmp_path_factory.mktemp("net"))
+    try:
+        net.add_miner("--ctx", "1024", wait=False)
+        net.add_miner("--ctx", "1024", wait=False)
+        net.wait_miners(2)
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def bare_network(tmp_path: Path) -> Iterator[Network]:
+    """A coordinator of its own, no miners yet."""
+    net = Network(tmp_path)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")

@@ -1,0 +1,49 @@
+"""The arrows of DESIGN.md: protocol imports nothing of ours; roles never import each other;
+typer and rich stay in the CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import covey.protocol
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "covey"
+ROLES = ("coordinator", "miner", "client")
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def _package_of(path: Path) -> str:
+    rel = path.relative_to(SRC).parts
+    return rel[0] if len(rel) > 1 else rel[0].removesuffix(".py")
+
+
+def test_import_arrows_point_down():
+    problems = []
+    for path in SRC.rglob("*.py"):
+        pkg = _package_of(path)
+        for name in _imports(path):
+            if not name.startswith("covey."):
+                if name.split(".")[0] in ("typer", "rich") and not pkg.startswith("cli"):
+                    problems.append(f"{path.name} imports {name} outside the CLI")
+                continue
+            target = name.split(".")[1]
+            if pkg == "protocol" and target != "protocol":
+                problems.append(f"protocol/{path.name} imports {name}")
+            if pkg in ROLES and target in ROLES and target != pkg:
+                problems.append(f"{pkg}/{path.name} imports {name}")
+    assert not problems, problems
+
+
+def test_protocol_exports_exist():
+    for name in covey.protocol.__all__:
+        assert hasattr(covey.protocol, name), name

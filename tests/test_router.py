@@ -1,0 +1,25 @@
+"""Routing decisions as a pure function."""
+
+from covey.coordinator.router import Candidate, choose_miner
+
+
+def test_least_loaded_wins():
+    c = [Candidate(active=1, slots=2, last_dispatch=0), Candidate(active=0, slots=2,
+                                                                   last_dispatch=5)]
+    assert choose_miner(c) == 1
+
+
+def test_full_miners_are_skipped_and_all_full_gives_none():
+    assert choose_miner([Candidate(1, 1, 0), Candidate(0, 1, 9)]) == 1
+    assert choose_miner([Candidate(1, 1, 0), Candidate(2, 2, 0)]) is None
+    assert choose_miner([]) is None
+
+
+def test_ties_go_to_the_miner_idle_longest():
+    c = [Candidate(0, 1, last_dispatch=10.0), Candidate(0, 1, last_dispatch=3.0)]
+    assert choose_miner(c) == 1
+
+
+def test_load_is_relative_to_slots():
+    # 1 of 4 slots busy is lighter than 1 of 2
+    assert choose_miner([Candidate(1, 2, 0), Candidate(1, 4, 1)]) == 1
