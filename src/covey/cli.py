@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ from covey.miner.models import BUNDLED_MODEL
 
 app = typer.Typer(help="Covey: an open network for decentralized AI inference.",
                   no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path, typer.Option(help="Where state, keys and logs are kept.")]
 
@@ -91,13 +92,17 @@ def miner(
     agent = MinerAgent(coordinator, signing_key, backend)
     err.print(f"miner {agent.miner_id[:16]}… serving {model_file.name} "
               f"({sha[:12]}…, {slots} slot(s)) to {coordinator}")
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
     try:
-        asyncio.run(agent.run())
+        asyncio.run(serve())
     except HelloRefused as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
-    except KeyboardInterrupt:
-        pass
     finally:
         backend.close()
 

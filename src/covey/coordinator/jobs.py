@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -54,7 +53,7 @@ class RunningJob:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        self.close()
 
     async def _next(self) -> Started | Delta | Done:
         try:
@@ -101,15 +100,18 @@ class RunningJob:
                 return
             yield frame
 
-    async def close(self) -> None:
-        """Cancel on the miner if unfinished; free the slot. Safe to call twice."""
+    def close(self) -> None:
+        """Cancel on the miner if unfinished; free the slot. Safe to call twice.
+
+        Synchronous on purpose: it runs while the request's task is being cancelled (the
+        client left), where any ``await`` would be cancelled too and the slot would leak.
+        """
         if self._closed:
             return
         self._closed = True
         self.session.jobs.pop(self.job.job_id, None)
         if not self._finished and not self.session.closed:
-            with contextlib.suppress(Exception):
-                await self.session.send(Cancel(job_id=self.job.job_id))
+            self.session.send_soon(Cancel(job_id=self.job.job_id))
         self._dispatcher.release(self.session)
 
 
@@ -124,6 +126,6 @@ async def start_job(dispatcher: Dispatcher, job: Job, stall_timeout: float) -> R
     try:
         await running.send()
     except BaseException:
-        await running.close()
+        running.close()
         raise
     return running

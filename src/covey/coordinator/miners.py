@@ -71,9 +71,22 @@ class MinerSession:
         """The miner's offer for ``model``, or None when it does not serve it."""
         return next((m for m in self.hello.models if m.name == model), None)
 
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
     async def send(self, frame: _Frame) -> None:
         """Send one frame; raises on a closed socket."""
         await self.websocket.send_text(encode_frame(frame))
+
+    def send_soon(self, frame: _Frame) -> None:
+        """Send ``frame`` from a task of its own, ignoring a closed socket (fire and forget)."""
+
+        async def _send() -> None:
+            with contextlib.suppress(Exception):
+                await self.send(frame)
+
+        task = asyncio.create_task(_send())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def fail_open_jobs(self) -> None:
         """Wake every job still open on this session with :data:`MINER_GONE`."""

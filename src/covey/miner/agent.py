@@ -79,6 +79,14 @@ class MinerAgent:
         self.miner_id = key.verify_key.encode().hex()
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._ws: ClientConnection | None = None
+
+    def stop(self) -> None:
+        """Leave the coordinator cleanly and make :meth:`run` return (signal-handler safe)."""
+        self._stopping.set()
+        if self._ws is not None:
+            asyncio.ensure_future(self._ws.close(1001, "miner shutting down"))
 
     def make_hello(self, nonce: str) -> Hello:
         """A hello answering ``nonce``, signed by this miner's key."""
@@ -91,16 +99,17 @@ class MinerAgent:
         return Hello.model_validate(body)
 
     async def run(self) -> None:
-        """Connect and serve forever, reconnecting with backoff when the link drops.
+        """Connect and serve until :meth:`stop`, reconnecting with backoff when the link drops.
 
         Raises:
             HelloRefused: the coordinator closed the socket with a policy violation.
         """
         attempt = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with websockets.connect(self.url, max_size=2**24, ping_interval=20,
                                               open_timeout=10) as ws:
+                    self._ws = ws
                     await self._session(ws)
                     attempt = 0
             except websockets.ConnectionClosed as exc:
@@ -112,11 +121,15 @@ class MinerAgent:
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 log.warning("cannot reach %s: %s", self.url, exc)
             finally:
+                self._ws = None
                 await self._cancel_all()
+            if self._stopping.is_set():
+                return
             delay = self.backoff.delay(attempt)
             attempt += 1
             log.info("reconnecting in %.1f s", delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _send(self, ws: ClientConnection, frame: _Frame) -> None:
         async with self._send_lock:
