@@ -113,3 +113,9 @@ def test_full_queue_is_429_with_retry_after(tmp_path):
         t.join(60)
     finally:
         net.close()
+
+
+def test_oversized_body_is_413(network: Network):
+    big = {"model": MODEL, "prompt": "x" * (9 * 2**20)}
+    r = httpx.post(f"{network.url}/v1/completions", json=big, timeout=30)
+    assert_openai_error(r, 413, "request_too_large")

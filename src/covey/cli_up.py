@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,16 @@ def _spawn(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "covey", *args], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
@@ -74,6 +85,10 @@ def up(
     except ModelNotFound as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    if not _port_free(host, port):
+        out.print(f"[red]error:[/red] port {port} on {host} is in use (another `covey up`?); "
+                  "pick another with --port")
+        raise typer.Exit(2)
     data_dir.mkdir(parents=True, exist_ok=True)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     threads = max(1, (os.cpu_count() or 1) // (miners * slots))

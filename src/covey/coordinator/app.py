@@ -15,6 +15,7 @@ from covey import __version__
 from covey.coordinator.api import chat, models
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.errors import install_error_handlers
+from covey.coordinator.limits import BodyLimit
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.router import Dispatcher, QueuePolicy
 
@@ -53,6 +54,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.serving = Serving(dispatcher, config.stall_timeout)
     app.state.started_at = int(time.time())
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.include_router(models.router)
     app.include_router(chat.router)
 

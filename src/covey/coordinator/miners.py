@@ -105,7 +105,6 @@ class MinerRegistry:
     def __init__(self, catalog: dict[str, int] | None = None) -> None:
         self.sessions: dict[str, MinerSession] = {}
         self.known_models: dict[str, int] = dict(catalog or {})
-        self.changed = asyncio.Event()
         self._listeners: list[asyncio.Event] = []
 
     def serving(self, model: str) -> list[MinerSession]:
@@ -189,9 +188,10 @@ async def serve_miner(
         await _close(old.websocket, 1000, "replaced by a new session")
     log.info("miner %s joined: %s, %d slots", session.miner_id[:16],
              ", ".join(m.name for m in hello.models), hello.slots)
-    await session.send(Welcome(miner_id=session.miner_id, heartbeat_interval=heartbeat_interval))
     pinger = asyncio.create_task(_heartbeats(session, heartbeat_interval, miner_timeout, registry))
     try:
+        await session.send(Welcome(miner_id=session.miner_id,
+                                   heartbeat_interval=heartbeat_interval))
         while True:
             raw = await ws.receive_text()
             session.last_seen = time.monotonic()

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from nacl.signing import SigningKey
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
 from covey import __version__
@@ -35,6 +36,9 @@ from covey.protocol import (
 from covey.protocol.frames import _Frame
 
 log = logging.getLogger("covey.miner")
+
+MAX_FRAME_BYTES = 2**26
+"""Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
 
 # Close codes after which retrying cannot help: our hello was refused.
 _FATAL_CLOSE = {1008}
@@ -107,7 +111,7 @@ class MinerAgent:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                async with websockets.connect(self.url, max_size=2**24, ping_interval=20,
+                async with websockets.connect(self.url, max_size=MAX_FRAME_BYTES, ping_interval=20,
                                               open_timeout=10) as ws:
                     self._ws = ws
                     await self._session(ws)
@@ -120,6 +124,9 @@ class MinerAgent:
                 log.warning("connection to %s lost (%s)", self.url, exc)
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 log.warning("cannot reach %s: %s", self.url, exc)
+            except ValidationError as exc:
+                log.warning("coordinator sent a frame this miner does not understand (%s); "
+                            "reconnecting", exc.errors()[0].get("msg"))
             finally:
                 self._ws = None
                 await self._cancel_all()

@@ -1,0 +1,50 @@
+"""A cap on request body size, as plain ASGI middleware (no buffering, no per-chunk cost
+on responses, unlike Starlette's ``BaseHTTPMiddleware``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from covey.coordinator.errors import ApiError
+
+MAX_BODY_BYTES = 8 * 2**20
+"""8 MiB: far above any prompt that fits a context window, far below the miner's frame cap."""
+
+
+class BodyLimit:
+    """Refuse HTTP bodies over ``max_bytes`` with 413 in OpenAI's error shape."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> ApiError:
+        return ApiError(413, f"Request body is larger than {self.max_bytes} bytes.",
+                        code="request_too_large")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            err = self._error()
+            body = json.dumps(err.body().model_dump()).encode()
+            await send({"type": "http.response.start", "status": err.status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited_receive, send)

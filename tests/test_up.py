@@ -1,0 +1,47 @@
+"""`covey up`: one command starts a network, prints a curl line that works, Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import free_port
+
+
+def test_up_prints_working_curl_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "covey", "up", "--port", str(port), "--miners", "2",
+         "--data-dir", str(tmp_path / ".covey")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            assert line, "covey up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        curl = next(x.strip() for x in lines if x.strip().startswith("curl "))
+        assert f"127.0.0.1:{port}" in curl
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) == 3  # a coordinator and two miners
+
+        pasted = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+        answer = json.loads(pasted.stdout)
+        assert answer["choices"][0]["message"]["content"].strip()
+        assert answer["usage"]["completion_tokens"] > 0
+    finally:
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=20)
+    assert up.returncode == 0
+    assert "stopped." in rest
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert (tmp_path / ".covey" / "miner-0" / "miner.key").exists()
