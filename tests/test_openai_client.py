@@ -115,3 +115,18 @@ def test_greedy_answer_equals_llama_cpp_in_process(client: openai.OpenAI):
     assert remote.usage.prompt_tokens == local["usage"]["prompt_tokens"]
     assert remote.usage.completion_tokens == local["usage"]["completion_tokens"]
     llm.close()
+
+
+def test_greedy_is_repeatable_whatever_the_slot_ran_before(client: openai.OpenAI):
+    """Cache reuse must not change numerics: same greedy request, same answer, always."""
+    def ask(content: str) -> str:
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=24,
+            temperature=0).choices[0].message.content
+
+    first = ask("Name a color.")
+    answers = []
+    for other in ("Name a colour, please.", "Tell me about owls. " * 40, "Name a color!"):
+        ask(other)  # shares a prefix with the next request, to different lengths
+        answers.append(ask("Name a color."))
+    assert answers == [first] * 3

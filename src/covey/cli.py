@@ -37,6 +37,8 @@ def coordinator(
     queue_size: Annotated[int, typer.Option(help="Requests that may wait per model when "
                                             "every miner slot is busy; more get 429.")] = 64,
     queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait.")] = 120.0,
+    stall_timeout: Annotated[float, typer.Option(help="Seconds a running job may go without "
+                                                 "a frame from its miner.")] = 60.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
@@ -46,7 +48,7 @@ def coordinator(
     from covey.coordinator.router import QueuePolicy
 
     _logging(log_level)
-    config = CoordinatorConfig(data_dir=data_dir,
+    config = CoordinatorConfig(data_dir=data_dir, stall_timeout=stall_timeout,
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3)
@@ -113,7 +115,7 @@ def chat(
     url: Annotated[str, typer.Option(help="Coordinator base URL.")] = "http://127.0.0.1:8000",
     model: Annotated[str, typer.Option(help="Model name.")] = BUNDLED_MODEL,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Cap on answer tokens.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Cap on answer tokens.")] = 512,
     temperature: Annotated[float | None, typer.Option(help="0 for greedy.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY")] = None,
 ) -> None:

@@ -24,8 +24,17 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+# Pydantic adds the member of a union it tried ("str", "list[TextPart]", "function-after[…]")
+# to an error's location; they are not field names and must not reach ``param``.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
 
 
 class ApiError(Exception):
@@ -67,7 +76,7 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 
 def _param_from_loc(loc: tuple[object, ...]) -> str | None:
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p != "body" and not _is_type_tag(p)]
     if not parts:
         return None
     out = str(parts[0])
@@ -94,6 +103,9 @@ def validation_to_api_error(exc: RequestValidationError) -> ApiError:
     # Union types report one error per member under a loc suffix like "str" or
     # "list[TextPart]"; the field itself is the useful name.
     if first.get("type") == "missing":
+        if param is None:
+            return ApiError(400, "The request has no body; send a JSON object.",
+                            code="missing_body")
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param,
                         code="missing_required_parameter")
     if param is None:
@@ -120,9 +132,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        code = None
         if exc.status_code == 404:
             message = "Unknown URL. See GET /v1/models and POST /v1/chat/completions."
-        return error_response(ApiError(exc.status_code, message, headers=exc.headers))
+        elif exc.status_code == 400:  # FastAPI could not decode the body (bad UTF-8, …)
+            message, code = "We could not parse the JSON body of your request.", "invalid_json"
+        return error_response(ApiError(exc.status_code, message, code=code,
+                                       headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -6,10 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from pydantic_core import PydanticSerializationError
+
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MINER_GONE, MinerSession
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Cancel, Delta, Done, Job, JobError, Started
+from covey.protocol import Cancel, Delta, Done, Job, JobError, Progress, Started, encode_frame
 
 log = logging.getLogger("covey.coordinator.jobs")
 
@@ -37,9 +39,10 @@ class RunningJob:
     frees the slot); ``async with`` does it.
     """
 
-    def __init__(self, job: Job, session: MinerSession, dispatcher: Dispatcher,
+    def __init__(self, job: Job, payload: str, session: MinerSession, dispatcher: Dispatcher,
                  stall_timeout: float) -> None:
         self.job = job
+        self._payload = payload
         self.session = session
         self.started: Started | None = None
         self._dispatcher = dispatcher
@@ -56,11 +59,18 @@ class RunningJob:
         self.close()
 
     async def _next(self) -> Started | Delta | Done:
-        try:
-            item = await asyncio.wait_for(self._queue.get(), self._stall_timeout)
-        except TimeoutError:
-            raise ApiError(504, f"The miner sent nothing for {self._stall_timeout:.0f} s.",
-                           code="miner_timeout", type="server_error") from None
+        """The next frame that matters; ``progress`` frames only restart the stall timer."""
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that races with a frame, and the job would outlive its departed client.
+                async with asyncio.timeout(self._stall_timeout):
+                    item = await self._queue.get()
+            except TimeoutError:
+                raise ApiError(504, f"The miner sent nothing for {self._stall_timeout:.0f} s.",
+                               code="miner_timeout", type="server_error") from None
+            if not isinstance(item, Progress):
+                break
         if item is MINER_GONE:
             raise _gone()
         if isinstance(item, JobError):
@@ -77,7 +87,7 @@ class RunningJob:
                 disconnected or stalled.
         """
         try:
-            await self.session.send(self.job)
+            await self.session.websocket.send_text(self._payload)
         except Exception as exc:  # the socket died between choice and send
             raise _gone() from exc
         frame = await self._next()
@@ -119,10 +129,16 @@ async def start_job(dispatcher: Dispatcher, job: Job, stall_timeout: float) -> R
     """Reserve a miner for ``job``, send it, and wait until the miner has started it.
 
     Raises:
-        ApiError: 404/503/429 from routing, or the miner's refusal (see :meth:`RunningJob.send`).
+        ApiError: 400 for text JSON cannot carry, 404/503/429 from routing, or the miner's
+            refusal (see :meth:`RunningJob.send`).
     """
+    try:
+        payload = encode_frame(job)
+    except PydanticSerializationError as exc:  # e.g. a lone UTF-16 surrogate from JSON
+        raise ApiError(400, "The request holds text that is not valid Unicode "
+                       f"({exc}).", code="invalid_value") from None
     session = await dispatcher.acquire(job.model)
-    running = RunningJob(job, session, dispatcher, stall_timeout)
+    running = RunningJob(job, payload, session, dispatcher, stall_timeout)
     try:
         await running.send()
     except BaseException:

@@ -23,28 +23,43 @@ class BodyLimit:
         return ApiError(413, f"Request body is larger than {self.max_bytes} bytes.",
                         code="request_too_large")
 
+    async def _send_error(self, send: Any) -> None:
+        err = self._error()
+        body = json.dumps(err.body().model_dump()).encode()
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            err = self._error()
-            body = json.dumps(err.body().model_dump()).encode()
-            await send({"type": "http.response.start", "status": err.status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await self._send_error(send)
             return
         seen = 0
+        too_large = False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
+            # A chunked body has no length up front: stop reading at the cap and hand the
+            # app an empty end of body; its answer is then replaced by the 413 below.
+            nonlocal seen, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise self._error()
+                    too_large = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._send_error(send)
+
+        await self.app(scope, limited_receive, guarded_send)

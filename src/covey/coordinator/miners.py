@@ -18,6 +18,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from covey.protocol import (
+    PROTOCOL_VERSION,
     Challenge,
     Delta,
     Done,
@@ -25,6 +26,7 @@ from covey.protocol import (
     Hello,
     JobError,
     ModelOffer,
+    Progress,
     Started,
     Welcome,
     decode_frame,
@@ -42,7 +44,7 @@ MINER_GONE = object()
 CLOSE_POLICY = 1008
 CLOSE_BAD_DATA = 1003
 
-JobFrame = Started | Delta | Done | JobError
+JobFrame = Started | Progress | Delta | Done | JobError
 
 
 @dataclass(eq=False)
@@ -97,26 +99,43 @@ class MinerSession:
 class MinerRegistry:
     """All live sessions, keyed by miner id (the hex public key).
 
-    ``known_models`` maps every model name the coordinator has heard of (the catalog plus any
-    a miner ever offered) to its context length, so a known model with no live miner can be
-    told apart from an unknown one (503 vs 404).
+    ``catalog`` maps the models this network offers by configuration to a default context
+    length; with the models live miners serve, they are the known models. A known model with
+    no live miner gets 503, an unknown one 404. Nothing a miner says outlives its session.
     """
 
     def __init__(self, catalog: dict[str, int] | None = None) -> None:
         self.sessions: dict[str, MinerSession] = {}
-        self.known_models: dict[str, int] = dict(catalog or {})
+        self.catalog: dict[str, int] = dict(catalog or {})
         self._listeners: list[asyncio.Event] = []
 
     def serving(self, model: str) -> list[MinerSession]:
         """Live sessions that serve ``model``."""
         return [s for s in self.sessions.values() if not s.closed and s.offer(model)]
 
+    def is_known(self, model: str) -> bool:
+        """In the catalog, or served by a live miner."""
+        return model in self.catalog or bool(self.serving(model))
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        """Known models: name → (live miners, context length in tokens).
+
+        The context length is the largest any live miner offers, else the catalog's.
+        """
+        out = {name: (0, ctx) for name, ctx in self.catalog.items()}
+        for session in self.sessions.values():
+            if session.closed:
+                continue
+            for m in session.hello.models:
+                n, ctx = out.get(m.name, (0, 0))
+                out[m.name] = (n + 1, m.context_length if n == 0 else max(ctx,
+                                                                           m.context_length))
+        return out
+
     def add(self, session: MinerSession) -> MinerSession | None:
         """Register ``session``; returns the older session of the same key, if any, to close."""
         old = self.sessions.get(session.miner_id)
         self.sessions[session.miner_id] = session
-        for m in session.hello.models:
-            self.known_models[m.name] = m.context_length
         self.notify()
         return old
 
@@ -149,13 +168,18 @@ async def _handshake(ws: WebSocket, timeout: float) -> Hello | None:
     nonce = secrets.token_hex(32)
     await ws.send_text(encode_frame(Challenge(nonce=nonce)))
     try:
-        raw = await asyncio.wait_for(ws.receive_text(), timeout)
+        async with asyncio.timeout(timeout):
+            raw = await ws.receive_text()
         hello = decode_frame(raw)
     except (TimeoutError, ValidationError, WebSocketDisconnect, KeyError, RuntimeError):
         await _close(ws, CLOSE_POLICY, "expected a hello")
         return None
     if not isinstance(hello, Hello):
         await _close(ws, CLOSE_POLICY, "expected a hello")
+        return None
+    if hello.protocol_version != PROTOCOL_VERSION:
+        await _close(ws, CLOSE_POLICY, f"protocol version {hello.protocol_version} is not "
+                     f"supported; this coordinator speaks {PROTOCOL_VERSION}")
         return None
     if hello.nonce != nonce or not verify_hello(hello.model_dump(mode="json")):
         log.warning("refused miner %s: bad hello signature", hello.public_key[:16])
@@ -193,7 +217,10 @@ async def serve_miner(
         await session.send(Welcome(miner_id=session.miner_id,
                                    heartbeat_interval=heartbeat_interval))
         while True:
-            raw = await ws.receive_text()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            raw = message.get("text") or message.get("bytes") or b""
             session.last_seen = time.monotonic()
             try:
                 frame = decode_frame(raw)
@@ -203,7 +230,7 @@ async def serve_miner(
                 return
             if isinstance(frame, Heartbeat):
                 continue
-            if isinstance(frame, Started | Delta | Done | JobError):
+            if isinstance(frame, Started | Progress | Delta | Done | JobError):
                 queue = session.jobs.get(frame.job_id)
                 if queue is not None:  # late frames of a cancelled job are dropped
                     queue.put_nowait(frame)

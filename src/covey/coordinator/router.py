@@ -66,7 +66,7 @@ class Dispatcher:
     def _try_pick(self, model: str) -> MinerSession | None:
         sessions = self.registry.serving(model)
         if not sessions:
-            if model not in self.registry.known_models:
+            if not self.registry.is_known(model):
                 raise ApiError(404, f"The model '{model}' does not exist. "
                                "GET /v1/models lists the models of this network.",
                                code="model_not_found", param="model")
@@ -105,7 +105,8 @@ class Dispatcher:
                 if left <= 0:
                     raise self._busy(model)
                 try:
-                    await asyncio.wait_for(ev.wait(), left)
+                    async with asyncio.timeout(left):  # not wait_for: see jobs.RunningJob._next
+                        await ev.wait()
                 except TimeoutError:
                     self.registry.unlisten(ev)
         finally:

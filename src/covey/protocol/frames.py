@@ -2,8 +2,8 @@
 
 One WebSocket per miner carries JSON objects, each with a ``type`` field naming its class.
 The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``;
-a job is ``job`` → ``started`` → ``delta``* → ``done`` | ``error``, with ``cancel`` from the
-coordinator; ``heartbeat`` flows both ways.
+a job is ``job`` → ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, with
+``cancel`` from the coordinator; ``heartbeat`` flows both ways.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ class _Frame(BaseModel):
 class Hardware(_Frame):
     """What the miner runs on: logical CPUs, RAM in bytes, GPU names (empty when none)."""
 
-    cpu_count: int = Field(ge=1)
-    ram_bytes: int = Field(ge=0)
-    gpus: tuple[str, ...] = ()
+    cpu_count: int = Field(ge=1, le=2**20)
+    ram_bytes: int = Field(ge=0, le=2**60)
+    gpus: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=64)
 
 
 class ModelOffer(_Frame):
@@ -42,7 +42,7 @@ class ModelOffer(_Frame):
 
     name: str = Field(min_length=1, max_length=200)
     sha256: Sha256Hex
-    context_length: int = Field(ge=1)
+    context_length: int = Field(ge=1, le=2**24)
     backend: str = Field(min_length=1, max_length=50)
 
 
@@ -99,7 +99,7 @@ class SamplingParams(_Frame):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: tuple[str, ...] = Field(default=(), max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
 
@@ -130,6 +130,17 @@ class Started(_Frame):
     prompt_tokens: int = Field(ge=0)
 
 
+class Progress(_Frame):
+    """Prefill is under way: ``prefilled`` of the prompt's tokens are evaluated so far.
+
+    Sent between prefill chunks so the coordinator can tell a long prompt from a stalled miner.
+    """
+
+    type: Literal["progress"] = "progress"
+    job_id: str
+    prefilled: int = Field(ge=0)
+
+
 class Delta(_Frame):
     """New output: ``token_ids`` generated since the last delta and the text they complete.
 
@@ -158,9 +169,9 @@ class JobError(_Frame):
 
     type: Literal["error"] = "error"
     job_id: str
-    code: str
-    message: str
-    param: str | None = None
+    code: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    message: str = Field(max_length=2000)
+    param: str | None = Field(default=None, max_length=200)
 
 
 class Cancel(_Frame):
@@ -171,7 +182,8 @@ class Cancel(_Frame):
 
 
 Frame = Annotated[
-    Challenge | Hello | Welcome | Heartbeat | Job | Started | Delta | Done | JobError | Cancel,
+    Challenge | Hello | Welcome | Heartbeat | Job | Started | Progress | Delta | Done | JobError
+    | Cancel,
     Field(discriminator="type"),
 ]
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from covey.coordinator.api.requests import chat_job, completion_job
@@ -13,31 +17,56 @@ from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 router = APIRouter()
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_CLOSED = 499
+"""Status logged for a request whose client left before the answer (nginx's convention)."""
 
 
-async def _respond(serving: Serving, job: Job, chat: bool, stream: bool,
-                   include_usage: bool) -> JSONResponse | StreamingResponse:
-    running, fmt = await serving.start(job, chat)
-    if stream:
-        return StreamingResponse(serving.stream(running, fmt, include_usage),
-                                 media_type="text/event-stream", headers=_SSE_HEADERS)
-    body = await serving.complete(running, fmt)
-    return JSONResponse(body.model_dump(mode="json"))
+async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``; if the client hangs up first, cancel it (which cancels the job on the
+    miner, or leaves the queue) instead of computing an answer nobody will read."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def _respond(request: Request, job: Job, chat: bool, stream: bool,
+                   include_usage: bool) -> Response:
+    serving: Serving = request.app.state.serving
+
+    async def work() -> Response:
+        running, fmt = await serving.start(job, chat)
+        if stream:
+            return StreamingResponse(serving.stream(running, fmt, include_usage),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        body = await serving.complete(running, fmt)
+        return JSONResponse(body.model_dump(mode="json"))
+
+    return await _unless_client_leaves(request, work())
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request
-                           ) -> JSONResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI Chat Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request.app.state.serving, chat_job(body), True, body.stream,
-                          include_usage)
+    return await _respond(request, chat_job(body), True, body.stream, include_usage)
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request
-                      ) -> JSONResponse | StreamingResponse:
+async def completions(body: CompletionRequest, request: Request) -> Response:
     """OpenAI (legacy) Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request.app.state.serving, completion_job(body), False, body.stream,
-                          include_usage)
+    return await _respond(request, completion_job(body), False, body.stream, include_usage)

@@ -16,9 +16,8 @@ async def list_models(request: Request) -> ModelList:
     registry: MinerRegistry = request.app.state.registry
     created = request.app.state.started_at
     return ModelList(data=[
-        ModelCard(id=name, created=created, miners=len(registry.serving(name)),
-                  context_length=ctx)
-        for name, ctx in sorted(registry.known_models.items())
+        ModelCard(id=name, created=created, miners=miners, context_length=ctx)
+        for name, (miners, ctx) in sorted(registry.models().items())
     ])
 
 

@@ -14,7 +14,8 @@ from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 
 def _unsupported(param: str, what: str) -> ApiError:
-    return ApiError(400, f"'{param}' {what} is not supported by this network yet.",
+    subject = f"'{param}' {what}".strip()
+    return ApiError(400, f"{subject} is not supported by this network yet.",
                     param=param, code="unsupported_parameter")
 
 

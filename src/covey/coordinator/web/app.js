@@ -5,6 +5,8 @@ const $ = (id) => document.getElementById(id);
 let current = null;      // selected model id
 let history = [];        // chat messages sent so far
 let controller = null;   // AbortController of the running request
+// A cap per answer: small models can ramble until the context is full.
+const MAX_TOKENS = 512;
 
 async function loadModels() {
   try {
@@ -86,7 +88,7 @@ async function send(ev) {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model: current, messages: history, stream: true,
-                             stream_options: { include_usage: true } }),
+                             max_tokens: MAX_TOKENS, stream_options: { include_usage: true } }),
       signal: controller.signal,
     });
     if (!resp.ok) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
-from covey.protocol import Delta, Done, Job, ModelOffer, Started
+from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
 
 
 class BackendError(Exception):
@@ -29,7 +29,8 @@ class Backend(ABC):
     """One served model.
 
     ``generate(job)`` yields exactly one ``Started`` (after tokenizing the prompt, before
-    prefill), then ``Delta`` frames, then one ``Done``; it raises :class:`BackendError`
+    prefill), ``Progress`` frames during a long prefill, then ``Delta`` frames, then one
+    ``Done``; it raises :class:`BackendError`
     instead of yielding ``Started`` when the prompt cannot run. Closing the iterator early
     cancels the generation and frees its slot.
     """
@@ -38,7 +39,7 @@ class Backend(ABC):
     slots: int
 
     @abstractmethod
-    def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+    def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
         """Run ``job``; see the class docstring for the frame order."""
 
     def close(self) -> None:  # noqa: B027 - optional hook

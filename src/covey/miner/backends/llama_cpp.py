@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from covey.miner.backends.base import Backend, BackendError
 from covey.miner.backends.text import StreamDecoder
 from covey.miner.models import ModelFile
-from covey.protocol import Delta, Done, Job, ModelOffer, Started
+from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,11 @@ class LlamaCppBackend(Backend):
         """The whole generation, on the slot's own thread; frames go out through ``emit``."""
         try:
             tokens = self.tokenize_job(llm, job)
+            param = "messages" if job.messages is not None else "prompt"
+            if not tokens:
+                raise BackendError("invalid_prompt", f"The {param} is empty.", param)
             n_ctx = llm.n_ctx()
             if len(tokens) >= n_ctx:
-                param = "messages" if job.messages is not None else "prompt"
                 raise BackendError(
                     "context_length_exceeded",
                     f"This model's maximum context length is {n_ctx} tokens. However, your "
@@ -119,7 +122,12 @@ class LlamaCppBackend(Backend):
             p = job.params
             budget = n_ctx - len(tokens)
             max_new = min(p.max_tokens, budget) if p.max_tokens else budget
-            llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
+            llm.set_seed(_llama_seed(p.seed))
+            if not _prefill(llm, tokens, cancel, lambda n: emit(
+                    Progress(job_id=job.job_id, prefilled=n))):
+                emit(Done(job_id=job.job_id, finish_reason="cancelled",
+                          prompt_tokens=len(tokens), completion_tokens=0))
+                return
             decoder = StreamDecoder(p.stop)
             vocab = llm._model.vocab
             generated = 0
@@ -152,7 +160,7 @@ class LlamaCppBackend(Backend):
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
             emit(exc)
 
-    async def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+    async def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
         slot = await self._free.get()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -169,12 +177,53 @@ class LlamaCppBackend(Backend):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, Started | Delta | Done)
+                assert isinstance(item, Started | Progress | Delta | Done)
                 yield item
                 if isinstance(item, Done):
                     return
         finally:
             cancel.set()
+
+
+PREFILL_CHUNK = 128
+"""Prompt tokens per prefill batch, between cancellation checks and ``progress`` frames: a
+cancel lands within a fraction of a second on a CPU, and batching still pays (CPU prefill
+throughput flattens out well below 128 tokens a batch)."""
+
+
+def _prefill(llm: llama_cpp.Llama, tokens: list[int], cancel: threading.Event,
+             progress: Callable[[int], None]) -> bool:
+    """Evaluate the prompt in the canonical schedule; False if cancelled part-way.
+
+    The canonical schedule is batches ``[0:C], [C:2C], …`` of the prompt (C =
+    :data:`PREFILL_CHUNK`), then one token at a time. llama.cpp's numerics depend on batch
+    shapes, so an answer is reproducible (the same greedy text whatever the slot ran before,
+    and checkable by a validator) only if every run evaluates the same batches. The KV cache
+    is therefore reused only up to a batch boundary below the end of the prompt; the rest is
+    evaluated here, and ``Llama.generate`` then finds the whole prompt cached and samples at
+    once from the logits of its last token.
+    """
+    limit = min(llm.n_tokens, len(tokens) - 1)
+    differ = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
+    common = int(differ[0]) if len(differ) else limit
+    llm.n_tokens = common - common % PREFILL_CHUNK  # eval() drops the KV cache past n_tokens
+    for start in range(llm.n_tokens, len(tokens), PREFILL_CHUNK):
+        if cancel.is_set():
+            return False
+        llm.eval(tokens[start: start + PREFILL_CHUNK])
+        progress(llm.n_tokens)
+    return True
+
+
+def _llama_seed(seed: int | None) -> int:
+    """Map an OpenAI seed (any int64, or None for random) to llama.cpp's uint32 seed space.
+
+    0xFFFFFFFF means "random" to llama.cpp (``LLAMA_DEFAULT_SEED``), so the range is one short
+    of 2**32: every given seed stays deterministic.
+    """
+    if seed is None:
+        return random.getrandbits(31)
+    return seed % 0xFFFFFFFF
 
 
 def _chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
