@@ -3,8 +3,10 @@
 Side by side in one run, same prompts, greedy, same settings (no top-k, no min-p, no repeat
 penalty, ``logits_all`` off, one slot with all CPU threads):
   (a) llama-cpp-python in-process (``Llama.create_completion(stream=True)``),
-  (b) ``python -m llama_cpp.server`` through the ``openai`` client,
-  (c) Covey: ``openai`` client → coordinator → miner, all on 127.0.0.1.
+  (b) ``python -m llama_cpp.server`` over HTTP streaming,
+  (c) Covey: client → coordinator → miner, all on 127.0.0.1.
+(b) and (c) are read by the same lean SSE client (httpx + json), so the client's own parsing
+cost, which is not the servers', stays small on this shared 2-core CPU.
 Rounds are interleaved (a, b, c, a, b, c …) so machine noise hits all three alike.
 Prints one JSON line: decode tokens/s (p50) and TTFT in ms (p50, p95) per path, and ratios.
 
@@ -26,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import openai
 
 from covey.miner.models import BUNDLED_MODEL, bundled_path
 
@@ -60,12 +61,37 @@ def _wait(url: str, ok: Callable[[httpx.Response], bool], proc: subprocess.Popen
     raise RuntimeError(f"{url} not ready")
 
 
-def _measure(chunks: Iterator[str], t0: float) -> tuple[float, float, int]:
-    """(TTFT s, decode tokens/s, tokens) from a stream of text pieces, one per token."""
-    times = [time.perf_counter() for piece in chunks if piece]
+def _measure(chunks: Iterator[str | int], t0: float) -> tuple[float, float, int]:
+    """(TTFT s, decode tokens/s, tokens) from a stream of text pieces.
+
+    A stream may end with an int, the completion tokens from its usage chunk (a server may
+    put several tokens in one chunk); otherwise each piece counts as one token. Decode
+    tokens/s counts the tokens after the first over the time from first to last piece.
+    """
+    times: list[float] = []
+    tokens = 0
+    for piece in chunks:
+        if isinstance(piece, int):
+            tokens = piece
+        elif piece:
+            times.append(time.perf_counter())
+    tokens = tokens or len(times)
     if len(times) < 2:
         raise RuntimeError("the model stopped after one token; pick another prompt")
-    return times[0] - t0, (len(times) - 1) / (times[-1] - times[0]), len(times)
+    return times[0] - t0, (tokens - 1) / (times[-1] - times[0]), tokens
+
+
+def _sse_texts(lines: Iterator[str]) -> Iterator[str | int]:
+    """Text of each completion chunk of an SSE stream, then the usage's completion tokens if
+    the server sent them (the same lean parser for both servers, so neither pays for a
+    heavier client on this shared CPU)."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                yield chunk["choices"][0]["text"]
+            if chunk.get("usage"):
+                yield chunk["usage"]["completion_tokens"]
 
 
 def main() -> None:
@@ -106,10 +132,7 @@ def main() -> None:
         _wait(f"http://127.0.0.1:{server_port}/v1/models", lambda r: r.status_code == 200,
               server)
 
-        server_client = openai.OpenAI(base_url=f"http://127.0.0.1:{server_port}/v1",
-                                      api_key="x", max_retries=0)
-        covey_client = openai.OpenAI(base_url=f"http://127.0.0.1:{covey_port}/v1",
-                                     api_key="x", max_retries=0)
+        http = httpx.Client(timeout=120)
         greedy = {"max_tokens": args.max_tokens, "temperature": 0.0}
 
         def inprocess(prompt: str) -> tuple[float, float, int]:
@@ -118,19 +141,23 @@ def main() -> None:
                                            repeat_penalty=1.0, **greedy)
             return _measure((c["choices"][0]["text"] for c in stream), t0)
 
-        def via(client: openai.OpenAI, extra: dict) -> Callable[[str], tuple[float, float, int]]:
+        def via(port: int, extra: dict) -> Callable[[str], tuple[float, float, int]]:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+
             def run(prompt: str) -> tuple[float, float, int]:
+                body = {"model": BUNDLED_MODEL, "prompt": prompt, "stream": True, **greedy,
+                        "stream_options": {"include_usage": True}, **extra}
                 t0 = time.perf_counter()
-                stream = client.completions.create(model=BUNDLED_MODEL, prompt=prompt,
-                                                   stream=True, extra_body=extra, **greedy)
-                return _measure((c.choices[0].text for c in stream if c.choices), t0)
+                with http.stream("POST", url, json=body) as resp:
+                    resp.raise_for_status()
+                    return _measure(_sse_texts(resp.iter_lines()), t0)
             return run
 
         paths = {
             "inprocess": inprocess,
-            "llama_cpp_server": via(server_client, {"top_k": 0, "min_p": 0.0,
-                                                    "repeat_penalty": 1.0}),
-            "covey": via(covey_client, {}),
+            "llama_cpp_server": via(server_port, {"top_k": 0, "min_p": 0.0,
+                                                  "repeat_penalty": 1.0}),
+            "covey": via(covey_port, {}),
         }
         for run in paths.values():  # warm-up: page cache, first-request paths
             run(PROMPTS[0])

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covey.miner.backends.text import StreamDecoder
+from covey.miner.backends.text import DeltaBuffer, StreamDecoder
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -50,3 +50,32 @@ def test_truncated_character_at_end_is_dropped_not_replaced():
     dec = StreamDecoder()
     assert dec.feed("a€".encode()[:2]) == "a"
     assert dec.finish() == ""
+
+
+def test_delta_buffer_sends_first_token_at_once_then_batches():
+    now = [0.0]
+    frames: list[tuple[str, tuple[int, ...]]] = []
+    buf = DeltaBuffer(0.02, lambda text, ids: frames.append((text, ids)), clock=lambda: now[0])
+    buf.add("Hel", 1)
+    assert frames == [("Hel", (1,))]
+    for i, piece in enumerate(["lo", ",", " wor"], start=2):
+        now[0] += 0.005
+        buf.add(piece, i)
+    assert frames == [("Hel", (1,))]  # 15 ms since the last frame: still held
+    now[0] += 0.006
+    buf.add("ld", 5)
+    assert frames[-1] == ("lo, world", (2, 3, 4, 5))
+    buf.add("", None)
+    buf.flush()
+    assert len(frames) == 2  # nothing queued, nothing sent
+    buf.add("", 6)  # a token whose bytes are held back still reports its id
+    buf.flush()
+    assert frames[-1] == ("", (6,))
+
+
+def test_delta_buffer_with_zero_interval_sends_every_token():
+    frames: list[str] = []
+    buf = DeltaBuffer(0.0, lambda text, ids: frames.append(text))
+    for piece in "abc":
+        buf.add(piece, 0)
+    assert frames == ["a", "b", "c"]

@@ -68,6 +68,9 @@ def miner(
     ctx: Annotated[int, typer.Option(help="Context length in tokens.")] = 4096,
     threads: Annotated[int | None, typer.Option(help="CPU threads per slot.")] = None,
     gpu_layers: Annotated[int, typer.Option(help="Layers to offload to a GPU.")] = 0,
+    stream_interval: Annotated[float, typer.Option(
+        help="Seconds between streamed frames after the first token (0: every token).")
+    ] = 0.02,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
@@ -90,7 +93,8 @@ def miner(
     sha = weights_sha256(model_file.path, data_dir)
     backend = LlamaCppBackend(model_file, sha, slots,
                               LlamaCppConfig(n_ctx=ctx, n_threads=threads,
-                                             n_gpu_layers=gpu_layers))
+                                             n_gpu_layers=gpu_layers,
+                                             stream_interval=stream_interval))
     agent = MinerAgent(coordinator, signing_key, backend)
     err.print(f"miner {agent.miner_id[:16]}… serving {model_file.name} "
               f"({sha[:12]}…, {slots} slot(s)) to {coordinator}")

@@ -22,7 +22,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from covey.miner.backends.base import Backend, BackendError
-from covey.miner.backends.text import StreamDecoder
+from covey.miner.backends.text import DeltaBuffer, StreamDecoder
 from covey.miner.models import ModelFile
 from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
 
@@ -31,12 +31,15 @@ from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
 class LlamaCppConfig:
     """``n_ctx``: context length in tokens (0: the model's training length);
     ``n_threads``: CPU threads per slot (None: CPU count ÷ slots); ``n_batch``: prefill batch;
-    ``n_gpu_layers``: layers to offload when llama.cpp was built with a GPU."""
+    ``n_gpu_layers``: layers to offload when llama.cpp was built with a GPU;
+    ``stream_interval``: seconds between ``delta`` frames after the first (see
+    :class:`~covey.miner.backends.text.DeltaBuffer`; 0 sends every token alone)."""
 
     n_ctx: int = 4096
     n_threads: int | None = None
     n_batch: int = 512
     n_gpu_layers: int = 0
+    stream_interval: float = 0.02
 
 
 class _Slot:
@@ -55,6 +58,7 @@ class LlamaCppBackend(Backend):
     def __init__(self, model: ModelFile, sha256: str, slots: int = 1,
                  config: LlamaCppConfig = LlamaCppConfig()) -> None:
         self.slots = slots
+        self._stream_interval = config.stream_interval
         threads = config.n_threads or max(1, (os.cpu_count() or 1) // slots)
         self._slots = [
             _Slot(i, llama_cpp.Llama(
@@ -129,6 +133,8 @@ class LlamaCppBackend(Backend):
                           prompt_tokens=len(tokens), completion_tokens=0))
                 return
             decoder = StreamDecoder(p.stop)
+            out = DeltaBuffer(self._stream_interval, lambda text, ids: emit(
+                Delta(job_id=job.job_id, text=text, token_ids=ids)))
             vocab = llm._model.vocab
             generated = 0
             finish = "length"
@@ -145,16 +151,14 @@ class LlamaCppBackend(Backend):
                     break
                 generated += 1
                 text = decoder.feed(self._piece(llm, token))
+                out.add(text, token)
                 if decoder.stopped:
                     finish = "stop"
-                if decoder.stopped or generated >= max_new:
-                    emit(Delta(job_id=job.job_id, text=text + decoder.finish(),
-                               token_ids=(token,)))
                     break
-                emit(Delta(job_id=job.job_id, text=text, token_ids=(token,)))
-            tail = decoder.finish()
-            if tail:
-                emit(Delta(job_id=job.job_id, text=tail, token_ids=()))
+                if generated >= max_new:
+                    break
+            out.add(decoder.finish())
+            out.flush()
             emit(Done(job_id=job.job_id, finish_reason=finish, prompt_tokens=len(tokens),
                       completion_tokens=generated))
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
