@@ -1,0 +1,201 @@
+"""Covey's money rules on top of the ledger: sign-up grants, API keys, escrow per request,
+stake, unstake with an unbonding period, slashing.
+
+Account ids: ``user:<id>``, ``miner:<public key>``, ``escrow:<job id>``, ``stake:<public
+key>``, ``unbonding:<public key>``, ``treasury``, ``faucet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select
+
+from covey.coordinator.ledger.pricing import Settlement, settle
+from covey.coordinator.ledger.schema import api_keys
+from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
+
+KEY_PREFIX = "sk-covey-"
+
+
+def user(account_id: str) -> str:
+    return f"user:{account_id}"
+
+
+def miner(miner_id: str) -> str:
+    return f"miner:{miner_id}"
+
+
+def escrow(job_id: str) -> str:
+    return f"escrow:{job_id}"
+
+
+def stake_account(miner_id: str) -> str:
+    return f"stake:{miner_id}"
+
+
+def unbonding(miner_id: str) -> str:
+    return f"unbonding:{miner_id}"
+
+
+def hash_key(api_key: str) -> str:
+    """SHA-256 hex of an API key: keys are random 256-bit strings, so a fast hash suffices
+    (a slow password hash protects low-entropy secrets, which these are not)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BankPolicy:
+    """``grant``: µcr a new account receives from the faucet (0: none); ``fee_bps``: the
+    protocol fee in basis points of a miner's pay; ``unbonding_s``: seconds unstaked credits
+    stay locked; ``min_stake``: µcr a miner must have staked to receive paid jobs."""
+
+    grant: int = 10_000_000
+    fee_bps: int = 500
+    unbonding_s: float = 7 * 24 * 3600
+    min_stake: int = 0
+
+
+class Bank:
+    """Money operations, each one idempotent ledger post."""
+
+    def __init__(self, ledger: Ledger, policy: BankPolicy) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self._key_cache: dict[str, str] = {}
+
+    # --- accounts and keys ---------------------------------------------------------------
+
+    def sign_up(self) -> tuple[str, str]:
+        """Create an account with one API key and the faucet grant: (account id, key).
+
+        The key is returned once and stored only as its hash.
+        """
+        account_id = secrets.token_hex(8)
+        return account_id, self.new_key(account_id)
+
+    def new_key(self, account_id: str) -> str:
+        """A fresh API key for ``account_id``; grants the faucet amount on first use."""
+        api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.ledger.engine.begin() as conn:
+            conn.execute(insert(api_keys).values(
+                key_hash=hash_key(api_key), account=account_id, prefix=api_key[:12],
+                created_us=time.time_ns() // 1000))
+        if self.policy.grant > 0:
+            self.ledger.post(f"grant:{account_id}",
+                             [Transfer(FAUCET, user(account_id), self.policy.grant, "grant")])
+        return api_key
+
+    def authenticate(self, api_key: str) -> str | None:
+        """The account id an API key belongs to, or None."""
+        digest = hash_key(api_key)
+        account = self._key_cache.get(digest)
+        if account is None:
+            with self.ledger.engine.connect() as conn:
+                account = conn.execute(select(api_keys.c.account)
+                                       .where(api_keys.c.key_hash == digest)).scalar()
+            if account is not None:
+                self._key_cache[digest] = account
+        return account
+
+    def transfer(self, from_account: str, to_account: str, amount: int, op: str) -> bool:
+        """Send ``amount`` µcr between two users; False if ``op`` was already carried out.
+
+        Raises:
+            InsufficientFunds: the sender cannot cover it.
+        """
+        return self.ledger.post(f"transfer:{op}", [Transfer(user(from_account),
+                                                            user(to_account), amount,
+                                                            "transfer")])
+
+    # --- escrow --------------------------------------------------------------------------
+
+    def hold(self, job_id: str, account_id: str, amount: int) -> None:
+        """Move a request's maximum cost from the user into its escrow.
+
+        Raises:
+            InsufficientFunds: the user cannot cover ``amount``.
+        """
+        if amount > 0:
+            self.ledger.post(f"hold:{job_id}",
+                             [Transfer(user(account_id), escrow(job_id), amount, "hold")])
+
+    def settle(self, job_id: str, account_id: str, miner_id: str, charge: int) -> Settlement:
+        """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest.
+
+        A second call for the same job changes nothing.
+        """
+        held = self.ledger.balance(escrow(job_id))
+        s = settle(held, charge, self.policy.fee_bps)
+        ops = [Transfer(escrow(job_id), miner(miner_id), s.miner, "pay"),
+               Transfer(escrow(job_id), TREASURY, s.fee, "fee"),
+               Transfer(escrow(job_id), user(account_id), s.refund, "refund")]
+        self.ledger.post(f"close:{job_id}", [t for t in ops if t.amount > 0])
+        return s
+
+    def refund(self, job_id: str, account_id: str) -> int:
+        """Return a failed job's whole escrow to the user; µcr refunded."""
+        held = self.ledger.balance(escrow(job_id))
+        if held > 0:
+            self.ledger.post(f"close:{job_id}",
+                             [Transfer(escrow(job_id), user(account_id), held, "refund")])
+        return held
+
+    def refund_open_escrows(self) -> int:
+        """Refund every escrow still holding credits (jobs that died with a coordinator);
+        returns how many. Run at start-up, before serving."""
+        n = 0
+        for account, held in self.ledger.balances_like("escrow:").items():
+            if held <= 0:
+                continue
+            job_id = account.removeprefix("escrow:")
+            hold = self.ledger.entries_with_key_prefix(f"hold:{job_id}:")
+            if not hold:
+                raise LedgerError(f"{account} holds credits but has no hold entry")
+            payer = str(hold[0]["debit"]).removeprefix("user:")
+            self.refund(job_id, payer)
+            n += 1
+        return n
+
+    # --- stake ---------------------------------------------------------------------------
+
+    def stake(self, miner_id: str, amount: int, op: str) -> None:
+        """Lock ``amount`` µcr of a miner's earnings as stake (``op``: idempotency key)."""
+        self.ledger.post(f"stake:{op}",
+                         [Transfer(miner(miner_id), stake_account(miner_id), amount, "stake")])
+
+    def unstake(self, miner_id: str, amount: int, op: str) -> None:
+        """Start unbonding ``amount`` µcr; it returns to the miner after the unbonding period."""
+        self.ledger.post(f"unstake:{op}", [Transfer(stake_account(miner_id),
+                                                    unbonding(miner_id), amount, "unstake")])
+
+    def release_unbonded(self, miner_id: str, now_us: int | None = None) -> int:
+        """Move unbonded stake whose period has passed back to the miner; µcr released."""
+        now_us = now_us if now_us is not None else time.time_ns() // 1000
+        cutoff = now_us - int(self.policy.unbonding_s * 1_000_000)
+        entries = self.ledger.history(unbonding(miner_id), limit=1_000_000)
+        matured = sum(int(e["amount"]) for e in entries  # type: ignore[call-overload]
+                      if e["kind"] == "unstake" and int(e["created_us"]) <= cutoff)
+        released = sum(int(e["amount"]) for e in entries if e["kind"] == "release")
+        due = min(matured - released, self.ledger.balance(unbonding(miner_id)))
+        if due > 0:
+            self.ledger.post(f"release:{miner_id}:{released + due}",
+                             [Transfer(unbonding(miner_id), miner(miner_id), due, "release")])
+        return max(due, 0)
+
+    def slash(self, miner_id: str, amount: int, reason: str, op: str) -> int:
+        """Take up to ``amount`` µcr of a miner's stake to the treasury; µcr slashed.
+
+        ``reason`` is recorded in the idempotency key (``slash:<op>:<reason>``).
+        """
+        amount = min(amount, self.ledger.balance(stake_account(miner_id)))
+        if amount > 0:
+            self.ledger.post(f"slash:{op}:{reason}"[:180],
+                             [Transfer(stake_account(miner_id), TREASURY, amount, "slash")])
+        return max(amount, 0)
+
+    def staked(self, miner_id: str) -> int:
+        return self.ledger.balance(stake_account(miner_id))

@@ -1,0 +1,59 @@
+"""Tables of the ledger (SQLAlchemy Core). Alembic migrations in ``migrations/`` create them.
+
+``transfers`` is append-only: rows are only ever inserted. ``balances`` is a cache of the
+sums, written in the same transaction as the transfers; ``chain_head`` holds the last entry's
+hash and the coordinator's signature over it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+transfers = Table(
+    "transfers", metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=False),
+    Column("key", String(200), nullable=False, unique=True),
+    Column("debit", String(200), nullable=False, index=True),
+    Column("credit", String(200), nullable=False, index=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("debit <> credit", name="distinct_accounts"),
+)
+
+balances = Table(
+    "balances", metadata,
+    Column("account", String(200), primary_key=True),
+    Column("balance", BigInteger, nullable=False),
+)
+
+chain_head = Table(
+    "chain_head", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("public_key", String(64), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("account", String(200), nullable=False, index=True),
+    Column("prefix", String(16), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+)
