@@ -30,8 +30,12 @@ class Proc:
         self.args = args
         self.log = log
         self._fh = log.open("ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "covey", *args], stdout=self._fh,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "covey", *args],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> None:
         if self.popen.poll() is None:
@@ -57,11 +61,35 @@ class Network:
         self.coordinator_args = list(coordinator_args)
         self.miners: list[Proc] = []
         self.coordinator = self._start_coordinator()
+        self._api_key: str | None = None
+
+    @property
+    def api_key(self) -> str:
+        """A key of an account signed up on this coordinator (made on first use)."""
+        if self._api_key is None:
+            r = httpx.post(f"{self.url}/v1/accounts", timeout=10)
+            r.raise_for_status()
+            self._api_key = r.json()["api_key"]
+        return self._api_key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def _start_coordinator(self) -> Proc:
-        proc = Proc(["coordinator", "--port", str(self.port), "--data-dir",
-                     str(self.tmp / "coordinator"), "--log-level", "warning",
-                     *self.coordinator_args], self.tmp / "coordinator.log")
+        proc = Proc(
+            [
+                "coordinator",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.tmp / "coordinator"),
+                "--log-level",
+                "warning",
+                *self.coordinator_args,
+            ],
+            self.tmp / "coordinator.log",
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -78,8 +106,19 @@ class Network:
     def add_miner(self, *args: str, wait: bool = True, threads: int = 1) -> Proc:
         i = len(self.miners)
         data = self.tmp / f"miner-{i}"
-        proc = Proc(["miner", "--coordinator", self.url, "--data-dir", str(data),
-                     "--threads", str(threads), *args], self.tmp / f"miner-{i}.log")
+        proc = Proc(
+            [
+                "miner",
+                "--coordinator",
+                self.url,
+                "--data-dir",
+                str(data),
+                "--threads",
+                str(threads),
+                *args,
+            ],
+            self.tmp / f"miner-{i}.log",
+        )
         self.miners.append(proc)
         if wait:
             self.wait_miners(len(self.miners))

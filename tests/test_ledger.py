@@ -51,17 +51,21 @@ def _reset(led: Ledger) -> None:
 
 amounts = st.integers(min_value=1, max_value=30_000_000)
 idx = st.integers(min_value=0, max_value=5)
-OPS = st.lists(st.one_of(
-    st.tuples(st.just("signup")),
-    st.tuples(st.just("hold"), idx, amounts),
-    st.tuples(st.just("settle"), idx, st.integers(min_value=0, max_value=40_000_000)),
-    st.tuples(st.just("refund"), idx),
-    st.tuples(st.just("transfer"), idx, idx, amounts),
-    st.tuples(st.just("stake"), amounts),
-    st.tuples(st.just("unstake"), amounts),
-    st.tuples(st.just("slash"), amounts),
-    st.tuples(st.just("repeat"), idx),
-), min_size=1, max_size=25)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("signup")),
+        st.tuples(st.just("hold"), idx, amounts),
+        st.tuples(st.just("settle"), idx, st.integers(min_value=0, max_value=40_000_000)),
+        st.tuples(st.just("refund"), idx),
+        st.tuples(st.just("transfer"), idx, idx, amounts),
+        st.tuples(st.just("stake"), amounts),
+        st.tuples(st.just("unstake"), amounts),
+        st.tuples(st.just("slash"), amounts),
+        st.tuples(st.just("repeat"), idx),
+    ),
+    min_size=1,
+    max_size=25,
+)
 
 MINER = "ab" * 32
 
@@ -70,8 +74,9 @@ def _snapshot(led: Ledger) -> dict[str, int]:
     return {k: v for k, v in led.balances_like("").items()}
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=OPS)
 def test_random_interleavings_keep_the_books(ledger: Ledger, ops):
     _reset(ledger)
@@ -152,8 +157,12 @@ def test_tampering_with_one_row_is_caught(ledger: Ledger):
     assert ledger.verify().ok
     with ledger.engine.begin() as conn:
         conn.execute(text("UPDATE transfers SET amount = amount + 1 WHERE seq = 2"))
-        conn.execute(text("UPDATE balances SET balance = balance + 1 "
-                          "WHERE account = (SELECT credit FROM transfers WHERE seq = 2)"))
+        conn.execute(
+            text(
+                "UPDATE balances SET balance = balance + 1 "
+                "WHERE account = (SELECT credit FROM transfers WHERE seq = 2)"
+            )
+        )
     report = ledger.verify()
     assert not report.ok
     assert any("entry 2" in p for p in report.problems)

@@ -33,10 +33,13 @@ def _ws(net: Network) -> str:
 
 def _hello(key: SigningKey, nonce: str, bad_signature: bool = False) -> str:
     body = Hello(
-        public_key=key.verify_key.encode().hex(), nonce=nonce,
+        public_key=key.verify_key.encode().hex(),
+        nonce=nonce,
         hardware=Hardware(cpu_count=1, ram_bytes=1),
         models=(ModelOffer(name=MODEL, sha256="1" * 64, context_length=2048, backend="fake"),),
-        slots=1, version="test", signature="0" * 128,
+        slots=1,
+        version="test",
+        signature="0" * 128,
     ).model_dump(mode="json")
     body["signature"] = sign_hello(SigningKey.generate() if bad_signature else key, body)
     return encode_frame(Hello.model_validate(body))
@@ -62,8 +65,11 @@ def test_wrong_hello_signature_is_refused(bare_network: Network):
 
     assert asyncio.run(run()) == 1008
     assert bare_network.live_miners() == 0
-    r = httpx.post(f"{bare_network.url}/v1/completions",
-                   json={"model": MODEL, "prompt": "x"})
+    r = httpx.post(
+        f"{bare_network.url}/v1/completions",
+        headers=bare_network.headers,
+        json={"model": MODEL, "prompt": "x"},
+    )
     assert r.status_code == 503
 
 
@@ -84,7 +90,8 @@ def test_replayed_hello_for_another_nonce_is_refused(bare_network: Network):
 
 @pytest.mark.parametrize("misbehaviour", ["garbage", "disconnect"])
 def test_misbehaving_miner_gives_clear_error_and_coordinator_survives(
-        bare_network: Network, misbehaviour: str):
+    bare_network: Network, misbehaviour: str
+):
     async def fake_miner(ready: asyncio.Event) -> None:
         ws = await _join(bare_network, SigningKey.generate())
         ready.set()
@@ -104,8 +111,12 @@ def test_misbehaving_miner_gives_clear_error_and_coordinator_survives(
         await ready.wait()
         async with httpx.AsyncClient(timeout=20) as http:
             body = {"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": True}
-            async with http.stream("POST", f"{bare_network.url}/v1/completions",
-                                   json=body) as r:
+            async with http.stream(
+                "POST",
+                f"{bare_network.url}/v1/completions",
+                headers=bare_network.headers,
+                json=body,
+            ) as r:
                 assert r.status_code == 200
                 lines = [line async for line in r.aiter_lines() if line]
         await miner
@@ -130,8 +141,11 @@ def test_miner_disconnect_before_streaming_is_502(bare_network: Network):
         miner = asyncio.create_task(fake_miner(ready))
         await ready.wait()
         async with httpx.AsyncClient(timeout=20) as http:
-            r = await http.post(f"{bare_network.url}/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+            r = await http.post(
+                f"{bare_network.url}/v1/chat/completions",
+                headers=bare_network.headers,
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
         await miner
         return r
 
@@ -149,8 +163,12 @@ def test_miner_reconnects_after_coordinator_restart_and_key_is_private(bare_netw
     bare_network.wait_miners(1, timeout=30)
     miners = httpx.get(f"{bare_network.url}/v1/miners").json()["data"]
     assert [m["id"] for m in miners] == [first_id]  # same identity, one session
-    r = httpx.post(f"{bare_network.url}/v1/completions", timeout=30,
-                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+    r = httpx.post(
+        f"{bare_network.url}/v1/completions",
+        headers=bare_network.headers,
+        timeout=30,
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3},
+    )
     assert r.status_code == 200
     assert miner.popen.poll() is None
 

@@ -20,10 +20,13 @@ NONCE = "ab" * 32
 
 def _hello_body(key: SigningKey) -> dict:
     body = Hello(
-        public_key=key.verify_key.encode().hex(), nonce=NONCE,
+        public_key=key.verify_key.encode().hex(),
+        nonce=NONCE,
         hardware=Hardware(cpu_count=2, ram_bytes=1 << 30),
         models=(ModelOffer(name="m", sha256="0" * 64, context_length=512, backend="x"),),
-        slots=1, version="0", signature="0" * 128,
+        slots=1,
+        version="0",
+        signature="0" * 128,
     ).model_dump(mode="json")
     body["signature"] = sign_hello(key, body)
     return body

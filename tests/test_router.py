@@ -4,8 +4,10 @@ from covey.coordinator.router import Candidate, choose_miner
 
 
 def test_least_loaded_wins():
-    c = [Candidate(active=1, slots=2, last_dispatch=0), Candidate(active=0, slots=2,
-                                                                   last_dispatch=5)]
+    c = [
+        Candidate(active=1, slots=2, last_dispatch=0),
+        Candidate(active=0, slots=2, last_dispatch=5),
+    ]
     assert choose_miner(c) == 1
 
 

@@ -12,8 +12,12 @@ from conftest import MODEL, Network
 
 def test_twenty_requests_are_spread_over_both_miners(network: Network):
     def ask(i: int) -> str:
-        r = httpx.post(f"{network.url}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": f"Number {i}:", "max_tokens": 4, "temperature": 0})
+        r = httpx.post(
+            f"{network.url}/v1/completions",
+            headers=network.headers,
+            timeout=60,
+            json={"model": MODEL, "prompt": f"Number {i}:", "max_tokens": 4, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return r.json()["system_fingerprint"]
 
@@ -28,23 +32,46 @@ def test_twenty_requests_are_spread_over_both_miners(network: Network):
 
 def test_slots_run_jobs_at_once_and_disconnect_frees_them(bare_network: Network):
     bare_network.add_miner("--slots", "2", "--ctx", "1024")
-    body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 500, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Count: 1, 2, 3,",
+        "max_tokens": 500,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
-        with a.stream("POST", f"{bare_network.url}/v1/completions", json=body) as ra, \
-                b.stream("POST", f"{bare_network.url}/v1/completions", json=body) as rb:
+        with (
+            a.stream(
+                "POST",
+                f"{bare_network.url}/v1/completions",
+                headers=bare_network.headers,
+                json=body,
+            ) as ra,
+            b.stream(
+                "POST",
+                f"{bare_network.url}/v1/completions",
+                headers=bare_network.headers,
+                json=body,
+            ) as rb,
+        ):
             lines_a, lines_b = ra.iter_lines(), rb.iter_lines()
             assert next(lines_a).startswith("data: ") and next(lines_b).startswith("data: ")
             miner = httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]
             assert miner["active"] == 2
     # Both clients hung up mid-stream: their jobs are cancelled and the slots freed at once.
     deadline = time.monotonic() + 1.0
-    while httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] and \
-            time.monotonic() < deadline:
+    while (
+        httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"]
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] == 0
     t0 = time.monotonic()
-    r = httpx.post(f"{bare_network.url}/v1/completions", timeout=30,
-                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    r = httpx.post(
+        f"{bare_network.url}/v1/completions",
+        headers=bare_network.headers,
+        timeout=30,
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+    )
     assert r.status_code == 200
     assert time.monotonic() - t0 < 5

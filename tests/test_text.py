@@ -27,9 +27,12 @@ def test_emoji_split_bytewise_is_held_back_until_whole():
     assert emitted == ["", "", "", "🙂"]
 
 
-@given(st.text(min_size=0, max_size=30), st.text(min_size=1, max_size=5),
-       st.text(min_size=0, max_size=30),
-       st.lists(st.integers(min_value=0, max_value=1000), max_size=20))
+@given(
+    st.text(min_size=0, max_size=30),
+    st.text(min_size=1, max_size=5),
+    st.text(min_size=0, max_size=30),
+    st.lists(st.integers(min_value=0, max_value=1000), max_size=20),
+)
 def test_stop_string_cuts_output_before_it(head: str, stop: str, tail: str, cuts: list[int]):
     full = head + stop + tail
     expected = full[: full.find(stop)]

@@ -19,8 +19,9 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    llm = llama_cpp.Llama(model_path=str(bundled_path(MODEL)), n_ctx=256, n_threads=1,
-                          verbose=False, vocab_only=True)
+    llm = llama_cpp.Llama(
+        model_path=str(bundled_path(MODEL)), n_ctx=256, n_threads=1, verbose=False, vocab_only=True
+    )
     yield llm
     llm.close()
 
@@ -38,17 +39,25 @@ def _split_chars(llm: llama_cpp.Llama, text: str) -> int:
 
 @pytest.mark.parametrize("kind,prompt", CASES)
 def test_stream_has_no_replacement_chars(network: Network, tokenizer, kind: str, prompt: str):
-    client = openai.OpenAI(base_url=f"{network.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{network.url}/v1", api_key=network.api_key, max_retries=0)
     if kind == "chat":
-        kw = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=40,
-                  temperature=0)
-        pieces = [c.choices[0].delta.content or ""
-                  for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        kw = dict(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=40,
+            temperature=0,
+        )
+        pieces = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kw, stream=True)
+            if c.choices
+        ]
         whole = client.chat.completions.create(**kw).choices[0].message.content
     else:
         kw = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
-        pieces = [c.choices[0].text
-                  for c in client.completions.create(**kw, stream=True) if c.choices]
+        pieces = [
+            c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices
+        ]
         whole = client.completions.create(**kw).choices[0].text
     text = "".join(pieces)
     assert text == whole

@@ -17,9 +17,23 @@ from conftest import free_port
 def test_up_prints_working_curl_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
     port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "covey", "up", "--port", str(port), "--miners", "2",
-         "--data-dir", str(tmp_path / ".covey")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "covey",
+            "up",
+            "--port",
+            str(port),
+            "--miners",
+            "2",
+            "--data-dir",
+            str(tmp_path / ".covey"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120

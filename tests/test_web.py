@@ -10,8 +10,14 @@ import pytest
 from conftest import MODEL, Network
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def _browser_or_skip():
@@ -20,6 +26,7 @@ def _browser_or_skip():
             pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
         pytest.skip("Debian's chromium is not installed")
     from playwright.sync_api import sync_playwright
+
     return sync_playwright
 
 
@@ -33,6 +40,11 @@ def test_page_lists_models_and_streams_a_chat(network: Network):
             button = page.locator(f'#models button[data-model="{MODEL}"]')
             button.wait_for()
             assert "2 miners" in button.inner_text()
+            page.click("#signup")
+            page.wait_for_function(
+                "document.querySelector('#account-info').textContent.includes('credits')"
+            )
+            assert "10.000000 credits" in page.inner_text("#account-info")
             button.click()
             page.fill("#prompt", "What is the capital of France?")
             page.click("#send")
@@ -41,5 +53,9 @@ def test_page_lists_models_and_streams_a_chat(network: Network):
             assert answer.inner_text().strip()
             assert "error" not in (answer.get_attribute("class") or "")
             assert "completion tokens" in page.inner_text("#usage")
+            # The charge shows at once: the balance dropped below the grant.
+            page.wait_for_function(
+                "!document.querySelector('#account-info').textContent.includes('10.000000')"
+            )
         finally:
             browser.close()

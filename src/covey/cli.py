@@ -39,6 +39,13 @@ def coordinator(
     queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait.")] = 120.0,
     stall_timeout: Annotated[float, typer.Option(help="Seconds a running job may go without "
                                                  "a frame from its miner.")] = 60.0,
+    database_url: Annotated[str | None, typer.Option(
+        help="Ledger database (default: SQLite in DATA_DIR), e.g. "
+             "postgresql+psycopg://user@host/db.")] = None,
+    grant: Annotated[int, typer.Option(help="µcr the faucet gives each new account.")
+                     ] = 10_000_000,
+    fee_bps: Annotated[int, typer.Option(min=0, max=10_000, help="Protocol fee in basis "
+                                         "points of a miner's pay.")] = 500,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
@@ -48,7 +55,11 @@ def coordinator(
     from covey.coordinator.router import QueuePolicy
 
     _logging(log_level)
+    from covey.coordinator.ledger.bank import BankPolicy
+
     config = CoordinatorConfig(data_dir=data_dir, stall_timeout=stall_timeout,
+                               database_url=database_url,
+                               bank=BankPolicy(grant=grant, fee_bps=fee_bps),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3)
@@ -75,8 +86,8 @@ def miner(
 ) -> None:
     """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
     from covey.miner.agent import HelloRefused, MinerAgent
-    from covey.miner.identity import IdentityError, load_or_create
     from covey.miner.models import ModelNotFound, resolve_model, weights_sha256
+    from covey.protocol.identity import IdentityError, load_or_create
 
     _logging(log_level)
     try:
@@ -121,13 +132,17 @@ def chat(
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Cap on answer tokens.")] = 512,
     temperature: Annotated[float | None, typer.Option(help="0 for greedy.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY",
+                                                help="API key (default: .covey/api_key).")
+                       ] = None,
 ) -> None:
     """Ask a model and stream the answer to the terminal."""
     import httpx
 
+    from covey.cli_money import resolve_key
     from covey.client import ChatError, stream_chat
 
+    api_key = resolve_key(api_key)
     messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": prompt})
     try:
@@ -145,9 +160,13 @@ def chat(
 
 
 def _register_up() -> None:
+    from covey.cli_money import ledger_app, signup, wallet
     from covey.cli_up import up
 
     app.command()(up)
+    app.command()(signup)
+    app.add_typer(wallet, name="wallet")
+    app.add_typer(ledger_app, name="ledger")
 
 
 _register_up()

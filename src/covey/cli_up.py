@@ -71,6 +71,22 @@ def _wait_ready(base: str, model: str, miners: int, procs: list[subprocess.Popen
     return f"not ready after {timeout:.0f} s"
 
 
+def _dev_key(base: str, data_dir: Path) -> str:
+    """The dev account's key: the one saved by an earlier run, else a new sign-up."""
+    key_file = data_dir / "api_key"
+    if key_file.is_file():
+        key = key_file.read_text().strip()
+        r = httpx.get(f"{base}/v1/account", headers={"Authorization": f"Bearer {key}"},
+                      timeout=10)
+        if r.status_code == 200:
+            return key
+    key = httpx.post(f"{base}/v1/accounts", timeout=10).json()["api_key"]
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
 def up(
     miners: Annotated[int, typer.Option(min=1, max=32, help="How many miners to start.")] = 1,
     host: Annotated[str, typer.Option(help="Coordinator interface.")] = "127.0.0.1",
@@ -116,12 +132,17 @@ def up(
         _stop(list(reversed(procs)))
         raise typer.Exit(1)
     if not stop:
+        api_key = _dev_key(base, data_dir)
         body = json.dumps({"model": served, "messages": [
             {"role": "user", "content": "Say hello in five words."}]})
         out.print(f"\n[bold green]Covey is up[/bold green] at {base}  (web chat: {base}/)\n")
+        out.print(f"A dev account with free test credits; its API key (also in "
+                  f"{data_dir}/api_key):\n")
+        out.print(f"  export COVEY_API_KEY={api_key}\n", highlight=False, markup=False)
         out.print("Try it:\n")
         out.print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-                  f"-d '{body}'", soft_wrap=True, highlight=False, markup=False)
+                  f"-H 'Authorization: Bearer {api_key}' -d '{body}'", soft_wrap=True,
+                  highlight=False, markup=False)
         out.print(f"  covey chat --url {base} \"What is the capital of France?\"\n",
                   highlight=False, markup=False)
         out.print("Press Ctrl-C to stop.")

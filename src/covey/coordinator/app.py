@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -12,12 +16,24 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from covey import __version__
-from covey.coordinator.api import chat, models
+from covey.coordinator.api import accounts, chat, models
 from covey.coordinator.api.serving import Serving
+from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
+from covey.coordinator.ledger import Ledger
+from covey.coordinator.ledger.bank import Bank, BankPolicy
+from covey.coordinator.ledger.pricing import Price
 from covey.coordinator.limits import BodyLimit
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.router import Dispatcher, QueuePolicy
+from covey.protocol.identity import load_or_create
+
+log = logging.getLogger("covey.coordinator")
+
+
+def default_database_url(data_dir: Path) -> str:
+    """SQLite in ``data_dir`` (WAL mode), the single-machine default."""
+    return f"sqlite:///{(data_dir / 'covey.db').resolve()}"
 
 DEFAULT_CATALOG = {"smollm2-135m-instruct": 8192}
 """Models a fresh coordinator knows by name before any miner offers them (name → context
@@ -30,10 +46,15 @@ class CoordinatorConfig:
 
     ``heartbeat_interval`` and ``miner_timeout`` in seconds (a miner silent for
     ``miner_timeout`` is evicted); ``stall_timeout``: seconds a running job may go without a
-    frame before the client gets 504; ``queue``: waiting policy when all slots are busy.
+    frame before the client gets 504; ``queue``: waiting policy when all slots are busy;
+    ``database_url``: SQLAlchemy URL of the ledger (default: SQLite in ``data_dir``);
+    ``bank``: grant, fee and stake rules; ``prices``: µcr per 1M tokens by model.
     """
 
     data_dir: Path = Path(".covey")
+    database_url: str | None = None
+    bank: BankPolicy = BankPolicy()
+    prices: dict[str, Price] = field(default_factory=dict)
     heartbeat_interval: float = 3.0
     miner_timeout: float = 10.0
     stall_timeout: float = 60.0
@@ -45,18 +66,34 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     """Build the coordinator's ASGI app."""
     config = config or CoordinatorConfig()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="Covey coordinator", version=__version__)
+    key = load_or_create(config.data_dir / "coordinator.key")
+    ledger = Ledger(config.database_url or default_database_url(config.data_dir), key)
+    billing = Billing(Bank(ledger, config.bank), config.prices)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Jobs that were running when a previous coordinator died cannot finish: refund them
+        # before serving, so no credit stays locked and none is charged twice.
+        refunded = await asyncio.to_thread(billing.bank.refund_open_escrows)
+        if refunded:
+            log.warning("refunded %d escrows left open by a previous run", refunded)
+        yield
+        await billing.drain()
+        ledger.close()
+
+    app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan)
     registry = MinerRegistry(config.catalog)
     dispatcher = Dispatcher(registry, config.queue)
     app.state.config = config
     app.state.registry = registry
     app.state.dispatcher = dispatcher
-    app.state.serving = Serving(dispatcher, config.stall_timeout)
+    app.state.serving = Serving(dispatcher, billing, config.stall_timeout)
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(accounts.router)
 
     @app.websocket("/v1/miners/connect")
     async def miners_connect(ws: WebSocket) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic_core import PydanticSerializationError
 
@@ -40,8 +40,15 @@ class RunningJob:
     """
 
     def __init__(self, job: Job, payload: str, session: MinerSession, dispatcher: Dispatcher,
-                 stall_timeout: float) -> None:
+                 stall_timeout: float,
+                 on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None
+                 ) -> None:
         self.job = job
+        self.done: Done | None = None
+        self.failed = False
+        self.delivered = 0
+        self.settlement: Awaitable[object] | None = None
+        self._on_close = on_close
         self._payload = payload
         self.session = session
         self.started: Started | None = None
@@ -55,8 +62,10 @@ class RunningJob:
     async def __aenter__(self) -> RunningJob:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.close()
+        if exc_type is None and self.settlement is not None:
+            await self.settlement  # the answer is complete: let the charge land before [DONE]
 
     async def _next(self) -> Started | Delta | Done:
         """The next frame that matters; ``progress`` frames only restart the stall timer."""
@@ -67,15 +76,21 @@ class RunningJob:
                 async with asyncio.timeout(self._stall_timeout):
                     item = await self._queue.get()
             except TimeoutError:
+                self.failed = True
                 raise ApiError(504, f"The miner sent nothing for {self._stall_timeout:.0f} s.",
                                code="miner_timeout", type="server_error") from None
             if not isinstance(item, Progress):
                 break
         if item is MINER_GONE:
+            self.failed = True
             raise _gone()
         if isinstance(item, JobError):
-            self._finished = True
+            self._finished = self.failed = True
             raise miner_error(item)
+        if isinstance(item, Delta):
+            self.delivered += len(item.token_ids)
+        elif isinstance(item, Done):
+            self.done = item
         assert isinstance(item, Started | Delta | Done)
         return item
 
@@ -89,9 +104,11 @@ class RunningJob:
         try:
             await self.session.websocket.send_text(self._payload)
         except Exception as exc:  # the socket died between choice and send
+            self.failed = True
             raise _gone() from exc
         frame = await self._next()
         if not isinstance(frame, Started):
+            self.failed = True
             raise ApiError(502, "The miner broke the protocol (no 'started' frame).",
                            code="miner_protocol_error", type="server_error")
         self.started = frame
@@ -102,6 +119,7 @@ class RunningJob:
         while True:
             frame = await self._next()
             if isinstance(frame, Started):
+                self.failed = True
                 raise ApiError(502, "The miner broke the protocol (second 'started').",
                                code="miner_protocol_error", type="server_error")
             if isinstance(frame, Done):
@@ -123,22 +141,38 @@ class RunningJob:
         if not self._finished and not self.session.closed:
             self.session.send_soon(Cancel(job_id=self.job.job_id))
         self._dispatcher.release(self.session)
+        if self._on_close is not None:
+            self.settlement = self._on_close(self)
 
 
-async def start_job(dispatcher: Dispatcher, job: Job, stall_timeout: float) -> RunningJob:
-    """Reserve a miner for ``job``, send it, and wait until the miner has started it.
+def encode_job(job: Job) -> str:
+    """The job's frame as JSON text.
 
     Raises:
-        ApiError: 400 for text JSON cannot carry, 404/503/429 from routing, or the miner's
-            refusal (see :meth:`RunningJob.send`).
+        ApiError: 400 when the request holds text JSON cannot carry (a lone surrogate).
     """
     try:
-        payload = encode_frame(job)
-    except PydanticSerializationError as exc:  # e.g. a lone UTF-16 surrogate from JSON
+        return encode_frame(job)
+    except PydanticSerializationError as exc:
         raise ApiError(400, "The request holds text that is not valid Unicode "
                        f"({exc}).", code="invalid_value") from None
+
+
+async def start_job(dispatcher: Dispatcher, job: Job, payload: str, stall_timeout: float,
+                    on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None
+                    ) -> RunningJob:
+    """Reserve a miner for ``job``, send ``payload`` (:func:`encode_job`), and wait until
+    the miner has started it.
+
+    ``on_close`` is called once when the job ends, however it ends (see
+    :attr:`RunningJob.done`, ``failed``, ``started`` and ``delivered``).
+
+    Raises:
+        ApiError: 404/503/429 from routing, or the miner's refusal (see
+            :meth:`RunningJob.send`).
+    """
     session = await dispatcher.acquire(job.model)
-    running = RunningJob(job, payload, session, dispatcher, stall_timeout)
+    running = RunningJob(job, payload, session, dispatcher, stall_timeout, on_close)
     try:
         await running.send()
     except BaseException:

@@ -63,7 +63,11 @@ class Dispatcher:
         """Requests now queued for ``model``."""
         return self._waiting.get(model, 0)
 
-    def _try_pick(self, model: str) -> MinerSession | None:
+    def check(self, model: str) -> None:
+        """Raise at once if ``model`` is unknown (404) or no live miner serves it (503)."""
+        self._live(model)
+
+    def _live(self, model: str) -> list[MinerSession]:
         sessions = self.registry.serving(model)
         if not sessions:
             if not self.registry.is_known(model):
@@ -73,6 +77,10 @@ class Dispatcher:
             raise ApiError(503, f"No miner is serving '{model}' right now; try again later.",
                            code="no_miner_available", type="service_unavailable",
                            headers={"Retry-After": "5"})
+        return sessions
+
+    def _try_pick(self, model: str) -> MinerSession | None:
+        sessions = self._live(model)
         i = choose_miner([Candidate(s.active, s.slots, s.last_dispatch) for s in sessions])
         if i is None:
             return None

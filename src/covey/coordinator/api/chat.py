@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import chat_job, completion_job
 from covey.coordinator.api.serving import Serving
 from covey.protocol import Job
@@ -43,12 +44,12 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
     return Response(status_code=CLIENT_CLOSED)
 
 
-async def _respond(request: Request, job: Job, chat: bool, stream: bool,
+async def _respond(request: Request, account: str, job: Job, chat: bool, stream: bool,
                    include_usage: bool) -> Response:
     serving: Serving = request.app.state.serving
 
     async def work() -> Response:
-        running, fmt = await serving.start(job, chat)
+        running, fmt = await serving.start(job, chat, account)
         if stream:
             return StreamingResponse(serving.stream(running, fmt, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -59,14 +60,17 @@ async def _respond(request: Request, job: Job, chat: bool, stream: bool,
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, account: Account
+                           ) -> Response:
     """OpenAI Chat Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, chat_job(body), True, body.stream, include_usage)
+    return await _respond(request, account, chat_job(body), True, body.stream, include_usage)
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(body: CompletionRequest, request: Request, account: Account
+                      ) -> Response:
     """OpenAI (legacy) Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, completion_job(body), False, body.stream, include_usage)
+    return await _respond(request, account, completion_job(body), False, body.stream,
+                          include_usage)

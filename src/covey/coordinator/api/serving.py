@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import RunningJob, start_job
+from covey.coordinator.jobs import RunningJob, encode_job, start_job
 from covey.coordinator.router import Dispatcher
 from covey.protocol import Delta, Done, Job
 from covey.protocol.openai import (
@@ -147,13 +148,45 @@ SSE_DONE = sse("[DONE]")
 class Serving:
     """Runs jobs for both endpoints. ``stall_timeout``: seconds a miner may stay silent."""
 
-    def __init__(self, dispatcher: Dispatcher, stall_timeout: float) -> None:
+    def __init__(self, dispatcher: Dispatcher, billing: Billing, stall_timeout: float) -> None:
         self.dispatcher = dispatcher
+        self.billing = billing
         self.stall_timeout = stall_timeout
 
-    async def start(self, job: Job, chat: bool) -> tuple[RunningJob, Formatter]:
-        """Dispatch ``job``; raises :class:`ApiError` before any byte is sent to the client."""
-        running = await start_job(self.dispatcher, job, self.stall_timeout)
+    def context_length(self, model: str) -> int:
+        return self.dispatcher.registry.models().get(model, (0, 4096))[1]
+
+    def _on_close(self, account: str) -> Callable[[RunningJob], Awaitable[object]]:
+        def close(running: RunningJob) -> Awaitable[object]:
+            job = running.job
+            if running.done is not None:  # finished: the miner's usage
+                return self.billing.close(job.job_id, account, running.session.miner_id,
+                                          job.model, running.done.prompt_tokens,
+                                          running.done.completion_tokens)
+            if running.failed or running.started is None:  # the miner failed: no charge
+                return self.billing.close(job.job_id, account, None, job.model, 0, 0)
+            # The client left: it pays for the prompt and the tokens it was sent.
+            return self.billing.close(job.job_id, account, running.session.miner_id,
+                                      job.model, running.started.prompt_tokens,
+                                      running.delivered)
+        return close
+
+    async def start(self, job: Job, chat: bool, account: str) -> tuple[RunningJob, Formatter]:
+        """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
+        402, 429, a miner's 400 …) before any byte is sent to the client."""
+        payload = encode_job(job)
+        self.dispatcher.check(job.model)
+        _, _, max_cost = self.billing.quote(job, self.context_length(job.model))
+        await self.billing.hold(job.job_id, account, max_cost)
+        try:
+            running = await start_job(self.dispatcher, job, payload, self.stall_timeout,
+                                      self._on_close(account))
+        except ApiError:
+            await self.billing.close(job.job_id, account, None, job.model, 0, 0)
+            raise
+        except BaseException:  # cancelled while queued: refund on its own
+            self.billing.close(job.job_id, account, None, job.model, 0, 0)
+            raise
         meta = _Meta(id=job.job_id, created=int(time.time()), model=job.model,
                      fingerprint=f"miner-{running.session.miner_id[:16]}")
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
@@ -176,11 +209,11 @@ class Serving:
 
         If the client goes away, the generator is closed and the job cancelled on the miner.
         """
-        async with running:
-            first = fmt.first()
-            if first is not None:
-                yield sse(first)
-            try:
+        try:
+            async with running:
+                first = fmt.first()
+                if first is not None:
+                    yield sse(first)
                 async for frame in running.frames():
                     if isinstance(frame, Delta):
                         if frame.text:
@@ -189,6 +222,6 @@ class Serving:
                     yield sse(fmt.last(frame))
                     if include_usage:
                         yield sse(fmt.usage(frame))
-            except ApiError as exc:
-                yield sse(exc.body().model_dump_json())
-            yield SSE_DONE
+        except ApiError as exc:
+            yield sse(exc.body().model_dump_json())
+        yield SSE_DONE

@@ -12,10 +12,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, func, insert, select
 
 from covey.coordinator.ledger.pricing import Settlement, settle
-from covey.coordinator.ledger.schema import api_keys
+from covey.coordinator.ledger.schema import api_keys, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 
 KEY_PREFIX = "sk-covey-"
@@ -45,6 +45,15 @@ def hash_key(api_key: str) -> str:
     """SHA-256 hex of an API key: keys are random 256-bit strings, so a fast hash suffices
     (a slow password hash protects low-entropy secrets, which these are not)."""
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What a settled request used: its model and token counts."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,10 @@ class Bank:
             self.ledger.post(f"hold:{job_id}",
                              [Transfer(user(account_id), escrow(job_id), amount, "hold")])
 
-    def settle(self, job_id: str, account_id: str, miner_id: str, charge: int) -> Settlement:
-        """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest.
+    def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
+               record: UsageRecord | None = None) -> Settlement:
+        """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
+        and store ``record`` in the same transaction.
 
         A second call for the same job changes nothing.
         """
@@ -133,8 +144,43 @@ class Bank:
         ops = [Transfer(escrow(job_id), miner(miner_id), s.miner, "pay"),
                Transfer(escrow(job_id), TREASURY, s.fee, "fee"),
                Transfer(escrow(job_id), user(account_id), s.refund, "refund")]
-        self.ledger.post(f"close:{job_id}", [t for t in ops if t.amount > 0])
+
+        def write_usage(conn: Connection) -> None:
+            if record is not None:
+                conn.execute(insert(usage).values(
+                    job_id=job_id, account=account_id, miner=miner_id, model=record.model,
+                    prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens, cost=s.miner + s.fee,
+                    created_us=time.time_ns() // 1000))
+
+        self.ledger.post(f"close:{job_id}", [t for t in ops if t.amount > 0], also=write_usage)
         return s
+
+    def usage_by_model(self, account_id: str) -> dict[str, dict[str, int]]:
+        """Requests, tokens and µcr spent per model by ``account_id``."""
+        q = (select(usage.c.model, func.count(), func.sum(usage.c.prompt_tokens),
+                    func.sum(usage.c.completion_tokens), func.sum(usage.c.cost))
+             .where(usage.c.account == account_id).group_by(usage.c.model))
+        with self.ledger.engine.connect() as conn:
+            return {m: {"requests": int(n), "prompt_tokens": int(p or 0),
+                        "completion_tokens": int(c or 0), "cost": int(cost or 0)}
+                    for m, n, p, c, cost in conn.execute(q)}
+
+    def miner_earnings(self, miner_id: str) -> dict[str, int]:
+        """A miner's jobs paid, tokens served and µcr earned (after the fee)."""
+        q = (select(func.count(), func.sum(usage.c.completion_tokens))
+             .where(usage.c.miner == miner_id))
+        with self.ledger.engine.connect() as conn:
+            jobs, tokens = conn.execute(q).one()
+        return {"jobs": int(jobs), "completion_tokens": int(tokens or 0),
+                "balance": self.ledger.balance(miner(miner_id)),
+                "staked": self.staked(miner_id)}
+
+    def held(self, account_id: str) -> int:
+        """µcr of ``account_id`` now in open escrows."""
+        holds = {str(e["credit"]) for e in self.ledger.history(user(account_id), 1000)
+                 if e["kind"] == "hold"}
+        return sum(self.ledger.balance(a) for a in holds)
 
     def refund(self, job_id: str, account_id: str) -> int:
         """Return a failed job's whole escrow to the user; µcr refunded."""

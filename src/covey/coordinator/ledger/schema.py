@@ -57,3 +57,16 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_us", BigInteger, nullable=False),
 )
+
+usage = Table(
+    "usage", metadata,
+    Column("job_id", String(100), primary_key=True),
+    Column("account", String(200), nullable=False, index=True),
+    Column("miner", String(64), nullable=False, index=True),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+)
+"""One row per settled request: what was used and charged (µcr), for accounts and audits."""

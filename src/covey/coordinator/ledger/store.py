@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +136,12 @@ class Ledger:
 
     # --- writing -------------------------------------------------------------------------
 
-    def post(self, op_key: str, ops: Sequence[Transfer]) -> bool:
+    def post(self, op_key: str, ops: Sequence[Transfer],
+             also: Callable[[Connection], None] | None = None) -> bool:
         """Append ``ops`` atomically under the idempotency key ``op_key``.
 
-        Returns False (and changes nothing) when ``op_key`` was used before.
+        Returns False (and changes nothing) when ``op_key`` was used before. ``also`` runs
+        inside the same transaction when the operation applies (e.g. to record usage).
 
         Raises:
             InsufficientFunds: an account other than the faucet would go below zero.
@@ -148,7 +150,7 @@ class Ledger:
         for t in ops:
             if not isinstance(t.amount, int) or t.amount <= 0 or t.debit == t.credit:
                 raise LedgerError(f"invalid transfer {t}")
-        if not ops:
+        if not ops:  # nothing moves, nothing to record (a free model)
             return True
         keys = [f"{op_key}:{i}" for i in range(len(ops))]
         try:
@@ -189,6 +191,8 @@ class Ledger:
                 conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
                     seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
                     public_key=self.public_key))
+                if also is not None:
+                    also(conn)
         except IntegrityError:
             # A concurrent writer used the same key between our check and insert.
             return False

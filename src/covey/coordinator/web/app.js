@@ -7,6 +7,30 @@ let history = [];        // chat messages sent so far
 let controller = null;   // AbortController of the running request
 // A cap per answer: small models can ramble until the context is full.
 const MAX_TOKENS = 512;
+const KEY_STORE = "covey.api_key";
+
+function apiKey() { return localStorage.getItem(KEY_STORE); }
+function authHeaders() { return { Authorization: `Bearer ${apiKey()}` }; }
+function credits(ucr) { return (ucr / 1e6).toFixed(6); }
+
+async function showAccount() {
+  const has = Boolean(apiKey());
+  $("key-form").hidden = has;
+  $("forget").hidden = !has;
+  if (!has) { $("account-info").textContent = "no API key"; return; }
+  const resp = await fetch("/v1/account", { headers: authHeaders() });
+  if (!resp.ok) { $("account-info").textContent = "key refused"; return; }
+  const a = await resp.json();
+  $("account-info").textContent = `account ${a.id}: ${credits(a.balance)} credits`;
+}
+
+async function signUp() {
+  const resp = await fetch("/v1/accounts", { method: "POST" });
+  const body = await resp.json();
+  if (!resp.ok) { $("account-info").textContent = body.error.message; return; }
+  localStorage.setItem(KEY_STORE, body.api_key);
+  showAccount();
+}
 
 async function loadModels() {
   try {
@@ -76,6 +100,7 @@ async function send(ev) {
   ev.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || !current || controller) return;
+  if (!apiKey()) { addMessage("error", "Get a test account or paste an API key first."); return; }
   $("prompt").value = "";
   addMessage("user", text);
   history.push({ role: "user", content: text });
@@ -86,7 +111,7 @@ async function send(ev) {
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify({ model: current, messages: history, stream: true,
                              max_tokens: MAX_TOKENS, stream_options: { include_usage: true } }),
       signal: controller.signal,
@@ -115,6 +140,7 @@ async function send(ev) {
     else { history.push({ role: "assistant", content: answer }); }
     out.dataset.done = "true";
   } finally {
+    showAccount();
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
@@ -125,5 +151,12 @@ $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
+$("signup").addEventListener("click", signUp);
+$("use-key").addEventListener("click", () => {
+  const key = $("key").value.trim();
+  if (key) { localStorage.setItem(KEY_STORE, key); $("key").value = ""; showAccount(); }
+});
+$("forget").addEventListener("click", () => { localStorage.removeItem(KEY_STORE); showAccount(); });
+showAccount();
 loadModels();
 setInterval(loadModels, 5000);

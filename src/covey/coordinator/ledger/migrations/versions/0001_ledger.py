@@ -1,4 +1,4 @@
-"""The ledger: transfers, balances, chain head, API keys.
+"""The ledger: transfers, balances, chain head, API keys, usage records.
 
 Revision ID: 0001
 Revises:
@@ -52,8 +52,21 @@ def upgrade() -> None:
         sa.Column("created_us", sa.BigInteger, nullable=False),
     )
     op.create_index("ix_api_keys_account", "api_keys", ["account"])
+    op.create_table(
+        "usage",
+        sa.Column("job_id", sa.String(100), primary_key=True),
+        sa.Column("account", sa.String(200), nullable=False),
+        sa.Column("miner", sa.String(64), nullable=False),
+        sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False),
+        sa.Column("completion_tokens", sa.Integer, nullable=False),
+        sa.Column("cost", sa.BigInteger, nullable=False),
+        sa.Column("created_us", sa.BigInteger, nullable=False),
+    )
+    op.create_index("ix_usage_account", "usage", ["account"])
+    op.create_index("ix_usage_miner", "usage", ["miner"])
 
 
 def downgrade() -> None:
-    for table in ("api_keys", "chain_head", "balances", "transfers"):
+    for table in ("usage", "api_keys", "chain_head", "balances", "transfers"):
         op.drop_table(table)

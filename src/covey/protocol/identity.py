@@ -1,4 +1,4 @@
-"""The miner's Ed25519 identity key, kept in a file readable by its owner only."""
+"""Ed25519 identity keys (a miner's, the coordinator's), in files only their owner can read."""
 
 from __future__ import annotations
 

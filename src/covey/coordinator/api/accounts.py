@@ -1,0 +1,133 @@
+"""Accounts and money: sign-up, balance, transactions, transfers, quotes, miner earnings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from covey.coordinator.api.requests import chat_job, completion_job
+from covey.coordinator.billing import Billing
+from covey.coordinator.errors import ApiError
+from covey.coordinator.ledger import InsufficientFunds
+from covey.coordinator.ledger.bank import user
+from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+def billing_of(request: Request) -> Billing:
+    return request.app.state.serving.billing
+
+
+async def current_account(request: Request) -> str:
+    """FastAPI dependency: the caller's account id (401 without a valid key)."""
+    return await billing_of(request).authenticate(request)
+
+
+Account = Annotated[str, Depends(current_account)]
+
+
+@router.post("/v1/accounts", status_code=201)
+async def sign_up(request: Request) -> dict[str, object]:
+    """Create an account; the API key in the answer is shown this once."""
+    bank = billing_of(request).bank
+    account_id, api_key = await asyncio.to_thread(bank.sign_up)
+    balance = await asyncio.to_thread(bank.ledger.balance, user(account_id))
+    return {"object": "account", "id": account_id, "api_key": api_key, "balance": balance}
+
+
+@router.get("/v1/account")
+async def account(request: Request, account_id: Account) -> dict[str, object]:
+    """Balance, credits held in open escrows and usage by model, all in µcr."""
+    bank = billing_of(request).bank
+
+    def read() -> dict[str, object]:
+        return {"object": "account", "id": account_id,
+                "balance": bank.ledger.balance(user(account_id)),
+                "held": bank.held(account_id), "usage": bank.usage_by_model(account_id),
+                "unit": "µcr"}
+
+    return await asyncio.to_thread(read)
+
+
+@router.get("/v1/account/transactions")
+async def transactions(request: Request, account_id: Account,
+                       limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                       before: Annotated[int | None, Query(ge=1)] = None
+                       ) -> dict[str, object]:
+    """The account's transfers, newest first; pass ``before=<seq>`` for the next page."""
+    ledger = billing_of(request).bank.ledger
+    rows = await asyncio.to_thread(ledger.history, user(account_id), limit + 1, before)
+    me = user(account_id)
+    data = [{"seq": r["seq"], "kind": r["kind"], "amount": r["amount"],
+             "direction": "out" if r["debit"] == me else "in",
+             "counterparty": r["credit"] if r["debit"] == me else r["debit"],
+             "created": int(r["created_us"]) / 1e6, "hash": r["hash"]}  # type: ignore[call-overload]
+            for r in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+class TransferBody(BaseModel):
+    """Send ``amount`` µcr to account ``to``; ``idempotency_key`` makes retries safe."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    to: str = Field(min_length=1, max_length=100)
+    amount: int = Field(ge=1, le=2**62)
+    idempotency_key: str = Field(min_length=1, max_length=100)
+
+
+@router.post("/v1/account/transfers")
+async def transfer(body: TransferBody, request: Request, account_id: Account
+                   ) -> dict[str, object]:
+    """Move credits to another account."""
+    bank = billing_of(request).bank
+    if body.to == account_id:
+        raise ApiError(400, "Cannot transfer to the same account.", param="to",
+                       code="invalid_value")
+    try:
+        applied = await asyncio.to_thread(bank.transfer, account_id, body.to, body.amount,
+                                          f"{account_id}:{body.idempotency_key}")
+    except InsufficientFunds as exc:
+        raise ApiError(402, f"Your balance ({exc.balance} µcr) is below {exc.needed} µcr.",
+                       code="insufficient_quota", type="insufficient_quota") from None
+    balance = await asyncio.to_thread(bank.ledger.balance, user(account_id))
+    return {"object": "transfer", "applied": applied, "balance": balance}
+
+
+@router.post("/v1/quote")
+async def quote(request: Request, _account: Account) -> JSONResponse:
+    """The maximum cost of a chat or completion request body, without running it."""
+    try:
+        raw = json.loads(await request.body())
+        body = (ChatCompletionRequest.model_validate(raw) if isinstance(raw, dict)
+                and "messages" in raw else CompletionRequest.model_validate(raw))
+    except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError
+        if isinstance(exc, ValidationError):
+            raise RequestValidationError(exc.errors()) from None
+        raise ApiError(400, "We could not parse the JSON body of your request.",
+                       code="invalid_json") from None
+    job = chat_job(body) if isinstance(body, ChatCompletionRequest) else completion_job(body)
+    serving = request.app.state.serving
+    serving.dispatcher.check(job.model)
+    prompt, completion, max_cost = serving.billing.quote(
+        job, serving.context_length(job.model))
+    price = serving.billing.price(job.model)
+    return JSONResponse({"object": "quote", "model": job.model,
+                         "max_prompt_tokens": prompt, "max_completion_tokens": completion,
+                         "max_cost": max_cost, "unit": "µcr",
+                         "price": {"prompt": price.prompt, "completion": price.completion,
+                                   "per_tokens": 1_000_000}})
+
+
+@router.get("/v1/miners/{miner_id}/earnings")
+async def earnings(miner_id: str, request: Request) -> dict[str, object]:
+    """A miner's paid jobs, completion tokens, balance and stake (µcr)."""
+    bank = billing_of(request).bank
+    return {"object": "earnings", "miner": miner_id,
+            **await asyncio.to_thread(bank.miner_earnings, miner_id)}

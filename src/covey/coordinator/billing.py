@@ -1,0 +1,122 @@
+"""Billing around each request: API-key auth, quotes, escrow holds and settlement.
+
+Ledger calls are blocking database I/O, so they run in worker threads; a settlement that
+must happen after its request was cancelled runs as a task of its own (held in ``_tasks``)
+so that the client leaving can never skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request
+
+from covey.coordinator.errors import ApiError
+from covey.coordinator.ledger import InsufficientFunds
+from covey.coordinator.ledger.bank import Bank, UsageRecord
+from covey.coordinator.ledger.pricing import Price, cost
+from covey.protocol import Job
+
+log = logging.getLogger("covey.coordinator.billing")
+
+DEFAULT_PRICE = Price(prompt=100_000, completion=200_000)
+"""Floor price of a model with none configured: 0.1 credit per 1M prompt tokens and 0.2 per
+1M completion tokens (µcr per 1M tokens)."""
+
+# Chat templates add a few tokens per message (role markers, separators); 16 covers the
+# templates llama.cpp ships with room to spare.
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+def prompt_token_bound(job: Job) -> int:
+    """An upper bound on the prompt's tokens, known before any miner tokenizes it.
+
+    Byte-level BPE and SentencePiece-with-byte-fallback tokenizers never use more tokens
+    than UTF-8 bytes (each byte has its own token), plus the template's special tokens.
+    """
+    if job.messages is not None:
+        return sum(len(m.content.encode()) + _TEMPLATE_TOKENS_PER_MESSAGE
+                   for m in job.messages) + _TEMPLATE_TOKENS_PER_MESSAGE
+    return len((job.prompt or "").encode()) + 2
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", type="invalid_request_error")
+
+
+class Billing:
+    """Prices per model (µcr per 1M tokens) and the money around each request."""
+
+    def __init__(self, bank: Bank, prices: dict[str, Price]) -> None:
+        self.bank = bank
+        self.prices = prices
+        self._tasks: set[asyncio.Future[object]] = set()
+
+    def price(self, model: str) -> Price:
+        return self.prices.get(model, DEFAULT_PRICE)
+
+    def quote(self, job: Job, context_length: int) -> tuple[int, int, int]:
+        """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``."""
+        prompt = min(prompt_token_bound(job), context_length)
+        completion = job.params.max_tokens or context_length
+        completion = min(completion, context_length)
+        return prompt, completion, cost(self.price(job.model), prompt, completion)
+
+    async def authenticate(self, request: Request) -> str:
+        """The account of the request's ``Authorization: Bearer`` key.
+
+        Raises:
+            ApiError: 401 without a key or with an unknown one.
+        """
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise _unauthorized("You didn't provide an API key. Send 'Authorization: Bearer "
+                                "<key>'; get a key with `covey signup` or POST /v1/accounts.")
+        account = await asyncio.to_thread(self.bank.authenticate, key.strip())
+        if account is None:
+            raise _unauthorized("Incorrect API key provided.")
+        return account
+
+    async def hold(self, job_id: str, account: str, amount: int) -> None:
+        """Escrow ``amount`` µcr for ``job_id``.
+
+        Raises:
+            ApiError: 402 ``insufficient_quota`` when the balance cannot cover it.
+        """
+        try:
+            await asyncio.to_thread(self.bank.hold, job_id, account, amount)
+        except InsufficientFunds as exc:
+            raise ApiError(
+                402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
+                f"cost ({exc.needed} µcr). Lower max_tokens or add credits.",
+                code="insufficient_quota", type="insufficient_quota") from None
+
+    def close(self, job_id: str, account: str, miner_id: str | None, model: str,
+              prompt_tokens: int, completion_tokens: int) -> asyncio.Future[object]:
+        """Settle ``job_id`` for the tokens given (miner paid, fee, the rest refunded), or
+        refund it whole when ``miner_id`` is None. Runs on its own; await to wait for it."""
+        if miner_id is None:
+            work: Callable[[], object] = lambda: self.bank.refund(job_id, account)  # noqa: E731
+        else:
+            charge = cost(self.price(model), prompt_tokens, completion_tokens)
+            record = UsageRecord(model, prompt_tokens, completion_tokens)
+            work = lambda: self.bank.settle(job_id, account, miner_id, charge, record)  # noqa: E731
+        future = asyncio.ensure_future(self._logged(asyncio.to_thread(work), job_id))
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _logged(self, work: Awaitable[object], job_id: str) -> object:
+        try:
+            return await work
+        except Exception:  # the escrow stays open; start-up recovery refunds it
+            log.exception("settling %s failed", job_id)
+            return None
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
