@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -170,3 +172,29 @@ def bare_network(tmp_path: Path) -> Iterator[Network]:
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
+    import psycopg
+
+    name = f"covey_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def ledger_verify(data_dir: Path, database_url: str | None = None) -> subprocess.CompletedProcess:
+    """Run `covey ledger verify` as a user would."""
+    args = [sys.executable, "-m", "covey", "ledger", "verify", "--data-dir", str(data_dir)]
+    if database_url:
+        args += ["--database-url", database_url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 from sqlalchemy import text
 
+from conftest import postgres_database
 from covey.coordinator.ledger import InsufficientFunds, Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy, escrow, miner, user
 from covey.coordinator.ledger.schema import metadata
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -24,14 +21,8 @@ def db_url(request, tmp_path_factory) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('ledger')}/ledger.db"
         return
-    name = f"covey_test_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
