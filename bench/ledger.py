@@ -58,7 +58,7 @@ def run(url: str, seconds: float, workers: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=64)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = run(f"sqlite:///{tmp}/ledger.db", args.seconds, args.workers)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Table, func, insert, select
 
 from covey.coordinator.ledger.pricing import Settlement, settle
 from covey.coordinator.ledger.schema import api_keys, usage
@@ -133,28 +134,35 @@ class Bank:
                              [Transfer(user(account_id), escrow(job_id), amount, "hold")])
 
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
-               record: UsageRecord | None = None) -> Settlement:
+               record: UsageRecord | None = None) -> Settlement | None:
         """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
-        and store ``record`` in the same transaction.
-
-        A second call for the same job changes nothing.
+        and store ``record`` in the same transaction. Returns the split, or None when the
+        escrow was already closed (a second call changes nothing).
         """
-        held = self.ledger.balance(escrow(job_id))
-        s = settle(held, charge, self.policy.fee_bps)
-        ops = [Transfer(escrow(job_id), miner(miner_id), s.miner, "pay"),
-               Transfer(escrow(job_id), TREASURY, s.fee, "fee"),
-               Transfer(escrow(job_id), user(account_id), s.refund, "refund")]
+        box = escrow(job_id)
+        result: list[Settlement] = []
 
-        def write_usage(conn: Connection) -> None:
-            if record is not None:
-                conn.execute(insert(usage).values(
-                    job_id=job_id, account=account_id, miner=miner_id, model=record.model,
-                    prompt_tokens=record.prompt_tokens,
-                    completion_tokens=record.completion_tokens, cost=s.miner + s.fee,
-                    created_us=time.time_ns() // 1000))
+        def make(bal: Mapping[str, int]) -> list[Transfer]:
+            s = settle(bal.get(box, 0), charge, self.policy.fee_bps)
+            result.append(s)
+            ops = [Transfer(box, miner(miner_id), s.miner, "pay"),
+                   Transfer(box, TREASURY, s.fee, "fee"),
+                   Transfer(box, user(account_id), s.refund, "refund")]
+            return [t for t in ops if t.amount > 0]
 
-        self.ledger.post(f"close:{job_id}", [t for t in ops if t.amount > 0], also=write_usage)
-        return s
+        def write_usage() -> tuple[Table, dict[str, object]] | None:
+            if record is None:
+                return None
+            return usage, {"job_id": job_id, "account": account_id, "miner": miner_id,
+                           "model": record.model, "prompt_tokens": record.prompt_tokens,
+                           "completion_tokens": record.completion_tokens,
+                           "cost": result[0].miner + result[0].fee,
+                           "created_us": time.time_ns() // 1000}
+
+        applied = self.ledger.post_computed(
+            f"close:{job_id}", [box, miner(miner_id), TREASURY, user(account_id)], make,
+            also=write_usage)
+        return result[0] if applied and result else None
 
     def usage_by_model(self, account_id: str) -> dict[str, dict[str, int]]:
         """Requests, tokens and µcr spent per model by ``account_id``."""
@@ -183,12 +191,17 @@ class Bank:
         return sum(self.ledger.balance(a) for a in holds)
 
     def refund(self, job_id: str, account_id: str) -> int:
-        """Return a failed job's whole escrow to the user; µcr refunded."""
-        held = self.ledger.balance(escrow(job_id))
-        if held > 0:
-            self.ledger.post(f"close:{job_id}",
-                             [Transfer(escrow(job_id), user(account_id), held, "refund")])
-        return held
+        """Return a failed job's whole escrow to the user; µcr refunded (0 if already
+        closed)."""
+        box = escrow(job_id)
+        refunded: list[int] = []
+
+        def make(bal: Mapping[str, int]) -> list[Transfer]:
+            refunded.append(bal.get(box, 0))
+            return [Transfer(box, user(account_id), refunded[0], "refund")] if refunded[0] else []
+
+        applied = self.ledger.post_computed(f"close:{job_id}", [box, user(account_id)], make)
+        return refunded[0] if applied and refunded else 0
 
     def refund_open_escrows(self) -> int:
         """Refund every escrow still holding credits (jobs that died with a coordinator);

@@ -1,17 +1,21 @@
 """The ledger on a SQL database (SQLite in WAL mode by default, PostgreSQL for networks).
 
-All writes go through :meth:`Ledger.post`: one database transaction that locks the chain
-head, refuses an operation whose idempotency key was already used, checks that no account but
-the faucet goes below zero, appends the transfers with their chained hashes, updates the
-balance cache and re-signs the head. Appends are serialized by the head lock, which is what
-makes the chain a single order every replica agrees on.
+All writes go through :meth:`Ledger.post` (or :meth:`Ledger.post_computed`). Operations
+are committed in batches by one writer thread (group commit): one database transaction locks
+the chain head, refuses each operation whose idempotency key was already used, checks that no
+account but the faucet goes below zero, appends the transfers with their chained hashes,
+updates the balance cache and re-signs the head. Appends are serialized by the head lock,
+which is what makes the chain a single order every replica agrees on; batching is what lets
+that single order carry many operations per commit.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +23,18 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from nacl.signing import SigningKey
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from covey.coordinator.ledger.chain import GENESIS, entry_hash, sign_head, verify_head
 from covey.coordinator.ledger.schema import balances, chain_head, transfers
@@ -109,6 +123,31 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+_MAX_BATCH = 256
+"""Operations committed together at most; bounds a transaction's size and lock time."""
+
+Record = Callable[[], "tuple[Table, dict[str, object]] | None"]
+"""Called once an operation applied: a row to insert in the same transaction, or None."""
+
+
+def _check(ops: Sequence[Transfer]) -> None:
+    for t in ops:
+        if not isinstance(t.amount, int) or t.amount <= 0 or t.debit == t.credit:
+            raise LedgerError(f"invalid transfer {t}")
+
+
+@dataclass(eq=False)
+class _Pending:
+    op_key: str
+    ops: tuple[Transfer, ...]
+    also: Record | None
+    accounts: tuple[str, ...] = ()
+    make: Callable[[Mapping[str, int]], Sequence[Transfer]] | None = None
+    applied: bool = False
+    error: BaseException | None = None
+    event: threading.Event = field(default_factory=threading.Event)
+
+
 class Ledger:
     """Accounts, transfers and balances in µcr, on the database at ``url``.
 
@@ -116,6 +155,10 @@ class Ledger:
     """
 
     def __init__(self, url: str, key: SigningKey) -> None:
+        self._queue: list[_Pending] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self.engine = make_engine(url)
         self.key = key
         self.public_key = key.verify_key.encode().hex()
@@ -127,6 +170,12 @@ class Ledger:
                     public_key=self.public_key))
 
     def close(self) -> None:
+        """Finish queued writes, stop the writer thread, release connections."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
         self.engine.dispose()
 
     @contextmanager
@@ -136,67 +185,161 @@ class Ledger:
 
     # --- writing -------------------------------------------------------------------------
 
-    def post(self, op_key: str, ops: Sequence[Transfer],
-             also: Callable[[Connection], None] | None = None) -> bool:
+    def post(self, op_key: str, ops: Sequence[Transfer], also: Record | None = None) -> bool:
         """Append ``ops`` atomically under the idempotency key ``op_key``.
 
-        Returns False (and changes nothing) when ``op_key`` was used before. ``also`` runs
-        inside the same transaction when the operation applies (e.g. to record usage).
+        Returns False (and changes nothing) when ``op_key`` was used before. When the
+        operation applies, ``also()`` may return a (table, row) that is inserted in the same
+        transaction (e.g. a usage record). Thread-safe; concurrent calls are committed
+        together by one writer thread (see :meth:`_commit_batch`).
 
         Raises:
             InsufficientFunds: an account other than the faucet would go below zero.
             LedgerError: an amount is not a positive integer, or debit equals credit.
         """
-        for t in ops:
-            if not isinstance(t.amount, int) or t.amount <= 0 or t.debit == t.credit:
-                raise LedgerError(f"invalid transfer {t}")
+        _check(ops)
         if not ops:  # nothing moves, nothing to record (a free model)
             return True
-        keys = [f"{op_key}:{i}" for i in range(len(ops))]
+        return self._submit(_Pending(op_key, tuple(ops), also))
+
+    def post_computed(self, op_key: str, accounts: Sequence[str],
+                      make: Callable[[Mapping[str, int]], Sequence[Transfer]],
+                      also: Record | None = None) -> bool:
+        """Like :meth:`post`, with the transfers computed inside the transaction by
+        ``make(balances)`` from the current balances of ``accounts`` (e.g. closing an escrow
+        for exactly what it holds). ``make`` runs only if ``op_key`` is new. List every
+        account the transfers may touch: others cost a query each.
+        """
+        return self._submit(_Pending(op_key, (), also, tuple(accounts), make))
+
+    def _submit(self, pending: _Pending) -> bool:
+        # Group commit: one writer thread commits everything queued so far in one
+        # transaction, so one commit (one fsync, one chain-head lock) carries many operations.
+        with self._wake:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+            self._queue.append(pending)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="ledger-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        pending.event.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.applied
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
         try:
-            with self._tx() as conn:
-                head = conn.execute(
-                    select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1)
-                    .with_for_update()).one()
-                if conn.execute(select(transfers.c.seq).where(transfers.c.key == keys[0])
-                                ).first() is not None:
-                    return False
+            self._commit_batch(batch)
+        except Exception:
+            if len(batch) == 1:
+                batch[0].error = sys.exc_info()[1]
+                batch[0].event.set()
+                return
+            for one in batch:  # isolate the operation that failed
+                self._commit([one])
+            return
+        for p in batch:
+            p.event.set()
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        """Apply ``batch`` in order in one transaction: each operation succeeds, is a repeat
+        (``applied`` False) or lacks funds (``error``), independently of the others."""
+        with self._tx() as conn:
+            head = conn.execute(
+                select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1)
+                .with_for_update()).one()
+            firsts = [f"{p.op_key}:0" for p in batch]
+            seen = set(conn.execute(select(transfers.c.key)
+                                    .where(transfers.c.key.in_(firsts))).scalars())
+            known: dict[str, int] = {}
+            current: dict[str, int] = {}
+            queried: set[str] = set()
+
+            def load(names: set[str]) -> None:
+                missing = names - queried
+                if missing:
+                    found = dict(conn.execute(
+                        select(balances.c.account, balances.c.balance)
+                        .where(balances.c.account.in_(missing))).tuples().all())
+                    known.update(found)
+                    for a, b in found.items():
+                        current.setdefault(a, b)
+                    queried.update(missing)
+
+            load({a for p in batch for t in p.ops for a in (t.debit, t.credit)}
+                 | {a for p in batch for a in p.accounts})
+            seq, prev = head.seq, head.hash
+            now = _now_us()
+            rows: list[dict[str, object]] = []
+            for p in batch:
+                p.applied, p.error = False, None
+                if f"{p.op_key}:0" in seen:
+                    continue
+                if p.make is not None:
+                    try:
+                        p.ops = tuple(p.make(current))
+                        _check(p.ops)
+                    except Exception as exc:  # noqa: BLE001 - reported to its caller
+                        p.error = exc
+                        continue
+                    if not p.ops:
+                        p.applied = True
+                        continue
+                    load({a for t in p.ops for a in (t.debit, t.credit)})
                 deltas: dict[str, int] = defaultdict(int)
-                for t in ops:
+                for t in p.ops:
                     deltas[t.debit] -= t.amount
                     deltas[t.credit] += t.amount
-                current = dict(conn.execute(
-                    select(balances.c.account, balances.c.balance)
-                    .where(balances.c.account.in_(list(deltas)))).tuples().all())
-                for account, delta in deltas.items():
-                    if delta < 0 and account != FAUCET and current.get(account, 0) + delta < 0:
-                        raise InsufficientFunds(account, current.get(account, 0), -delta)
-                seq, prev = head.seq, head.hash
-                now = _now_us()
-                rows = []
-                for key, t in zip(keys, ops, strict=True):
+                short = next((a for a, d in deltas.items()
+                              if d < 0 and a != FAUCET and current.get(a, 0) + d < 0), None)
+                if short is not None:
+                    p.error = InsufficientFunds(short, current.get(short, 0), -deltas[short])
+                    continue
+                for a, d in deltas.items():
+                    current[a] = current.get(a, 0) + d
+                for i, t in enumerate(p.ops):
                     seq += 1
-                    prev = entry_hash(prev, seq, key, t.debit, t.credit, t.amount, t.kind, now)
+                    key = f"{p.op_key}:{i}"
+                    h = entry_hash(prev, seq, key, t.debit, t.credit, t.amount, t.kind, now)
                     rows.append({"seq": seq, "key": key, "debit": t.debit, "credit": t.credit,
                                  "amount": t.amount, "kind": t.kind, "created_us": now,
-                                 "prev_hash": rows[-1]["hash"] if rows else head.hash,
-                                 "hash": prev})
-                conn.execute(insert(transfers), rows)
-                for account, delta in deltas.items():
-                    if account in current:
-                        conn.execute(update(balances).where(balances.c.account == account)
-                                     .values(balance=balances.c.balance + delta))
-                    else:
-                        conn.execute(insert(balances).values(account=account, balance=delta))
-                conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
-                    seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
-                    public_key=self.public_key))
-                if also is not None:
-                    also(conn)
-        except IntegrityError:
-            # A concurrent writer used the same key between our check and insert.
-            return False
-        return True
+                                 "prev_hash": prev, "hash": h})
+                    prev = h
+                seen.add(f"{p.op_key}:0")
+                p.applied = True
+            if not rows:
+                return
+            conn.execute(insert(transfers), rows)
+            changed = [a for a in current if current[a] != known.get(a)]
+            updates = [{"a": a, "b": current[a]} for a in changed if a in known]
+            if updates:
+                conn.execute(update(balances).where(balances.c.account == bindparam("a"))
+                             .values(balance=bindparam("b")), updates)
+            inserts = [{"account": a, "balance": current[a]} for a in changed if a not in known]
+            if inserts:
+                conn.execute(insert(balances), inserts)
+            conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
+                seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
+                public_key=self.public_key))
+            extra: dict[Table, list[dict[str, object]]] = defaultdict(list)
+            for p in batch:
+                row = p.also() if p.applied and p.also is not None else None
+                if row is not None:
+                    extra[row[0]].append(row[1])
+            for table, table_rows in extra.items():
+                conn.execute(insert(table), table_rows)
 
     # --- reading -------------------------------------------------------------------------
 
