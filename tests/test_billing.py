@@ -214,3 +214,30 @@ def test_tampered_database_row_fails_ledger_verify(network: Network):
     finally:
         with sqlite3.connect(db) as conn:
             conn.execute("UPDATE transfers SET amount = amount - 1 WHERE seq = 1")
+
+
+def test_miner_asks_set_the_price_and_the_cheaper_miner_is_preferred(bare_network: Network):
+    dear = 3_000_000
+    bare_network.add_miner("--ctx", "512", "--ask-completion", str(dear))
+    headers = sign_up(bare_network)
+    body = {**CHAT, "max_tokens": 8, "temperature": 0}
+    quote = httpx.post(f"{bare_network.url}/v1/quote", headers=headers, json=body).json()
+    assert quote["price"]["completion"] == dear
+    r = httpx.post(f"{bare_network.url}/v1/chat/completions", headers=headers, json=body,
+                   timeout=60).json()
+    u = r["usage"]
+    expected = -(-(u["prompt_tokens"] * PRICE_PROMPT + u["completion_tokens"] * dear)
+                 // 1_000_000)
+    assert account(bare_network, headers)["usage"][MODEL]["cost"] == expected
+
+    bare_network.add_miner("--ctx", "512")  # asks nothing: the floor price
+    cheap = next(m["id"] for m in httpx.get(f"{bare_network.url}/v1/miners").json()["data"]
+                 if m["models"][0]["ask_completion"] == 0)
+    for _ in range(3):  # one at a time: both idle each time, so price decides
+        r = httpx.post(f"{bare_network.url}/v1/chat/completions", headers=headers, json=body,
+                       timeout=60).json()
+        assert cheap.startswith(r["system_fingerprint"].removeprefix("miner-"))
+    a = account(bare_network, headers)
+    assert a["held"] == 0 and a["usage"][MODEL]["requests"] == 4
+    check = ledger_verify(bare_network.tmp / "coordinator")
+    assert check.returncode == 0, check.stdout + check.stderr

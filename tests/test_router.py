@@ -25,3 +25,11 @@ def test_ties_go_to_the_miner_idle_longest():
 def test_load_is_relative_to_slots():
     # 1 of 4 slots busy is lighter than 1 of 2
     assert choose_miner([Candidate(1, 2, 0), Candidate(1, 4, 1)]) == 1
+
+
+def test_at_equal_load_the_cheaper_miner_wins():
+    c = [Candidate(0, 1, 0.0, price=(500, 100)), Candidate(0, 1, 9.0, price=(200, 100))]
+    assert choose_miner(c) == 1
+    # ...but load comes first: a cheap busy miner loses to an idle dear one.
+    c = [Candidate(0, 2, 0.0, price=(500, 100)), Candidate(1, 2, 0.0, price=(200, 100))]
+    assert choose_miner(c) == 0

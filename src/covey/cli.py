@@ -82,6 +82,11 @@ def miner(
     stream_interval: Annotated[float, typer.Option(
         help="Seconds between streamed frames after the first token (0: every token).")
     ] = 0.02,
+    ask_prompt: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M prompt "
+                                            "tokens (the network floor applies if higher).")
+                          ] = 0,
+    ask_completion: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M "
+                                                "completion tokens.")] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
@@ -105,7 +110,9 @@ def miner(
     backend = LlamaCppBackend(model_file, sha, slots,
                               LlamaCppConfig(n_ctx=ctx, n_threads=threads,
                                              n_gpu_layers=gpu_layers,
-                                             stream_interval=stream_interval))
+                                             stream_interval=stream_interval,
+                                             ask_prompt=ask_prompt,
+                                             ask_completion=ask_completion))
     agent = MinerAgent(coordinator, signing_key, backend)
     err.print(f"miner {agent.miner_id[:16]}… serving {model_file.name} "
               f"({sha[:12]}…, {slots} slot(s)) to {coordinator}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import Request
 
@@ -17,7 +17,7 @@ from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger import InsufficientFunds
 from covey.coordinator.ledger.bank import Bank, UsageRecord
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.protocol import Job
+from covey.protocol import Job, ModelOffer
 
 log = logging.getLogger("covey.coordinator.billing")
 
@@ -54,15 +54,21 @@ class Billing:
         self.prices = prices
         self._tasks: set[asyncio.Future[object]] = set()
 
-    def price(self, model: str) -> Price:
-        return self.prices.get(model, DEFAULT_PRICE)
+    def price(self, model: str, offers: Sequence[ModelOffer] = ()) -> Price:
+        """The price of ``model``: the network's floor, or the highest ask among ``offers``
+        when it is above the floor (µcr per 1M tokens)."""
+        floor = self.prices.get(model, DEFAULT_PRICE)
+        return Price(max([floor.prompt, *(o.ask_prompt for o in offers)]),
+                     max([floor.completion, *(o.ask_completion for o in offers)]))
 
-    def quote(self, job: Job, context_length: int) -> tuple[int, int, int]:
-        """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``."""
+    def quote(self, job: Job, context_length: int, offers: Sequence[ModelOffer] = ()
+              ) -> tuple[int, int, int]:
+        """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``, at
+        the highest price any of ``offers`` may charge."""
         prompt = min(prompt_token_bound(job), context_length)
         completion = job.params.max_tokens or context_length
         completion = min(completion, context_length)
-        return prompt, completion, cost(self.price(job.model), prompt, completion)
+        return prompt, completion, cost(self.price(job.model, offers), prompt, completion)
 
     async def authenticate(self, request: Request) -> str:
         """The account of the request's ``Authorization: Bearer`` key.
@@ -95,13 +101,15 @@ class Billing:
                 code="insufficient_quota", type="insufficient_quota") from None
 
     def close(self, job_id: str, account: str, miner_id: str | None, model: str,
-              prompt_tokens: int, completion_tokens: int) -> asyncio.Future[object]:
+              prompt_tokens: int, completion_tokens: int, offer: ModelOffer | None = None
+              ) -> asyncio.Future[object]:
         """Settle ``job_id`` for the tokens given (miner paid, fee, the rest refunded), or
         refund it whole when ``miner_id`` is None. Runs on its own; await to wait for it."""
         if miner_id is None:
             work: Callable[[], object] = lambda: self.bank.refund(job_id, account)  # noqa: E731
         else:
-            charge = cost(self.price(model), prompt_tokens, completion_tokens)
+            charge = cost(self.price(model, [offer] if offer else []), prompt_tokens,
+                          completion_tokens)
             record = UsageRecord(model, prompt_tokens, completion_tokens)
             work = lambda: self.bank.settle(job_id, account, miner_id, charge, record)  # noqa: E731
         future = asyncio.ensure_future(self._logged(asyncio.to_thread(work), job_id))

@@ -16,29 +16,37 @@ from covey.coordinator.miners import MinerRegistry, MinerSession
 
 @dataclass(frozen=True)
 class Candidate:
-    """What routing needs to know of a miner: ``active`` jobs of ``slots``, and when it was
-    last given a job (monotonic seconds)."""
+    """What routing needs to know of a miner: ``active`` jobs of ``slots``, when it was
+    last given a job (monotonic seconds) and its price (µcr per 1M completion tokens, then
+    per 1M prompt tokens)."""
 
     active: int
     slots: int
     last_dispatch: float
+    price: tuple[int, int] = (0, 0)
 
 
 def choose_miner(candidates: Sequence[Candidate]) -> int | None:
     """Index of the miner to use, or None when every slot is taken.
 
-    Least loaded first (share of slots in use, then fewest running jobs); ties go to the miner
-    idle longest, so sequential requests spread over equal miners.
+    Least loaded first (share of slots in use, then fewest running jobs); at equal load the
+    cheaper miner; then the miner idle longest, so sequential requests spread over equal
+    miners.
     """
     best: int | None = None
-    best_key: tuple[float, int, float] | None = None
+    best_key: tuple[float, int, tuple[int, int], float] | None = None
     for i, c in enumerate(candidates):
         if c.active >= c.slots:
             continue
-        key = (c.active / c.slots, c.active, c.last_dispatch)
+        key = (c.active / c.slots, c.active, c.price, c.last_dispatch)
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
+
+
+def _price(session: MinerSession, model: str) -> tuple[int, int]:
+    offer = session.offer(model)
+    return (offer.ask_completion, offer.ask_prompt) if offer else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ class Dispatcher:
 
     def _try_pick(self, model: str) -> MinerSession | None:
         sessions = self._live(model)
-        i = choose_miner([Candidate(s.active, s.slots, s.last_dispatch) for s in sessions])
+        i = choose_miner([Candidate(s.active, s.slots, s.last_dispatch, _price(s, model))
+                          for s in sessions])
         if i is None:
             return None
         chosen = sessions[i]

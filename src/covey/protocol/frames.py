@@ -37,13 +37,17 @@ class Hardware(_Frame):
 class ModelOffer(_Frame):
     """One model a miner serves.
 
-    ``sha256`` is the SHA-256 of the weights file, ``context_length`` is in tokens.
+    ``sha256`` is the SHA-256 of the weights file, ``context_length`` is in tokens;
+    ``ask_prompt`` / ``ask_completion`` are the miner's asking prices in µcr per 1M tokens
+    (the network's floor price applies when they are lower).
     """
 
     name: str = Field(min_length=1, max_length=200)
     sha256: Sha256Hex
     context_length: int = Field(ge=1, le=2**24)
     backend: str = Field(min_length=1, max_length=50)
+    ask_prompt: int = Field(default=0, ge=0, le=10**15)
+    ask_completion: int = Field(default=0, ge=0, le=10**15)
 
 
 class Challenge(_Frame):

@@ -115,9 +115,10 @@ async def quote(request: Request, _account: Account) -> JSONResponse:
     job = chat_job(body) if isinstance(body, ChatCompletionRequest) else completion_job(body)
     serving = request.app.state.serving
     serving.dispatcher.check(job.model)
+    offers = serving.offers(job.model)
     prompt, completion, max_cost = serving.billing.quote(
-        job, serving.context_length(job.model))
-    price = serving.billing.price(job.model)
+        job, serving.context_length(job.model), offers)
+    price = serving.billing.price(job.model, offers)
     return JSONResponse({"object": "quote", "model": job.model,
                          "max_prompt_tokens": prompt, "max_completion_tokens": completion,
                          "max_cost": max_cost, "unit": "µcr",

@@ -16,7 +16,7 @@ from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
 from covey.coordinator.jobs import RunningJob, encode_job, start_job
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Done, Job
+from covey.protocol import Delta, Done, Job, ModelOffer
 from covey.protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -153,22 +153,31 @@ class Serving:
         self.billing = billing
         self.stall_timeout = stall_timeout
 
+    def offers(self, model: str) -> list[ModelOffer]:
+        """What the live miners serving ``model`` offer (their asks bound the hold)."""
+        return [o for s in self.dispatcher.registry.serving(model)
+                if (o := s.offer(model)) is not None]
+
     def context_length(self, model: str) -> int:
         return self.dispatcher.registry.models().get(model, (0, 4096))[1]
 
     def _on_close(self, account: str) -> Callable[[RunningJob], Awaitable[object]]:
         def close(running: RunningJob) -> Awaitable[object]:
             job = running.job
-            if running.done is not None:  # finished: the miner's usage
+            if running.done is not None:
+                # The miner's usage, but never more completion tokens than the token ids it
+                # actually streamed, and never a prompt other than the one it started with.
+                prompt = running.started.prompt_tokens if running.started else 0
+                completion = min(running.done.completion_tokens, running.delivered)
                 return self.billing.close(job.job_id, account, running.session.miner_id,
-                                          job.model, running.done.prompt_tokens,
-                                          running.done.completion_tokens)
+                                          job.model, prompt, completion,
+                                          running.session.offer(job.model))
             if running.failed or running.started is None:  # the miner failed: no charge
                 return self.billing.close(job.job_id, account, None, job.model, 0, 0)
             # The client left: it pays for the prompt and the tokens it was sent.
             return self.billing.close(job.job_id, account, running.session.miner_id,
                                       job.model, running.started.prompt_tokens,
-                                      running.delivered)
+                                      running.delivered, running.session.offer(job.model))
         return close
 
     async def start(self, job: Job, chat: bool, account: str) -> tuple[RunningJob, Formatter]:
@@ -176,7 +185,8 @@ class Serving:
         402, 429, a miner's 400 …) before any byte is sent to the client."""
         payload = encode_job(job)
         self.dispatcher.check(job.model)
-        _, _, max_cost = self.billing.quote(job, self.context_length(job.model))
+        _, _, max_cost = self.billing.quote(job, self.context_length(job.model),
+                                            self.offers(job.model))
         await self.billing.hold(job.job_id, account, max_cost)
         try:
             running = await start_job(self.dispatcher, job, payload, self.stall_timeout,

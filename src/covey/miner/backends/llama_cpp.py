@@ -33,13 +33,16 @@ class LlamaCppConfig:
     ``n_threads``: CPU threads per slot (None: CPU count ÷ slots); ``n_batch``: prefill batch;
     ``n_gpu_layers``: layers to offload when llama.cpp was built with a GPU;
     ``stream_interval``: seconds between ``delta`` frames after the first (see
-    :class:`~covey.miner.backends.text.DeltaBuffer`; 0 sends every token alone)."""
+    :class:`~covey.miner.backends.text.DeltaBuffer`; 0 sends every token alone);
+    ``ask_prompt`` / ``ask_completion``: asking price in µcr per 1M tokens."""
 
     n_ctx: int = 4096
     n_threads: int | None = None
     n_batch: int = 512
     n_gpu_layers: int = 0
     stream_interval: float = 0.02
+    ask_prompt: int = 0
+    ask_completion: int = 0
 
 
 class _Slot:
@@ -75,7 +78,8 @@ class LlamaCppBackend(Backend):
         self._formatter = _chat_formatter(first)
         self._pieces: dict[int, bytes] = {}
         self.offer = ModelOffer(name=model.name, sha256=sha256, context_length=first.n_ctx(),
-                                backend="llama.cpp")
+                                backend="llama.cpp", ask_prompt=config.ask_prompt,
+                                ask_completion=config.ask_completion)
 
     def close(self) -> None:
         for slot in self._slots:
