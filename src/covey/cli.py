@@ -46,6 +46,10 @@ def coordinator(
                      ] = 10_000_000,
     fee_bps: Annotated[int, typer.Option(min=0, max=10_000, help="Protocol fee in basis "
                                          "points of a miner's pay.")] = 500,
+    min_stake: Annotated[int, typer.Option(min=0, help="µcr a miner must have staked to "
+                                           "receive paid jobs.")] = 0,
+    unbonding: Annotated[float, typer.Option(min=0, help="Seconds unstaked credits stay "
+                                             "locked.")] = 7 * 24 * 3600,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
@@ -59,7 +63,8 @@ def coordinator(
 
     config = CoordinatorConfig(data_dir=data_dir, stall_timeout=stall_timeout,
                                database_url=database_url,
-                               bank=BankPolicy(grant=grant, fee_bps=fee_bps),
+                               bank=BankPolicy(grant=grant, fee_bps=fee_bps,
+                                               min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3)

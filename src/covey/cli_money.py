@@ -117,6 +117,68 @@ def transfer(to: Annotated[str, typer.Argument(help="Account id to pay.")],
     out.print(f"sent {credits(ucr)} credits to {to}; balance {credits(body['balance'])}")
 
 
+MinerKey = Annotated[Path, typer.Option("--key", help="The miner's identity key file.")]
+
+
+def _miner_action(url: str, key_file: Path, action: str, amount: float) -> None:
+    import time
+
+    from covey.protocol import sign_action
+    from covey.protocol.identity import IdentityError, load_or_create
+
+    if not key_file.exists():
+        err.print(f"[red]error:[/red] no miner key at {key_file}")
+        raise typer.Exit(2)
+    try:
+        key = load_or_create(key_file)
+    except IdentityError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    miner_id = key.verify_key.encode().hex()
+    body: dict[str, object] = {"action": action, "amount": round(amount * 1_000_000),
+                               "op": uuid.uuid4().hex, "ts": int(time.time())}
+    body["signature"] = sign_action(key, {**body, "miner": miner_id})
+    try:
+        r = httpx.post(f"{url}/v1/miners/{miner_id}/stake", json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from exc
+    if r.status_code >= 400:
+        err.print(f"[red]error:[/red] {r.json()['error']['message']}")
+        raise typer.Exit(1)
+    e = r.json()
+    out.print(f"miner {miner_id[:16]}…: staked {credits(e['staked'])}, balance "
+              f"{credits(e['balance'])} credits, {e['jobs']} paid jobs")
+
+
+@wallet.command()
+def stake(amount: Annotated[float, typer.Argument(help="Credits to lock as stake.")],
+          key: MinerKey = Path(".covey/miner.key"), url: Url = "http://127.0.0.1:8000") -> None:
+    """Lock a miner's credits as stake (signed with its identity key)."""
+    _miner_action(url, key, "stake", amount)
+
+
+@wallet.command()
+def unstake(amount: Annotated[float, typer.Argument(help="Credits to unlock.")],
+            key: MinerKey = Path(".covey/miner.key"), url: Url = "http://127.0.0.1:8000"
+            ) -> None:
+    """Start unbonding a miner's stake; it returns after the unbonding period."""
+    _miner_action(url, key, "unstake", amount)
+
+
+@wallet.command()
+def earnings(miner_id: Annotated[str, typer.Argument(help="Miner id (public key, hex).")],
+             url: Url = "http://127.0.0.1:8000") -> None:
+    """A miner's paid jobs, balance and stake."""
+    try:
+        e = httpx.get(f"{url}/v1/miners/{miner_id}/earnings", timeout=30).json()
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from exc
+    out.print(f"miner {miner_id[:16]}…: {e['jobs']} paid jobs, {e['completion_tokens']} "
+              f"tokens, balance {credits(e['balance'])}, staked {credits(e['staked'])} credits")
+
+
 @ledger_app.command()
 def verify(data_dir: Annotated[Path, typer.Option(help="Coordinator data dir.")] = Path(
         ".covey"),

@@ -77,13 +77,16 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         refunded = await asyncio.to_thread(billing.bank.refund_open_escrows)
         if refunded:
             log.warning("refunded %d escrows left open by a previous run", refunded)
+        stakes = await asyncio.to_thread(ledger.balances_like, "stake:")
+        for account, staked in stakes.items():
+            registry.set_stake(account.removeprefix("stake:"), staked)
         yield
         await billing.drain()
         ledger.close()
 
     app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan)
     registry = MinerRegistry(config.catalog)
-    dispatcher = Dispatcher(registry, config.queue)
+    dispatcher = Dispatcher(registry, config.queue, config.bank.min_stake)
     app.state.config = config
     app.state.registry = registry
     app.state.dispatcher = dispatcher

@@ -107,7 +107,14 @@ class MinerRegistry:
     def __init__(self, catalog: dict[str, int] | None = None) -> None:
         self.sessions: dict[str, MinerSession] = {}
         self.catalog: dict[str, int] = dict(catalog or {})
+        self.stakes: dict[str, int] = {}
+        """µcr staked by each miner id, kept in step with the ledger by the coordinator."""
         self._listeners: list[asyncio.Event] = []
+
+    def set_stake(self, miner_id: str, staked: int) -> None:
+        """Record a miner's stake (µcr) after it changed in the ledger."""
+        self.stakes[miner_id] = staked
+        self.notify()
 
     def serving(self, model: str) -> list[MinerSession]:
         """Live sessions that serve ``model``."""

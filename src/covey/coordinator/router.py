@@ -62,9 +62,11 @@ class QueuePolicy:
 class Dispatcher:
     """Grants a miner slot to each request, FIFO per model when all slots are busy."""
 
-    def __init__(self, registry: MinerRegistry, policy: QueuePolicy) -> None:
+    def __init__(self, registry: MinerRegistry, policy: QueuePolicy, min_stake: int = 0
+                 ) -> None:
         self.registry = registry
         self.policy = policy
+        self.min_stake = min_stake
         self._waiting: dict[str, int] = {}
 
     def waiting(self, model: str) -> int:
@@ -72,7 +74,8 @@ class Dispatcher:
         return self._waiting.get(model, 0)
 
     def check(self, model: str) -> None:
-        """Raise at once if ``model`` is unknown (404) or no live miner serves it (503)."""
+        """Raise at once if ``model`` is unknown (404) or no live miner with the minimum
+        stake serves it (503)."""
         self._live(model)
 
     def _live(self, model: str) -> list[MinerSession]:
@@ -85,6 +88,14 @@ class Dispatcher:
             raise ApiError(503, f"No miner is serving '{model}' right now; try again later.",
                            code="no_miner_available", type="service_unavailable",
                            headers={"Retry-After": "5"})
+        if self.min_stake:
+            sessions = [s for s in sessions
+                        if self.registry.stakes.get(s.miner_id, 0) >= self.min_stake]
+            if not sessions:
+                raise ApiError(503, f"No miner serving '{model}' has the minimum stake "
+                               f"({self.min_stake} µcr) yet; try again later.",
+                               code="no_miner_available", type="service_unavailable",
+                               headers={"Retry-After": "5"})
         return sessions
 
     def _try_pick(self, model: str) -> MinerSession | None:

@@ -24,7 +24,13 @@ from covey.protocol.frames import (
     decode_frame,
     encode_frame,
 )
-from covey.protocol.signing import hello_digest, sign_hello, verify_hello
+from covey.protocol.signing import (
+    hello_digest,
+    sign_action,
+    sign_hello,
+    verify_action,
+    verify_hello,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -46,6 +52,8 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "hello_digest",
+    "sign_action",
     "sign_hello",
+    "verify_action",
     "verify_hello",
 ]

@@ -15,6 +15,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 _DOMAIN = b"covey-hello-v1\n"
+_ACTION_DOMAIN = b"covey-miner-action-v1\n"
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -38,6 +39,28 @@ def verify_hello(body: dict[str, Any]) -> bool:
     try:
         verify_key = VerifyKey(bytes.fromhex(body["public_key"]))
         verify_key.verify(hello_digest(body), bytes.fromhex(body["signature"]))
+    except (BadSignatureError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def action_digest(body: dict[str, Any]) -> bytes:
+    """Bytes a miner signs to act on its account (stake, unstake): the body without its
+    signature, under a domain of its own so a signed hello can never pass for an action."""
+    unsigned = {k: v for k, v in body.items() if k != "signature"}
+    return _ACTION_DOMAIN + hashlib.sha256(canonical_json(unsigned)).digest()
+
+
+def sign_action(key: SigningKey, body: dict[str, Any]) -> str:
+    """Hex signature of a miner action ``body`` by ``key``."""
+    return key.sign(action_digest(body)).signature.hex()
+
+
+def verify_action(public_key: str, body: dict[str, Any]) -> bool:
+    """True when ``body["signature"]`` is ``public_key``'s signature over the action."""
+    try:
+        VerifyKey(bytes.fromhex(public_key)).verify(action_digest(body),
+                                                    bytes.fromhex(body["signature"]))
     except (BadSignatureError, ValueError, KeyError, TypeError):
         return False
     return True

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated
+import time
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from covey.coordinator.api.requests import chat_job, completion_job
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.ledger import InsufficientFunds
+from covey.coordinator.ledger import InsufficientFunds, LedgerError
 from covey.coordinator.ledger.bank import user
+from covey.protocol import verify_action
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -74,7 +76,8 @@ async def transactions(request: Request, account_id: Account,
 
 
 class TransferBody(BaseModel):
-    """Send ``amount`` µcr to account ``to``; ``idempotency_key`` makes retries safe."""
+    """Send ``amount`` µcr to account ``to`` (a user's account id, or ``miner:<id>`` to fund
+    a miner's stake); ``idempotency_key`` makes retries safe."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     to: str = Field(min_length=1, max_length=100)
@@ -93,9 +96,11 @@ async def transfer(body: TransferBody, request: Request, account_id: Account
     try:
         applied = await asyncio.to_thread(bank.transfer, account_id, body.to, body.amount,
                                           f"{account_id}:{body.idempotency_key}")
-    except InsufficientFunds as exc:
+    except InsufficientFunds as exc:  # before LedgerError, its base class
         raise ApiError(402, f"Your balance ({exc.balance} µcr) is below {exc.needed} µcr.",
                        code="insufficient_quota", type="insufficient_quota") from None
+    except LedgerError as exc:
+        raise ApiError(400, str(exc), param="to", code="invalid_value") from None
     balance = await asyncio.to_thread(bank.ledger.balance, user(account_id))
     return {"object": "transfer", "applied": applied, "balance": balance}
 
@@ -132,3 +137,46 @@ async def earnings(miner_id: str, request: Request) -> dict[str, object]:
     bank = billing_of(request).bank
     return {"object": "earnings", "miner": miner_id,
             **await asyncio.to_thread(bank.miner_earnings, miner_id)}
+
+
+class MinerAction(BaseModel):
+    """A miner's signed request on its own account: ``action`` is ``stake`` or ``unstake``,
+    ``amount`` in µcr, ``op`` an idempotency key, ``ts`` Unix seconds (must be within 5
+    minutes), ``signature`` Ed25519 by the miner's key over the rest
+    (:func:`covey.protocol.sign_action`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    action: Literal["stake", "unstake"]
+    amount: int = Field(ge=1, le=2**62)
+    op: str = Field(min_length=1, max_length=100)
+    ts: int
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+@router.post("/v1/miners/{miner_id}/stake")
+async def miner_stake(miner_id: str, body: MinerAction, request: Request) -> dict[str, object]:
+    """Lock (``stake``) or start unbonding (``unstake``) a miner's credits. Unbonded credits
+    that have waited out the unbonding period return to the miner's balance first."""
+    if not verify_action(miner_id, {**body.model_dump(), "miner": miner_id}):
+        raise ApiError(401, "The signature does not match this miner's key.",
+                       code="invalid_signature", type="invalid_request_error")
+    if abs(time.time() - body.ts) > 300:
+        raise ApiError(400, "The action is older than 5 minutes; sign it again.",
+                       param="ts", code="stale_action")
+    bank = billing_of(request).bank
+
+    def run() -> dict[str, object]:
+        bank.release_unbonded(miner_id)
+        if body.action == "stake":
+            bank.stake(miner_id, body.amount, f"{miner_id}:{body.op}")
+        else:
+            bank.unstake(miner_id, body.amount, f"{miner_id}:{body.op}")
+        return bank.miner_earnings(miner_id)
+
+    try:
+        result = await asyncio.to_thread(run)
+    except InsufficientFunds as exc:
+        raise ApiError(402, f"{exc.account} holds {exc.balance} µcr, {exc.needed} µcr needed.",
+                       code="insufficient_quota", type="insufficient_quota") from None
+    request.app.state.registry.set_stake(miner_id, int(result["staked"]))
+    return {"object": "earnings", "miner": miner_id, **result}

@@ -8,6 +8,7 @@ key>``, ``unbonding:<public key>``, ``treasury``, ``faucet``.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from covey.coordinator.ledger.schema import api_keys, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 
 KEY_PREFIX = "sk-covey-"
+_ACCOUNT_ID = re.compile(r"[0-9a-f]{16}")
+_MINER_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def user(account_id: str) -> str:
@@ -112,14 +115,23 @@ class Bank:
         return account
 
     def transfer(self, from_account: str, to_account: str, amount: int, op: str) -> bool:
-        """Send ``amount`` µcr between two users; False if ``op`` was already carried out.
+        """Send ``amount`` µcr from a user to another user (an account id) or to a miner
+        (``miner:<public key>``, e.g. to fund its stake); False if ``op`` was already done.
 
         Raises:
             InsufficientFunds: the sender cannot cover it.
+            LedgerError: ``to_account`` is not a valid account id.
         """
-        return self.ledger.post(f"transfer:{op}", [Transfer(user(from_account),
-                                                            user(to_account), amount,
-                                                            "transfer")])
+        if to_account.startswith("miner:"):
+            if not _MINER_ID.fullmatch(to_account.removeprefix("miner:")):
+                raise LedgerError(f"{to_account!r} is not a miner account (miner:<64 hex>)")
+            target = to_account
+        elif _ACCOUNT_ID.fullmatch(to_account):
+            target = user(to_account)
+        else:
+            raise LedgerError(f"{to_account!r} is not an account id")
+        return self.ledger.post(f"transfer:{op}", [Transfer(user(from_account), target,
+                                                            amount, "transfer")])
 
     # --- escrow --------------------------------------------------------------------------
 
