@@ -4,7 +4,8 @@ Side by side in one run, same prompts, greedy, same settings (no top-k, no min-p
 penalty, ``logits_all`` off, one slot with all CPU threads):
   (a) llama-cpp-python in-process (``Llama.create_completion(stream=True)``),
   (b) ``python -m llama_cpp.server`` over HTTP streaming,
-  (c) Covey: client → coordinator → miner, all on 127.0.0.1.
+  (c) Covey: client → coordinator → miner, all on 127.0.0.1, billed (API key, escrow hold
+      before dispatch, settlement after the last token) as every request is.
 (b) and (c) are read by the same lean SSE client (httpx + json), so the client's own parsing
 cost, which is not the servers', stays small on this shared 2-core CPU.
 Rounds are interleaved (a, b, c, a, b, c …) so machine noise hits all three alike.
@@ -133,6 +134,7 @@ def main() -> None:
               server)
 
         http = httpx.Client(timeout=120)
+        covey_key = http.post(f"http://127.0.0.1:{covey_port}/v1/accounts").json()["api_key"]
         greedy = {"max_tokens": args.max_tokens, "temperature": 0.0}
 
         def inprocess(prompt: str) -> tuple[float, float, int]:
@@ -141,14 +143,16 @@ def main() -> None:
                                            repeat_penalty=1.0, **greedy)
             return _measure((c["choices"][0]["text"] for c in stream), t0)
 
-        def via(port: int, extra: dict) -> Callable[[str], tuple[float, float, int]]:
+        def via(port: int, extra: dict, key: str = "unused"
+                ) -> Callable[[str], tuple[float, float, int]]:
             url = f"http://127.0.0.1:{port}/v1/completions"
+            headers = {"Authorization": f"Bearer {key}"}
 
             def run(prompt: str) -> tuple[float, float, int]:
                 body = {"model": BUNDLED_MODEL, "prompt": prompt, "stream": True, **greedy,
                         "stream_options": {"include_usage": True}, **extra}
                 t0 = time.perf_counter()
-                with http.stream("POST", url, json=body) as resp:
+                with http.stream("POST", url, json=body, headers=headers) as resp:
                     resp.raise_for_status()
                     return _measure(_sse_texts(resp.iter_lines()), t0)
             return run
@@ -157,7 +161,7 @@ def main() -> None:
             "inprocess": inprocess,
             "llama_cpp_server": via(server_port, {"top_k": 0, "min_p": 0.0,
                                                   "repeat_penalty": 1.0}),
-            "covey": via(covey_port, {}),
+            "covey": via(covey_port, {}, covey_key),
         }
         for run in paths.values():  # warm-up: page cache, first-request paths
             run(PROMPTS[0])
