@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
 
@@ -97,7 +98,7 @@ def history(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None,
             limit: Annotated[int, typer.Option(min=1, max=500)] = 20) -> None:
     """Latest transfers of your account."""
     body = _call("GET", f"{url}/v1/account/transactions", api_key, params={"limit": limit})
-    table = Table("#", "time (UTC)", "kind", "amount", "counterparty")
+    table = Table("ledger seq", "time (UTC)", "kind", "amount", "counterparty")
     for t in body["data"]:
         sign = "-" if t["direction"] == "out" else "+"
         when = datetime.fromtimestamp(t["created"], UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -106,12 +107,26 @@ def history(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None,
     out.print(table)
 
 
+def to_ucr(amount: str) -> int:
+    """Credits as text (``"0.5"``) → µcr; exits with a clear message unless it is a positive
+    number with at most 6 decimals."""
+    try:
+        value = Decimal(amount) * 1_000_000
+    except InvalidOperation:
+        value = Decimal(-1)
+    if value <= 0 or value != value.to_integral_value():
+        err.print(f"[red]error:[/red] {amount!r} is not a positive amount of credits with at "
+                  "most 6 decimals (1 µcr = 0.000001 credit)")
+        raise typer.Exit(2)
+    return int(value)
+
+
 @wallet.command()
-def transfer(to: Annotated[str, typer.Argument(help="Account id to pay.")],
-             amount: Annotated[float, typer.Argument(help="Credits to send.")],
+def transfer(to: Annotated[str, typer.Argument(help="Account id, or miner:<id>, to pay.")],
+             amount: Annotated[str, typer.Argument(help="Credits to send, e.g. 0.5.")],
              url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """Send credits to another account."""
-    ucr = round(amount * 1_000_000)
+    """Send credits to another account (or to a miner, to fund its stake)."""
+    ucr = to_ucr(amount)
     body = _call("POST", f"{url}/v1/account/transfers", api_key,
                  json={"to": to, "amount": ucr, "idempotency_key": uuid.uuid4().hex})
     out.print(f"sent {credits(ucr)} credits to {to}; balance {credits(body['balance'])}")
@@ -120,7 +135,7 @@ def transfer(to: Annotated[str, typer.Argument(help="Account id to pay.")],
 MinerKey = Annotated[Path, typer.Option("--key", help="The miner's identity key file.")]
 
 
-def _miner_action(url: str, key_file: Path, action: str, amount: float) -> None:
+def _miner_action(url: str, key_file: Path, action: str, amount: str) -> None:
     import time
 
     from covey.protocol import sign_action
@@ -135,7 +150,7 @@ def _miner_action(url: str, key_file: Path, action: str, amount: float) -> None:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     miner_id = key.verify_key.encode().hex()
-    body: dict[str, object] = {"action": action, "amount": round(amount * 1_000_000),
+    body: dict[str, object] = {"action": action, "amount": to_ucr(amount),
                                "op": uuid.uuid4().hex, "ts": int(time.time())}
     body["signature"] = sign_action(key, {**body, "miner": miner_id})
     try:
@@ -152,14 +167,14 @@ def _miner_action(url: str, key_file: Path, action: str, amount: float) -> None:
 
 
 @wallet.command()
-def stake(amount: Annotated[float, typer.Argument(help="Credits to lock as stake.")],
+def stake(amount: Annotated[str, typer.Argument(help="Credits to lock as stake.")],
           key: MinerKey = Path(".covey/miner.key"), url: Url = "http://127.0.0.1:8000") -> None:
     """Lock a miner's credits as stake (signed with its identity key)."""
     _miner_action(url, key, "stake", amount)
 
 
 @wallet.command()
-def unstake(amount: Annotated[float, typer.Argument(help="Credits to unlock.")],
+def unstake(amount: Annotated[str, typer.Argument(help="Credits to unlock.")],
             key: MinerKey = Path(".covey/miner.key"), url: Url = "http://127.0.0.1:8000"
             ) -> None:
     """Start unbonding a miner's stake; it returns after the unbonding period."""

@@ -133,7 +133,7 @@ def up(
         raise typer.Exit(1)
     if not stop:
         api_key = _dev_key(base, data_dir)
-        body = json.dumps({"model": served, "messages": [
+        body = json.dumps({"model": served, "max_tokens": 64, "messages": [
             {"role": "user", "content": "Say hello in five words."}]})
         out.print(f"\n[bold green]Covey is up[/bold green] at {base}  (web chat: {base}/)\n")
         out.print(f"A dev account with free test credits; its API key (also in "

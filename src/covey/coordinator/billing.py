@@ -65,10 +65,15 @@ class Billing:
               ) -> tuple[int, int, int]:
         """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``, at
         the highest price any of ``offers`` may charge."""
+        price = self.price(job.model, offers)
         prompt = min(prompt_token_bound(job), context_length)
-        completion = job.params.max_tokens or context_length
-        completion = min(completion, context_length)
-        return prompt, completion, cost(self.price(job.model, offers), prompt, completion)
+        completion = min(job.params.max_tokens or context_length, context_length)
+        # The miner stops at the context's end, so prompt + completion ≤ context length:
+        # the dearest real request is one of these two corners.
+        room = max(context_length - completion, 0)
+        worst = max(cost(price, min(prompt, room), completion),
+                    cost(price, prompt, max(0, min(completion, context_length - prompt))))
+        return prompt, completion, worst
 
     async def authenticate(self, request: Request) -> str:
         """The account of the request's ``Authorization: Bearer`` key.
