@@ -241,3 +241,63 @@ def test_miner_asks_set_the_price_and_the_cheaper_miner_is_preferred(bare_networ
     assert a["held"] == 0 and a["usage"][MODEL]["requests"] == 4
     check = ledger_verify(bare_network.tmp / "coordinator")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_client_hanging_up_at_once_leaves_no_escrow_open(network: Network):
+    import json as _json
+    import socket
+
+    headers = sign_up(network)
+    body = _json.dumps({**CHAT, "max_tokens": 20}).encode()
+    port = int(network.url.rsplit(":", 1)[1])
+    for stream in (False, True):
+        payload = _json.dumps({**CHAT, "max_tokens": 20, "stream": stream}).encode()
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\n"
+                          + f"{list(headers)[0]}: {list(headers.values())[0]}\r\n".encode()
+                          + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    del body
+    a = {}
+    for _ in range(100):
+        a = account(network, headers)
+        if a["held"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert a["held"] == 0
+    assert a["balance"] + sum(u["cost"] for u in a["usage"].values()) == GRANT
+
+
+def test_transfers_refuse_unknown_accounts_and_conflicting_retries(network: Network):
+    alice, bob = sign_up(network), sign_up(network)
+    bob_id = account(network, bob)["id"]
+    url = f"{network.url}/v1/account/transfers"
+    r = httpx.post(url, headers=alice, json={"to": "0123456789abcdef", "amount": 10,
+                                             "idempotency_key": "k0"})
+    assert_openai_error(r, 404, "account_not_found", "to")
+    r = httpx.post(url, headers=alice, json={"to": "miner:" + "ab" * 32, "amount": 10,
+                                             "idempotency_key": "k1"})
+    assert_openai_error(r, 404, "account_not_found", "to")
+    ok = httpx.post(url, headers=alice, json={"to": bob_id, "amount": 100,
+                                              "idempotency_key": "k2"})
+    assert ok.json()["applied"] is True
+    again = httpx.post(url, headers=alice, json={"to": bob_id, "amount": 100,
+                                                 "idempotency_key": "k2"})
+    assert again.json()["applied"] is False
+    r = httpx.post(url, headers=alice, json={"to": bob_id, "amount": 5000,
+                                             "idempotency_key": "k2"})
+    assert_openai_error(r, 409, "idempotency_conflict", "idempotency_key")
+    assert account(network, bob)["balance"] == GRANT + 100
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/v1/account/transactions?before=99999999999999999999999", None),
+    ("POST", "/v1/quote", '{"model": "smollm2-135m-instruct", "prompt": "\\ud800"}'),
+    ("POST", "/v1/quote", "[" * 100_000 + "]" * 100_000),
+    ("GET", "/v1/miners/ZZZ/earnings", None),
+])
+def test_money_endpoints_answer_bad_input_with_400(network: Network, method, path, body):
+    r = httpx.request(method, f"{network.url}{path}", content=body,
+                      headers={**network.headers, "Content-Type": "application/json"})
+    assert_openai_error(r, 400)

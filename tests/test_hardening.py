@@ -117,6 +117,10 @@ def test_client_leaving_a_non_streaming_request_cancels_its_job(bare_network: Ne
             break
         time.sleep(0.05)
     assert httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] == 0
+    # It received no token, so it pays for its prompt only.
+    usage = httpx.get(f"{bare_network.url}/v1/account", headers=bare_network.headers).json()
+    assert usage["usage"]["smollm2-135m-instruct"]["completion_tokens"] == 0
+    assert usage["held"] == 0
     r = httpx.post(
         f"{bare_network.url}/v1/chat/completions",
         headers=bare_network.headers,

@@ -8,6 +8,7 @@ so that the client leaving can never skip it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -121,6 +122,18 @@ class Billing:
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         return future
+
+    def refund_after(self, hold: Awaitable[object], job_id: str, account: str) -> None:
+        """Once ``hold`` has finished (landed or failed), refund the job's escrow, if any."""
+
+        async def later() -> object:
+            with contextlib.suppress(Exception):
+                await hold
+            return await self.close(job_id, account, None, "", 0, 0)
+
+        future = asyncio.ensure_future(later())
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
 
     async def _logged(self, work: Awaitable[object], job_id: str) -> object:
         try:

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from covey.coordinator.api.requests import chat_job, completion_job
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
+from covey.coordinator.jobs import encode_job
 from covey.coordinator.ledger import InsufficientFunds, LedgerError
 from covey.coordinator.ledger.bank import user
 from covey.protocol import verify_action
@@ -61,7 +62,7 @@ async def account(request: Request, account_id: Account) -> dict[str, object]:
 @router.get("/v1/account/transactions")
 async def transactions(request: Request, account_id: Account,
                        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                       before: Annotated[int | None, Query(ge=1)] = None
+                       before: Annotated[int | None, Query(ge=1, le=2**62)] = None
                        ) -> dict[str, object]:
     """The account's transfers, newest first; pass ``before=<seq>`` for the next page."""
     ledger = billing_of(request).bank.ledger
@@ -93,14 +94,27 @@ async def transfer(body: TransferBody, request: Request, account_id: Account
     if body.to == account_id:
         raise ApiError(400, "Cannot transfer to the same account.", param="to",
                        code="invalid_value")
+    known = body.to.removeprefix("miner:") in request.app.state.registry.sessions or \
+        await asyncio.to_thread(bank.account_exists, body.to)
+    if not known:
+        raise ApiError(404, f"No account '{body.to}'. Check the id: credits sent to an "
+                       "account nobody holds would be lost.", param="to",
+                       code="account_not_found")
+    op = f"{account_id}:{body.idempotency_key}"
     try:
-        applied = await asyncio.to_thread(bank.transfer, account_id, body.to, body.amount,
-                                          f"{account_id}:{body.idempotency_key}")
+        applied = await asyncio.to_thread(bank.transfer, account_id, body.to, body.amount, op)
     except InsufficientFunds as exc:  # before LedgerError, its base class
         raise ApiError(402, f"Your balance ({exc.balance} µcr) is below {exc.needed} µcr.",
                        code="insufficient_quota", type="insufficient_quota") from None
     except LedgerError as exc:
         raise ApiError(400, str(exc), param="to", code="invalid_value") from None
+    if not applied:
+        first = await asyncio.to_thread(bank.ledger.entries_with_key_prefix, f"transfer:{op}:")
+        if first and (int(first[0]["amount"]) != body.amount  # type: ignore[call-overload]
+                      or str(first[0]["credit"]).removeprefix("user:") != body.to):
+            raise ApiError(409, "This idempotency_key was used for a different transfer.",
+                           param="idempotency_key", code="idempotency_conflict",
+                           type="invalid_request_error")
     balance = await asyncio.to_thread(bank.ledger.balance, user(account_id))
     return {"object": "transfer", "applied": applied, "balance": balance}
 
@@ -112,12 +126,13 @@ async def quote(request: Request, _account: Account) -> JSONResponse:
         raw = json.loads(await request.body())
         body = (ChatCompletionRequest.model_validate(raw) if isinstance(raw, dict)
                 and "messages" in raw else CompletionRequest.model_validate(raw))
-    except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError
-        if isinstance(exc, ValidationError):
-            raise RequestValidationError(exc.errors()) from None
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         raise ApiError(400, "We could not parse the JSON body of your request.",
                        code="invalid_json") from None
     job = chat_job(body) if isinstance(body, ChatCompletionRequest) else completion_job(body)
+    encode_job(job)  # the same 400 as the endpoint for text JSON cannot carry
     serving = request.app.state.serving
     serving.dispatcher.check(job.model)
     offers = serving.offers(job.model)
@@ -131,8 +146,12 @@ async def quote(request: Request, _account: Account) -> JSONResponse:
                                    "per_tokens": 1_000_000}})
 
 
+MinerIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$",
+                                  description="A miner's id: its public key, lower-case hex.")]
+
+
 @router.get("/v1/miners/{miner_id}/earnings")
-async def earnings(miner_id: str, request: Request) -> dict[str, object]:
+async def earnings(miner_id: MinerIdPath, request: Request) -> dict[str, object]:
     """A miner's paid jobs, completion tokens, balance and stake (µcr)."""
     bank = billing_of(request).bank
     return {"object": "earnings", "miner": miner_id,
@@ -149,12 +168,13 @@ class MinerAction(BaseModel):
     action: Literal["stake", "unstake"]
     amount: int = Field(ge=1, le=2**62)
     op: str = Field(min_length=1, max_length=100)
-    ts: int
+    ts: int = Field(ge=0, le=2**40)
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 
 
 @router.post("/v1/miners/{miner_id}/stake")
-async def miner_stake(miner_id: str, body: MinerAction, request: Request) -> dict[str, object]:
+async def miner_stake(miner_id: MinerIdPath, body: MinerAction, request: Request
+                      ) -> dict[str, object]:
     """Lock (``stake``) or start unbonding (``unstake``) a miner's credits. Unbonded credits
     that have waited out the unbonding period return to the miner's balance first."""
     if not verify_action(miner_id, {**body.model_dump(), "miner": miner_id}):

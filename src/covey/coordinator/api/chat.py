@@ -49,7 +49,7 @@ async def _respond(request: Request, account: str, job: Job, chat: bool, stream:
     serving: Serving = request.app.state.serving
 
     async def work() -> Response:
-        running, fmt = await serving.start(job, chat, account)
+        running, fmt = await serving.start(job, chat, account, stream)
         if stream:
             return StreamingResponse(serving.stream(running, fmt, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)

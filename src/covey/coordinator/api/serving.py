@@ -7,6 +7,7 @@ event and ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -161,7 +162,8 @@ class Serving:
     def context_length(self, model: str) -> int:
         return self.dispatcher.registry.models().get(model, (0, 4096))[1]
 
-    def _on_close(self, account: str) -> Callable[[RunningJob], Awaitable[object]]:
+    def _on_close(self, account: str, stream: bool
+                  ) -> Callable[[RunningJob], Awaitable[object]]:
         def close(running: RunningJob) -> Awaitable[object]:
             job = running.job
             if running.done is not None:
@@ -174,23 +176,33 @@ class Serving:
                                           running.session.offer(job.model))
             if running.failed or running.started is None:  # the miner failed: no charge
                 return self.billing.close(job.job_id, account, None, job.model, 0, 0)
-            # The client left: it pays for the prompt and the tokens it was sent.
+            # The client left: it pays for the prompt and the tokens it was sent (none, when
+            # the answer was to come whole at the end).
             return self.billing.close(job.job_id, account, running.session.miner_id,
                                       job.model, running.started.prompt_tokens,
-                                      running.delivered, running.session.offer(job.model))
+                                      running.delivered if stream else 0,
+                                      running.session.offer(job.model))
         return close
 
-    async def start(self, job: Job, chat: bool, account: str) -> tuple[RunningJob, Formatter]:
+    async def start(self, job: Job, chat: bool, account: str, stream: bool
+                    ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
-        402, 429, a miner's 400 …) before any byte is sent to the client."""
+        402, 429, a miner's 400 …) before any byte is sent to the client. ``stream``: the
+        answer goes out token by token (a client that leaves then pays for what it got)."""
         payload = encode_job(job)
         self.dispatcher.check(job.model)
         _, _, max_cost = self.billing.quote(job, self.context_length(job.model),
                                             self.offers(job.model))
-        await self.billing.hold(job.job_id, account, max_cost)
+        hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
+        try:
+            await asyncio.shield(hold)
+        except asyncio.CancelledError:
+            # The client left while the hold was being written: once it lands, undo it.
+            self.billing.refund_after(hold, job.job_id, account)
+            raise
         try:
             running = await start_job(self.dispatcher, job, payload, self.stall_timeout,
-                                      self._on_close(account))
+                                      self._on_close(account, stream))
         except ApiError:
             await self.billing.close(job.job_id, account, None, job.model, 0, 0)
             raise

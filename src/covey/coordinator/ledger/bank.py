@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Table, func, insert, select
 
 from covey.coordinator.ledger.pricing import Settlement, settle
-from covey.coordinator.ledger.schema import api_keys, usage
+from covey.coordinator.ledger.schema import api_keys, balances, transfers, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 
 KEY_PREFIX = "sk-covey-"
@@ -197,10 +197,23 @@ class Bank:
                 "staked": self.staked(miner_id)}
 
     def held(self, account_id: str) -> int:
-        """µcr of ``account_id`` now in open escrows."""
-        holds = {str(e["credit"]) for e in self.ledger.history(user(account_id), 1000)
-                 if e["kind"] == "hold"}
-        return sum(self.ledger.balance(a) for a in holds)
+        """µcr of ``account_id`` now in open escrows (every escrow it funded, summed)."""
+        funded = (select(transfers.c.credit).where(transfers.c.debit == user(account_id))
+                  .where(transfers.c.kind == "hold").distinct())
+        q = select(func.sum(balances.c.balance)).where(balances.c.account.in_(funded))
+        with self.ledger.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def account_exists(self, account: str) -> bool:
+        """True for a signed-up user's account id, or ``miner:<id>`` of a miner the ledger
+        has seen (paid, funded or staked)."""
+        with self.ledger.engine.connect() as conn:
+            if account.startswith("miner:"):
+                q = select(balances.c.account).where(balances.c.account.in_(
+                    [account, stake_account(account.removeprefix("miner:"))]))
+            else:
+                q = select(api_keys.c.account).where(api_keys.c.account == account)
+            return conn.execute(q.limit(1)).first() is not None
 
     def refund(self, job_id: str, account_id: str) -> int:
         """Return a failed job's whole escrow to the user; µcr refunded (0 if already
