@@ -87,7 +87,9 @@ class Billing:
         if scheme.lower() != "bearer" or not key.strip():
             raise _unauthorized("You didn't provide an API key. Send 'Authorization: Bearer "
                                 "<key>'; get a key with `covey signup` or POST /v1/accounts.")
-        account = await asyncio.to_thread(self.bank.authenticate, key.strip())
+        account = self.bank.cached_account(key.strip())  # the common case: no thread hop
+        if account is None:
+            account = await asyncio.to_thread(self.bank.authenticate, key.strip())
         if account is None:
             raise _unauthorized("Incorrect API key provided.")
         return account
