@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -301,3 +303,19 @@ def test_money_endpoints_answer_bad_input_with_400(network: Network, method, pat
     r = httpx.request(method, f"{network.url}{path}", content=body,
                       headers={**network.headers, "Content-Type": "application/json"})
     assert_openai_error(r, 400)
+
+
+def test_floor_price_per_model_from_the_command_line(tmp_path):
+    net = Network(tmp_path, "--price", f"{MODEL}=1000000,3000000")
+    try:
+        net.add_miner("--ctx", "512")
+        quote = httpx.post(f"{net.url}/v1/quote", headers=net.headers,
+                           json={**CHAT, "max_tokens": 4}).json()
+        assert quote["price"] == {"prompt": 1_000_000, "completion": 3_000_000,
+                                  "per_tokens": 1_000_000}
+    finally:
+        net.close()
+    bad = subprocess.run([sys.executable, "-m", "covey", "coordinator", "--price", "oops",
+                          "--data-dir", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "MODEL=PROMPT,COMPLETION" in bad.stderr

@@ -48,6 +48,9 @@ def coordinator(
                                          "points of a miner's pay.")] = 500,
     min_stake: Annotated[int, typer.Option(min=0, help="µcr a miner must have staked to "
                                            "receive paid jobs.")] = 0,
+    price: Annotated[list[str] | None, typer.Option(
+        help="Floor price of a model: MODEL=PROMPT,COMPLETION in µcr per 1M tokens "
+             "(repeatable); others get 100000,200000.")] = None,
     unbonding: Annotated[float, typer.Option(min=0, help="Seconds unstaked credits stay "
                                              "locked.")] = 7 * 24 * 3600,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -60,9 +63,23 @@ def coordinator(
 
     _logging(log_level)
     from covey.coordinator.ledger.bank import BankPolicy
+    from covey.coordinator.ledger.pricing import Price
+
+    prices: dict[str, Price] = {}
+    for spec in price or []:
+        model_name, _, pair = spec.partition("=")
+        try:
+            prompt_p, completion_p = (int(x) for x in pair.split(","))
+            if not model_name or prompt_p < 0 or completion_p < 0:
+                raise ValueError
+        except ValueError:
+            err.print(f"[red]error:[/red] --price {spec!r}: expected MODEL=PROMPT,COMPLETION "
+                      "(µcr per 1M tokens, whole numbers)")
+            raise typer.Exit(2) from None
+        prices[model_name] = Price(prompt_p, completion_p)
 
     config = CoordinatorConfig(data_dir=data_dir, stall_timeout=stall_timeout,
-                               database_url=database_url,
+                               database_url=database_url, prices=prices,
                                bank=BankPolicy(grant=grant, fee_bps=fee_bps,
                                                min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
