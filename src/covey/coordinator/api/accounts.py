@@ -51,10 +51,9 @@ async def account(request: Request, account_id: Account) -> dict[str, object]:
     bank = billing_of(request).bank
 
     def read() -> dict[str, object]:
-        return {"object": "account", "id": account_id,
-                "balance": bank.ledger.balance(user(account_id)),
-                "held": bank.held(account_id), "usage": bank.usage_by_model(account_id),
-                "unit": "µcr"}
+        balance, held = bank.balance_and_held(account_id)
+        return {"object": "account", "id": account_id, "balance": balance, "held": held,
+                "usage": bank.usage_by_model(account_id), "unit": "µcr"}
 
     return await asyncio.to_thread(read)
 

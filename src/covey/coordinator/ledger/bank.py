@@ -202,11 +202,22 @@ class Bank:
 
     def held(self, account_id: str) -> int:
         """µcr of ``account_id`` now in open escrows (every escrow it funded, summed)."""
+        return self.balance_and_held(account_id)[1]
+
+    def balance_and_held(self, account_id: str) -> tuple[int, int]:
+        """(balance, µcr in open escrows) of ``account_id``, read in one statement so both
+        come from the same snapshot (a settlement landing between two reads would otherwise
+        show credits in neither place)."""
         funded = (select(transfers.c.credit).where(transfers.c.debit == user(account_id))
                   .where(transfers.c.kind == "hold").distinct())
-        q = select(func.sum(balances.c.balance)).where(balances.c.account.in_(funded))
+        q = select(
+            select(balances.c.balance).where(balances.c.account == user(account_id))
+            .scalar_subquery(),
+            select(func.sum(balances.c.balance)).where(balances.c.account.in_(funded))
+            .scalar_subquery())
         with self.ledger.engine.connect() as conn:
-            return int(conn.execute(q).scalar() or 0)
+            balance, held = conn.execute(q).one()
+        return int(balance or 0), int(held or 0)
 
     def account_exists(self, account: str) -> bool:
         """True for a signed-up user's account id, or ``miner:<id>`` of a miner the ledger
