@@ -200,10 +200,6 @@ class Bank:
                 "balance": self.ledger.balance(miner(miner_id)),
                 "staked": self.staked(miner_id)}
 
-    def held(self, account_id: str) -> int:
-        """µcr of ``account_id`` now in open escrows (every escrow it funded, summed)."""
-        return self.balance_and_held(account_id)[1]
-
     def balance_and_held(self, account_id: str) -> tuple[int, int]:
         """(balance, µcr in open escrows) of ``account_id``, read in one statement so both
         come from the same snapshot (a settlement landing between two reads would otherwise

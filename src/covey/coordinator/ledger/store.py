@@ -31,7 +31,6 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
-    func,
     insert,
     select,
     update,
@@ -430,8 +429,3 @@ class Ledger:
         if report.total != report.minted:
             report.problems.append(f"balances sum to {report.total}, minted {report.minted}")
         return report
-
-    def count(self) -> int:
-        """Number of entries in the log."""
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(transfers)).scalar() or 0)
