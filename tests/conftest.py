@@ -142,6 +142,17 @@ class Network:
         logs = "\n".join(m.output()[-2000:] for m in self.miners)
         raise RuntimeError(f"expected {n} miners, have {self.live_miners(model)}\n{logs}")
 
+    def active_jobs(self) -> int:
+        """Jobs running on all live miners, as the coordinator counts them."""
+        return sum(m["active"] for m in httpx.get(f"{self.url}/v1/miners").json()["data"])
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no miner has a running job, polling for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.active_jobs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.active_jobs() == 0
+
     def close(self) -> None:
         for m in self.miners:
             m.stop()

@@ -111,12 +111,7 @@ def test_client_leaving_a_non_streaming_request_cancels_its_job(bare_network: Ne
             json=body,
             timeout=1.5,
         )
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        if httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] == 0:
-            break
-        time.sleep(0.05)
-    assert httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] == 0
+    assert bare_network.wait_idle(1.5)
     # It received no token, so it pays for its prompt only.
     usage = httpx.get(f"{bare_network.url}/v1/account", headers=bare_network.headers).json()
     assert usage["usage"]["smollm2-135m-instruct"]["completion_tokens"] == 0

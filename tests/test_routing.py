@@ -59,13 +59,7 @@ def test_slots_run_jobs_at_once_and_disconnect_frees_them(bare_network: Network)
             miner = httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]
             assert miner["active"] == 2
     # Both clients hung up mid-stream: their jobs are cancelled and the slots freed at once.
-    deadline = time.monotonic() + 1.0
-    while (
-        httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"]
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert httpx.get(f"{bare_network.url}/v1/miners").json()["data"][0]["active"] == 0
+    assert bare_network.wait_idle(1.0)
     t0 = time.monotonic()
     r = httpx.post(
         f"{bare_network.url}/v1/completions",

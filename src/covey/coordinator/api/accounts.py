@@ -132,12 +132,7 @@ async def quote(request: Request, _account: Account) -> JSONResponse:
                        code="invalid_json") from None
     job = chat_job(body) if isinstance(body, ChatCompletionRequest) else completion_job(body)
     encode_job(job)  # the same 400 as the endpoint for text JSON cannot carry
-    serving = request.app.state.serving
-    serving.dispatcher.check(job.model)
-    offers = serving.offers(job.model)
-    prompt, completion, max_cost = serving.billing.quote(
-        job, serving.context_length(job.model), offers)
-    price = serving.billing.price(job.model, offers)
+    prompt, completion, max_cost, price = request.app.state.serving.quote(job)
     return JSONResponse({"object": "quote", "model": job.model,
                          "max_prompt_tokens": prompt, "max_completion_tokens": completion,
                          "max_cost": max_cost, "unit": "µcr",

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
 from covey.coordinator.jobs import RunningJob, encode_job, start_job
+from covey.coordinator.ledger.pricing import Price
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Done, Job, ModelOffer
+from covey.protocol import Delta, Done, Job
 from covey.protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -154,13 +155,20 @@ class Serving:
         self.billing = billing
         self.stall_timeout = stall_timeout
 
-    def offers(self, model: str) -> list[ModelOffer]:
-        """What the live miners serving ``model`` offer (their asks bound the hold)."""
-        return [o for s in self.dispatcher.registry.serving(model)
-                if (o := s.offer(model)) is not None]
+    def quote(self, job: Job) -> tuple[int, int, int, Price]:
+        """(prompt token bound, completion token cap, maximum cost in µcr, price) of
+        ``job`` among the live miners serving its model: the largest context any offers
+        and the highest ask bound what it may cost.
 
-    def context_length(self, model: str) -> int:
-        return self.dispatcher.registry.models().get(model, (0, 4096))[1]
+        Raises:
+            ApiError: 404 unknown model, 503 no live miner (with the minimum stake).
+        """
+        self.dispatcher.check(job.model)
+        offers = [o for s in self.dispatcher.registry.serving(job.model)
+                  if (o := s.offer(job.model)) is not None]
+        context = max(o.context_length for o in offers)
+        prompt, completion, max_cost = self.billing.quote(job, context, offers)
+        return prompt, completion, max_cost, self.billing.price(job.model, offers)
 
     def _on_close(self, account: str, stream: bool
                   ) -> Callable[[RunningJob], Awaitable[object]]:
@@ -190,9 +198,7 @@ class Serving:
         402, 429, a miner's 400 …) before any byte is sent to the client. ``stream``: the
         answer goes out token by token (a client that leaves then pays for what it got)."""
         payload = encode_job(job)
-        self.dispatcher.check(job.model)
-        _, _, max_cost = self.billing.quote(job, self.context_length(job.model),
-                                            self.offers(job.model))
+        _, _, max_cost, _ = self.quote(job)
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
         try:
             await asyncio.shield(hold)
