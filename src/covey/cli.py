@@ -6,7 +6,6 @@ Only this module and ``cli_up`` import typer and rich; the core packages stay fr
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from covey.logs import setup_logging
+from covey.miner.backends.base import Backend
 from covey.miner.models import BUNDLED_MODEL
 
 app = typer.Typer(help="Covey: an open network for decentralized AI inference.",
@@ -24,9 +25,15 @@ err = Console(stderr=True, soft_wrap=True)
 DataDir = Annotated[Path, typer.Option(help="Where state, keys and logs are kept.")]
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, fmt: str = "text") -> None:
+    try:
+        setup_logging(level, fmt)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+LogFormat = Annotated[str, typer.Option(help="json (one object per line) or text.")]
 
 
 @app.command()
@@ -37,8 +44,17 @@ def coordinator(
     queue_size: Annotated[int, typer.Option(help="Requests that may wait per model when "
                                             "every miner slot is busy; more get 429.")] = 64,
     queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait.")] = 120.0,
-    stall_timeout: Annotated[float, typer.Option(help="Seconds a running job may go without "
-                                                 "a frame from its miner.")] = 60.0,
+    stall_timeout: Annotated[float, typer.Option(
+        min=0.1, help="Seconds a running job may go without a frame from its miner before "
+        "it moves to another.")] = 30.0,
+    max_tries: Annotated[int, typer.Option(min=1, help="Miners a job may run on in all "
+                                           "(failover).")] = 3,
+    miner_timeout: Annotated[float, typer.Option(
+        min=0.5, help="Seconds of silence after which a miner is evicted.")] = 6.0,
+    key_concurrency: Annotated[int, typer.Option(
+        min=0, help="Requests one API key may have open at once (0: no limit).")] = 32,
+    key_rpm: Annotated[int, typer.Option(
+        min=0, help="Requests one API key may start per minute (0: no limit).")] = 6000,
     database_url: Annotated[str | None, typer.Option(
         help="Ledger database (default: SQLite in DATA_DIR), e.g. "
              "postgresql+psycopg://user@host/db.")] = None,
@@ -54,14 +70,20 @@ def coordinator(
     unbonding: Annotated[float, typer.Option(min=0, help="Seconds unstaked credits stay "
                                              "locked.")] = 7 * 24 * 3600,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_format: LogFormat = "json",
+    access_log: Annotated[bool, typer.Option(help="uvicorn's access log too (the request "
+                                             "log already has a line per request).")
+                          ] = False,
 ) -> None:
     """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
     import uvicorn
 
     from covey.coordinator.app import CoordinatorConfig, create_app
+    from covey.coordinator.jobs import FailoverPolicy
+    from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     from covey.coordinator.ledger.bank import BankPolicy
     from covey.coordinator.ledger.pricing import Price
 
@@ -78,13 +100,16 @@ def coordinator(
             raise typer.Exit(2) from None
         prices[model_name] = Price(prompt_p, completion_p)
 
-    config = CoordinatorConfig(data_dir=data_dir, stall_timeout=stall_timeout,
+    config = CoordinatorConfig(data_dir=data_dir, miner_timeout=miner_timeout,
+                               heartbeat_interval=min(2.0, miner_timeout / 3),
+                               failover=FailoverPolicy(max_tries, stall_timeout),
+                               key_limits=KeyLimitPolicy(key_concurrency, key_rpm),
                                database_url=database_url, prices=prices,
                                bank=BankPolicy(grant=grant, fee_bps=fee_bps,
                                                min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=3)
+                timeout_graceful_shutdown=3, log_config=None, access_log=access_log)
 
 
 @app.command()
@@ -93,7 +118,7 @@ def miner(
         "http://127.0.0.1:8000"),
     model: Annotated[str, typer.Option(help="A bundled model name or a path to a .gguf file.")
                      ] = BUNDLED_MODEL,
-    slots: Annotated[int, typer.Option(min=1, max=64, help="Jobs run at once.")] = 1,
+    slots: Annotated[int, typer.Option(min=1, max=1024, help="Jobs run at once.")] = 1,
     name: Annotated[str | None, typer.Option(help="Name to serve a GGUF path under.")] = None,
     key: Annotated[Path | None, typer.Option(help="Identity key file (default: "
                                              "DATA_DIR/miner.key, made on first run).")] = None,
@@ -109,35 +134,52 @@ def miner(
                           ] = 0,
     ask_completion: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M "
                                                 "completion tokens.")] = 0,
+    backend: Annotated[str, typer.Option(
+        help="llama.cpp, or synthetic: deterministic filler text with no model, for load "
+             "tests only (served as --name, default 'synthetic').")] = "llama.cpp",
+    tokens_per_second: Annotated[float, typer.Option(
+        min=0, help="Synthetic backend: tokens per second per job (0: unthrottled).")] = 50.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
     from covey.miner.agent import HelloRefused, MinerAgent
     from covey.miner.models import ModelNotFound, resolve_model, weights_sha256
     from covey.protocol.identity import IdentityError, load_or_create
 
-    _logging(log_level)
+    _logging(log_level, log_format)
+    if backend not in ("llama.cpp", "synthetic"):
+        err.print(f"[red]error:[/red] --backend {backend!r}: expected llama.cpp or synthetic")
+        raise typer.Exit(2)
     try:
         signing_key = load_or_create(key or data_dir / "miner.key")
-        model_file = resolve_model(model, name)
+        model_file = resolve_model(model, name) if backend == "llama.cpp" else None
     except (IdentityError, ModelNotFound) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    try:
-        from covey.miner.backends.llama_cpp import LlamaCppBackend, LlamaCppConfig
-    except ImportError as exc:
-        err.print("[red]error:[/red] the llama.cpp backend needs: pip install 'covey[llama]'")
-        raise typer.Exit(2) from exc
-    sha = weights_sha256(model_file.path, data_dir)
-    backend = LlamaCppBackend(model_file, sha, slots,
-                              LlamaCppConfig(n_ctx=ctx, n_threads=threads,
-                                             n_gpu_layers=gpu_layers,
-                                             stream_interval=stream_interval,
-                                             ask_prompt=ask_prompt,
-                                             ask_completion=ask_completion))
-    agent = MinerAgent(coordinator, signing_key, backend)
-    err.print(f"miner {agent.miner_id[:16]}… serving {model_file.name} "
-              f"({sha[:12]}…, {slots} slot(s)) to {coordinator}")
+    served: Backend
+    if model_file is None:
+        from covey.miner.backends.synthetic import SyntheticBackend
+
+        served = SyntheticBackend(name or "synthetic", slots, tokens_per_second, ctx,
+                                  stream_interval)
+    else:
+        try:
+            from covey.miner.backends.llama_cpp import LlamaCppBackend, LlamaCppConfig
+        except ImportError as exc:
+            err.print("[red]error:[/red] the llama.cpp backend needs: "
+                      "pip install 'covey[llama]'")
+            raise typer.Exit(2) from exc
+        served = LlamaCppBackend(model_file, weights_sha256(model_file.path, data_dir), slots,
+                                 LlamaCppConfig(n_ctx=ctx, n_threads=threads,
+                                                n_gpu_layers=gpu_layers,
+                                                stream_interval=stream_interval,
+                                                ask_prompt=ask_prompt,
+                                                ask_completion=ask_completion))
+    agent = MinerAgent(coordinator, signing_key, served)
+    offer = served.offer
+    err.print(f"miner {agent.miner_id[:16]}… serving {offer.name} via {offer.backend} "
+              f"({offer.sha256[:12]}…, {slots} slot(s)) to {coordinator}")
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +192,7 @@ def miner(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:
-        backend.close()
+        served.close()
 
 
 @app.command()

@@ -12,19 +12,23 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from covey import __version__
 from covey.coordinator.api import accounts, chat, models
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
+from covey.coordinator.jobs import FailoverPolicy
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy
 from covey.coordinator.ledger.pricing import Price
 from covey.coordinator.limits import BodyLimit
+from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
+from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.protocol.identity import load_or_create
 
@@ -45,8 +49,9 @@ class CoordinatorConfig:
     """Coordinator settings.
 
     ``heartbeat_interval`` and ``miner_timeout`` in seconds (a miner silent for
-    ``miner_timeout`` is evicted); ``stall_timeout``: seconds a running job may go without a
-    frame before the client gets 504; ``queue``: waiting policy when all slots are busy;
+    ``miner_timeout`` is evicted, within a second of it); ``failover``: how many miners a
+    job may try and how long one may stall; ``queue``: waiting policy when all slots are
+    busy; ``key_limits``: requests per API key at once and per minute;
     ``database_url``: SQLAlchemy URL of the ledger (default: SQLite in ``data_dir``);
     ``bank``: grant, fee and stake rules; ``prices``: µcr per 1M tokens by model.
     """
@@ -55,10 +60,11 @@ class CoordinatorConfig:
     database_url: str | None = None
     bank: BankPolicy = BankPolicy()
     prices: dict[str, Price] = field(default_factory=dict)
-    heartbeat_interval: float = 3.0
-    miner_timeout: float = 10.0
-    stall_timeout: float = 60.0
+    heartbeat_interval: float = 2.0
+    miner_timeout: float = 6.0
+    failover: FailoverPolicy = FailoverPolicy()
     queue: QueuePolicy = QueuePolicy()
+    key_limits: KeyLimitPolicy = KeyLimitPolicy()
     catalog: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CATALOG))
 
 
@@ -90,13 +96,22 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.registry = registry
     app.state.dispatcher = dispatcher
-    app.state.serving = Serving(dispatcher, billing, config.stall_timeout)
+    metrics = Metrics(queue_depth=dispatcher.waiting,
+                      miners_online=lambda: len(registry.sessions))
+    registry.evictions = lambda reason: metrics.evictions.labels(reason).inc()
+    app.state.metrics = metrics
+    app.state.serving = Serving(dispatcher, billing, config.failover, metrics,
+                                KeyLimits(config.key_limits))
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(accounts.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/v1/miners/connect")
     async def miners_connect(ws: WebSocket) -> None:

@@ -1,17 +1,30 @@
-"""Running one job on a miner: dispatch, frame stream, cancellation and slot release."""
+"""Running one job: dispatch, frame stream, failover to another miner, cancellation and
+slot release."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from pydantic_core import PydanticSerializationError
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MINER_GONE, MinerSession
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Cancel, Delta, Done, Job, JobError, Progress, Started, encode_frame
+from covey.protocol import (
+    Cancel,
+    Delta,
+    Done,
+    Job,
+    JobError,
+    Progress,
+    Resume,
+    Started,
+    encode_frame,
+)
 
 log = logging.getLogger("covey.coordinator.jobs")
 
@@ -27,37 +40,92 @@ def miner_error(frame: JobError) -> ApiError:
                     type="server_error")
 
 
-def _gone() -> ApiError:
-    return ApiError(502, "The miner serving this request disconnected before it finished; "
-                    "please retry.", code="miner_disconnected", type="server_error")
+class MinerFault(Exception):
+    """The miner, not the request, failed: another miner may finish the job.
+
+    ``reason`` is a metrics label (``disconnected``, ``stalled``, ``miner_error``,
+    ``protocol``); ``error`` is what the client sees if no other miner can take over.
+    """
+
+    def __init__(self, reason: str, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.reason = reason
+        self.error = error
+
+
+def _gone() -> MinerFault:
+    return MinerFault("disconnected", ApiError(
+        502, "The miner serving this request disconnected before it finished; please retry.",
+        code="miner_disconnected", type="server_error"))
+
+
+def _protocol(what: str) -> MinerFault:
+    return MinerFault("protocol", ApiError(502, f"The miner broke the protocol ({what}).",
+                                           code="miner_protocol_error", type="server_error"))
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """``max_tries``: miners a job may run on in all (the first included) before the client
+    gets the last miner's error; ``stall_timeout``: seconds a miner may send nothing for a
+    running job before it counts as stalled."""
+
+    max_tries: int = 3
+    stall_timeout: float = 30.0
 
 
 class RunningJob:
-    """A job dispatched to ``session``; iterate :meth:`frames` for its deltas and done.
+    """A job on its way through one or more miners; iterate :meth:`frames` for its deltas
+    and its done.
 
-    Always call :meth:`close` (it cancels the job on the miner if it is still running, and
-    frees the slot); ``async with`` does it.
+    When the miner fails (disconnects, stalls, errors), :meth:`frames` moves the job to
+    another miner with the same weights, which resumes from the exact token ids delivered so
+    far (:class:`~covey.protocol.Resume`), so the client sees one unbroken answer. Always
+    call :meth:`close` (it cancels the job on the miner if it is still running and frees the
+    slot); ``async with`` does it.
+
+    After the end: ``started`` is the first miner's ``started``, ``done`` the final
+    ``done`` with usage for the whole answer, ``delivered`` the token ids handed out,
+    ``failed`` whether the job ended on a miner's failure, ``session`` the last miner,
+    ``failovers`` how many times the job moved.
     """
 
-    def __init__(self, job: Job, payload: str, session: MinerSession, dispatcher: Dispatcher,
-                 stall_timeout: float,
-                 on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None
-                 ) -> None:
+    def __init__(self, job: Job, dispatcher: Dispatcher, account: str, policy: FailoverPolicy,
+                 on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
+                 on_failover: Callable[[str], None] | None = None) -> None:
         self.job = job
+        self.account = account
+        self.policy = policy
         self.done: Done | None = None
-        self.failed = False
-        self.delivered = 0
-        self.settlement: Awaitable[object] | None = None
-        self._on_close = on_close
-        self._payload = payload
-        self.session = session
         self.started: Started | None = None
+        self.failed = False
+        self.error: ApiError | None = None
+        """The error the job failed with, once it failed on miners."""
+        self.failovers = 0
+        self.session: MinerSession | None = None
+        self.settlement: Awaitable[object] | None = None
+        self.first_token_at: float | None = None
+        """``time.monotonic()`` when the first delta arrived (None before)."""
+        self._ids: list[int] = []
+        self._chars = 0
+        self._tried: list[str] = []
+        self._sha256: str | None = None
         self._dispatcher = dispatcher
-        self._stall_timeout = stall_timeout
+        self._on_close = on_close
+        self._on_failover = on_failover
         self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._attached = False
         self._finished = False
         self._closed = False
-        session.jobs[job.job_id] = self._queue  # type: ignore[assignment]
+        self._attempt_ids = 0
+        self._attempt_start = 0.0
+        self._attempt_first: float | None = None
+        self._attempt_last = 0.0
+
+    @property
+    def delivered(self) -> int:
+        """Token ids handed to the client so far, over all miners."""
+        return len(self._ids)
 
     async def __aenter__(self) -> RunningJob:
         return self
@@ -68,68 +136,168 @@ class RunningJob:
             await self.settlement  # the answer is complete: let the charge land before [DONE]
 
     async def _next(self) -> Started | Delta | Done:
-        """The next frame that matters; ``progress`` frames only restart the stall timer."""
+        """The next frame that matters; ``progress`` frames only restart the stall timer.
+
+        Raises:
+            MinerFault: the miner disconnected, stalled or failed.
+            ApiError: the miner refused the request itself (a 400).
+        """
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that races with a frame, and the job would outlive its departed client.
-                async with asyncio.timeout(self._stall_timeout):
+                async with asyncio.timeout(self.policy.stall_timeout):
                     item = await self._queue.get()
             except TimeoutError:
-                self.failed = True
-                raise ApiError(504, f"The miner sent nothing for {self._stall_timeout:.0f} s.",
-                               code="miner_timeout", type="server_error") from None
+                raise MinerFault("stalled", ApiError(
+                    504, f"The miner sent nothing for {self.policy.stall_timeout:.0f} s.",
+                    code="miner_timeout", type="server_error")) from None
             if not isinstance(item, Progress):
                 break
         if item is MINER_GONE:
-            self.failed = True
             raise _gone()
         if isinstance(item, JobError):
-            self._finished = self.failed = True
-            raise miner_error(item)
-        if isinstance(item, Delta):
-            self.delivered += len(item.token_ids)
-        elif isinstance(item, Done):
-            self.done = item
+            error = miner_error(item)
+            if error.status == 400:
+                self._finished = True
+                raise error
+            raise MinerFault("miner_error", error)
         assert isinstance(item, Started | Delta | Done)
         return item
 
-    async def send(self) -> Started:
-        """Send the job and wait for ``started`` (the prompt fits; prefill begins).
+    async def start(self) -> None:
+        """Reserve a miner, send the job and wait until a miner has started it (moving to
+        another miner if the first fails before that).
 
         Raises:
-            ApiError: the miner refused the job (e.g. 400 ``context_length_exceeded``),
-                disconnected or stalled.
+            ApiError: 404/503/429 from routing, the miner's refusal of the request (400), or
+                the last miner's failure once :attr:`FailoverPolicy.max_tries` are spent.
         """
         try:
-            await self.session.websocket.send_text(self._payload)
+            await self._dispatch()
+        except MinerFault as fault:
+            await self._fail_over(fault)
+
+    async def _dispatch(self) -> None:
+        session = await self._dispatcher.acquire(
+            self.job.model, self.account, self._sha256, frozenset(self._tried),
+            priority=bool(self._tried))
+        self.session = session
+        self._attached = True
+        self._tried.append(session.miner_id)
+        offer = session.offer(self.job.model)
+        if self._sha256 is None and offer is not None:
+            self._sha256 = offer.sha256
+        self._queue = asyncio.Queue()
+        session.jobs[self.job.job_id] = self._queue  # type: ignore[assignment]
+        job = self.job.model_copy(update={
+            "model_sha256": self._sha256,
+            "resume": Resume(token_ids=tuple(self._ids), text_chars=self._chars)
+            if self._ids else None})
+        self._attempt_ids = 0
+        self._attempt_first = None
+        self._attempt_start = time.monotonic()
+        try:
+            await session.websocket.send_text(encode_job(job))
+        except ApiError:
+            raise
         except Exception as exc:  # the socket died between choice and send
-            self.failed = True
             raise _gone() from exc
         frame = await self._next()
         if not isinstance(frame, Started):
-            self.failed = True
-            raise ApiError(502, "The miner broke the protocol (no 'started' frame).",
-                           code="miner_protocol_error", type="server_error")
-        self.started = frame
-        return frame
+            raise _protocol("no 'started' frame")
+        if self.started is None:
+            self.started = frame
+
+    async def _fail_over(self, fault: MinerFault) -> None:
+        """Drop the failed miner and start the job on another, until one starts it.
+
+        Raises:
+            ApiError: tries spent or no other miner: the last failure, for the client.
+        """
+        while True:
+            failed = self.session
+            assert failed is not None
+            log.warning("job %s: miner %s failed (%s) after %d tokens", self.job.job_id,
+                        failed.miner_id[:16], fault.reason, len(self._ids))
+            self._dispatcher.scores.failure(failed.miner_id)
+            self._detach()
+            if len(self._tried) >= self.policy.max_tries:
+                self.failed = True
+                self.error = fault.error
+                raise fault.error
+            self.failovers += 1
+            if self._on_failover is not None:
+                self._on_failover(fault.reason)
+            try:
+                await self._dispatch()
+                return
+            except MinerFault as again:
+                fault = again
+            except ApiError as exc:
+                if exc.status == 400:
+                    raise
+                self.failed = True
+                self.error = ApiError(502, f"{fault.error.message} No other miner could take "
+                                      f"the request over: {exc.message}",
+                                      code=fault.error.code, type="server_error")
+                raise self.error from None
+
+    def _detach(self) -> None:
+        """Leave the current miner: cancel there if unfinished, free the slot."""
+        if not self._attached or self.session is None:
+            return
+        self._attached = False
+        session = self.session
+        session.jobs.pop(self.job.job_id, None)
+        if not self._finished and not session.closed:
+            session.send_soon(Cancel(job_id=self.job.job_id))
+        self._dispatcher.release(session, self.account)
 
     async def frames(self) -> AsyncIterator[Delta | Done]:
-        """Deltas, then the final ``done``. Raises :class:`ApiError` like :meth:`send`."""
+        """Deltas, then the final ``done`` (usage for the whole answer); a miner's failure
+        moves the job to another miner unseen. Raises :class:`ApiError` like :meth:`start`.
+        """
         while True:
-            frame = await self._next()
-            if isinstance(frame, Started):
-                self.failed = True
-                raise ApiError(502, "The miner broke the protocol (second 'started').",
-                               code="miner_protocol_error", type="server_error")
-            if isinstance(frame, Done):
-                self._finished = True
+            try:
+                frame = await self._next()
+                if isinstance(frame, Started):
+                    raise _protocol("second 'started'")
+            except MinerFault as fault:
+                await self._fail_over(fault)
+                continue
+            now = time.monotonic()
+            if isinstance(frame, Delta):
+                if self._attempt_first is None:
+                    self._attempt_first = now
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                self._attempt_last = now
+                self._attempt_ids += len(frame.token_ids)
+                self._ids.extend(frame.token_ids)
+                self._chars += len(frame.text)
                 yield frame
-                return
-            yield frame
+                continue
+            self._finished = True
+            self._score_success()
+            resumed = len(self._ids) - self._attempt_ids
+            self.done = frame.model_copy(update={
+                "prompt_tokens": self.started.prompt_tokens if self.started else 0,
+                "completion_tokens": resumed + frame.completion_tokens})
+            yield self.done
+            return
+
+    def _score_success(self) -> None:
+        if self.session is None:
+            return
+        ttft = (self._attempt_first - self._attempt_start
+                if self._attempt_first is not None else None)
+        elapsed = self._attempt_last - (self._attempt_first or self._attempt_last)
+        tps = (self._attempt_ids - 1) / elapsed if self._attempt_ids > 1 and elapsed > 0 else None
+        self._dispatcher.scores.success(self.session.miner_id, ttft, tps)
 
     def close(self) -> None:
-        """Cancel on the miner if unfinished; free the slot. Safe to call twice.
+        """Cancel on the miner if unfinished; free the slot; settle. Safe to call twice.
 
         Synchronous on purpose: it runs while the request's task is being cancelled (the
         client left), where any ``await`` would be cancelled too and the slot would leak.
@@ -137,10 +305,7 @@ class RunningJob:
         if self._closed:
             return
         self._closed = True
-        self.session.jobs.pop(self.job.job_id, None)
-        if not self._finished and not self.session.closed:
-            self.session.send_soon(Cancel(job_id=self.job.job_id))
-        self._dispatcher.release(self.session)
+        self._detach()
         if self._on_close is not None:
             self.settlement = self._on_close(self)
 
@@ -158,23 +323,22 @@ def encode_job(job: Job) -> str:
                        f"({exc}).", code="invalid_value") from None
 
 
-async def start_job(dispatcher: Dispatcher, job: Job, payload: str, stall_timeout: float,
-                    on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None
-                    ) -> RunningJob:
-    """Reserve a miner for ``job``, send ``payload`` (:func:`encode_job`), and wait until
-    the miner has started it.
+async def start_job(dispatcher: Dispatcher, job: Job, account: str, policy: FailoverPolicy,
+                    on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
+                    on_failover: Callable[[str], None] | None = None) -> RunningJob:
+    """Reserve a miner for ``job``, send it, and wait until a miner has started it.
 
     ``on_close`` is called once when the job ends, however it ends (see
-    :attr:`RunningJob.done`, ``failed``, ``started`` and ``delivered``).
+    :attr:`RunningJob.done`, ``failed``, ``started`` and ``delivered``); ``on_failover`` with
+    a reason each time the job moves to another miner.
 
     Raises:
-        ApiError: 404/503/429 from routing, or the miner's refusal (see
-            :meth:`RunningJob.send`).
+        ApiError: see :meth:`RunningJob.start`.
     """
-    session = await dispatcher.acquire(job.model)
-    running = RunningJob(job, payload, session, dispatcher, stall_timeout, on_close)
+    encode_job(job)  # a request JSON cannot carry fails here, as a 400, before any miner
+    running = RunningJob(job, dispatcher, account, policy, on_close, on_failover)
     try:
-        await running.send()
+        await running.start()
     except BaseException:
         running.close()
         raise

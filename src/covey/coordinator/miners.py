@@ -12,6 +12,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -109,7 +110,10 @@ class MinerRegistry:
         self.catalog: dict[str, int] = dict(catalog or {})
         self.stakes: dict[str, int] = {}
         """µcr staked by each miner id, kept in step with the ledger by the coordinator."""
-        self._listeners: list[asyncio.Event] = []
+        self.on_change: list[Callable[[], None]] = []
+        """Called after a miner joins or leaves, or a stake changes."""
+        self.evictions: Callable[[str], None] = lambda reason: None
+        """Called with a reason each time a miner is evicted (a metrics hook)."""
 
     def set_stake(self, miner_id: str, staked: int) -> None:
         """Record a miner's stake (µcr) after it changed in the ledger."""
@@ -154,21 +158,10 @@ class MinerRegistry:
         session.fail_open_jobs()
         self.notify()
 
-    def listen(self) -> asyncio.Event:
-        """An event set on the next change (join, leave, slot freed)."""
-        ev = asyncio.Event()
-        self._listeners.append(ev)
-        return ev
-
-    def unlisten(self, ev: asyncio.Event) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(ev)
-
     def notify(self) -> None:
-        """Wake everything waiting for a change."""
-        listeners, self._listeners = self._listeners, []
-        for ev in listeners:
-            ev.set()
+        """Tell every :attr:`on_change` callback that the set of miners changed."""
+        for callback in self.on_change:
+            callback()
 
 
 async def _handshake(ws: WebSocket, timeout: float) -> Hello | None:
@@ -215,6 +208,7 @@ async def serve_miner(
     session = MinerSession(miner_id=hello.public_key, hello=hello, websocket=ws)
     old = registry.add(session)
     if old is not None:
+        registry.evictions("replaced")
         registry.remove(old)
         await _close(old.websocket, 1000, "replaced by a new session")
     log.info("miner %s joined: %s, %d slots", session.miner_id[:16],
@@ -233,6 +227,7 @@ async def serve_miner(
                 frame = decode_frame(raw)
             except ValidationError:
                 log.warning("miner %s sent a malformed frame; disconnecting", session.miner_id[:16])
+                registry.evictions("malformed_frame")
                 await _close(ws, CLOSE_BAD_DATA, "malformed frame")
                 return
             if isinstance(frame, Heartbeat):
@@ -244,6 +239,7 @@ async def serve_miner(
                 continue
             log.warning("miner %s sent a %s frame; disconnecting", session.miner_id[:16],
                         frame.type)
+            registry.evictions("unexpected_frame")
             await _close(ws, CLOSE_BAD_DATA, f"unexpected {frame.type} frame")
             return
     except (WebSocketDisconnect, RuntimeError):
@@ -257,15 +253,26 @@ async def serve_miner(
 async def _heartbeats(
     session: MinerSession, interval: float, timeout: float, registry: MinerRegistry
 ) -> None:
-    """Ping the miner every ``interval`` s; evict it when silent for ``timeout`` s."""
+    """Ping the miner every ``interval`` s; evict it once silent for ``timeout`` s.
+
+    Silence is checked every second (or every ``interval`` if shorter), so eviction comes at
+    most a second after the timeout, whatever the ping interval.
+    """
+    tick = min(1.0, interval)
+    next_ping = time.monotonic() + interval
     try:
         while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - session.last_seen > timeout:
-                log.warning("miner %s silent for %.0f s; evicting", session.miner_id[:16], timeout)
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - session.last_seen > timeout:
+                log.warning("miner %s silent for %.0f s; evicting", session.miner_id[:16],
+                            now - session.last_seen)
+                registry.evictions("heartbeat_timeout")
                 registry.remove(session)
                 await _close(session.websocket, 1001, "heartbeat timeout")
                 return
-            await session.send(Heartbeat(active=session.active))
+            if now >= next_ping:
+                next_ping = now + interval
+                await session.send(Heartbeat(active=session.active))
     except (WebSocketDisconnect, RuntimeError, OSError):
         registry.remove(session)

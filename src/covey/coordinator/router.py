@@ -1,52 +1,79 @@
-"""Choosing a miner for a job, and waiting in a bounded queue when all are busy.
+"""Choosing a miner for a job, and a fair, bounded queue when all are busy.
 
-:func:`choose_miner` is a pure decision; :class:`Dispatcher` adds the waiting around it.
+:func:`choose_miner` is a pure decision; :class:`Dispatcher` keeps the miners with a free
+slot per model and the requests waiting for one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import random
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MinerRegistry, MinerSession
+from covey.coordinator.scores import Scoreboard
+
+_BUCKET = math.log(1.25)
+"""Reputation and speed are compared in steps of 25%: closer than that, miners count as
+equal and the one idle longest goes first, so noise in the measurements cannot pin all
+traffic on one of two equal miners."""
+
+SAMPLE_ABOVE = 16
+"""With more free miners than this, routing looks at :data:`SAMPLE_SIZE` of them drawn at
+random ("power of d choices", Mitzenmacher 2001: nearly the balance of a full scan at a
+fixed cost, so a request costs the same with 10 miners or 10,000)."""
+SAMPLE_SIZE = 8
 
 
 @dataclass(frozen=True)
 class Candidate:
     """What routing needs to know of a miner: ``active`` jobs of ``slots``, when it was
-    last given a job (monotonic seconds) and its price (µcr per 1M completion tokens, then
-    per 1M prompt tokens)."""
+    last given a job (monotonic seconds), its price (µcr per 1M completion tokens, then
+    per 1M prompt tokens), its ``reputation`` and the seconds it is expected to take for a
+    typical answer (None: not measured yet)."""
 
     active: int
     slots: int
     last_dispatch: float
     price: tuple[int, int] = (0, 0)
+    reputation: float = 1.0
+    expected_s: float | None = None
+
+
+def _bucket(x: float) -> int:
+    return math.floor(math.log(x) / _BUCKET + 1e-9)
+
+
+def _key(c: Candidate) -> tuple[float, int, int, tuple[int, int], int, float]:
+    # An unmeasured miner ranks as fastest, so every newcomer gets tried and measured.
+    speed = 10**6 if c.expected_s is None else -_bucket(max(c.expected_s, 1e-3))
+    return (c.active / c.slots, c.active, -_bucket(c.reputation), c.price, -speed,
+            c.last_dispatch)
 
 
 def choose_miner(candidates: Sequence[Candidate]) -> int | None:
     """Index of the miner to use, or None when every slot is taken.
 
-    Least loaded first (share of slots in use, then fewest running jobs); at equal load the
-    cheaper miner; then the miner idle longest, so sequential requests spread over equal
-    miners.
+    In order: least loaded (share of slots in use, then fewest running jobs); higher
+    reputation; cheaper; faster (measured time to first token plus decode time of a typical
+    answer); then the miner idle longest, so sequential requests spread over equal miners.
+    Reputation and speed count in 25% steps (see :data:`_BUCKET`).
     """
     best: int | None = None
-    best_key: tuple[float, int, tuple[int, int], float] | None = None
+    best_key: tuple[float, int, int, tuple[int, int], int, float] | None = None
     for i, c in enumerate(candidates):
         if c.active >= c.slots:
             continue
-        key = (c.active / c.slots, c.active, c.price, c.last_dispatch)
+        key = _key(c)
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
-
-
-def _price(session: MinerSession, model: str) -> tuple[int, int]:
-    offer = session.offer(model)
-    return (offer.ask_completion, offer.ask_prompt) if offer else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -59,92 +86,224 @@ class QueuePolicy:
     retry_after: int = 1
 
 
-class Dispatcher:
-    """Grants a miner slot to each request, FIFO per model when all slots are busy."""
+@dataclass(eq=False)
+class _Waiter:
+    account: str
+    sha256: str | None
+    exclude: frozenset[str]
+    future: asyncio.Future[MinerSession] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
-    def __init__(self, registry: MinerRegistry, policy: QueuePolicy, min_stake: int = 0
-                 ) -> None:
+
+class Dispatcher:
+    """Grants a miner slot to each request.
+
+    When every slot is busy, requests wait per model; a freed slot goes to the waiting
+    account with the fewest jobs running, first come first served within an account, so one
+    user sending a flood cannot starve the others. Failed-over jobs go before new ones.
+    """
+
+    def __init__(self, registry: MinerRegistry, policy: QueuePolicy, min_stake: int = 0,
+                 scores: Scoreboard | None = None) -> None:
         self.registry = registry
         self.policy = policy
         self.min_stake = min_stake
-        self._waiting: dict[str, int] = {}
+        self.scores = scores or Scoreboard()
+        self.running: dict[str, int] = {}
+        """Jobs running per account."""
+        self._waiting: dict[str, dict[str, deque[_Waiter]]] = {}
+        self._priority: dict[str, deque[_Waiter]] = {}
+        self._free: dict[str, dict[MinerSession, None]] = {}
+        self._free_dirty = True
+        registry.on_change.append(self._changed)
 
-    def waiting(self, model: str) -> int:
-        """Requests now queued for ``model``."""
-        return self._waiting.get(model, 0)
+    def waiting(self, model: str | None = None) -> int:
+        """Requests now queued for ``model`` (all models when None)."""
+        models = [model] if model is not None else list(self._waiting)
+        return sum(len(q) for m in models for q in self._waiting.get(m, {}).values()) + sum(
+            len(self._priority.get(m, ())) for m in models)
 
     def check(self, model: str) -> None:
         """Raise at once if ``model`` is unknown (404) or no live miner with the minimum
         stake serves it (503)."""
         self._live(model)
 
-    def _live(self, model: str) -> list[MinerSession]:
+    def _live(self, model: str, sha256: str | None = None,
+              exclude: frozenset[str] = frozenset()) -> list[MinerSession]:
         sessions = self.registry.serving(model)
         if not sessions:
             if not self.registry.is_known(model):
                 raise ApiError(404, f"The model '{model}' does not exist. "
                                "GET /v1/models lists the models of this network.",
                                code="model_not_found", param="model")
-            raise ApiError(503, f"No miner is serving '{model}' right now; try again later.",
-                           code="no_miner_available", type="service_unavailable",
-                           headers={"Retry-After": "5"})
+            raise _no_miner(f"No miner is serving '{model}' right now; try again later.")
         if self.min_stake:
-            sessions = [s for s in sessions
-                        if self.registry.stakes.get(s.miner_id, 0) >= self.min_stake]
+            sessions = [s for s in sessions if self._staked(s)]
             if not sessions:
-                raise ApiError(503, f"No miner serving '{model}' has the minimum stake "
-                               f"({self.min_stake} µcr) yet; try again later.",
-                               code="no_miner_available", type="service_unavailable",
-                               headers={"Retry-After": "5"})
+                raise _no_miner(f"No miner serving '{model}' has the minimum stake "
+                                f"({self.min_stake} µcr) yet; try again later.")
+        if sha256 is not None or exclude:
+            sessions = [s for s in sessions if self._fits(s, model, sha256, exclude)]
+            if not sessions:
+                raise _no_miner(f"No other miner serving '{model}' with the same weights is "
+                                "online.")
         return sessions
 
-    def _try_pick(self, model: str) -> MinerSession | None:
-        sessions = self._live(model)
-        i = choose_miner([Candidate(s.active, s.slots, s.last_dispatch, _price(s, model))
-                          for s in sessions])
+    def _staked(self, s: MinerSession) -> bool:
+        return self.registry.stakes.get(s.miner_id, 0) >= self.min_stake
+
+    @staticmethod
+    def _fits(s: MinerSession, model: str, sha256: str | None, exclude: frozenset[str]
+              ) -> bool:
+        if s.miner_id in exclude:
+            return False
+        offer = s.offer(model)
+        return offer is not None and (sha256 is None or offer.sha256 == sha256)
+
+    # -- free slots -------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._free_dirty = True
+        for model in [m for m in set(self._waiting) | set(self._priority) if self.waiting(m)]:
+            try:
+                self._live(model)
+            except ApiError as exc:  # the last miner left: waiting cannot help
+                for w in self._order(model):
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+        self._drain()
+
+    def _free_set(self, model: str) -> dict[MinerSession, None]:
+        if self._free_dirty:
+            self._free = {}
+            for s in self.registry.sessions.values():
+                if s.closed or s.active >= s.slots:
+                    continue
+                for m in s.hello.models:
+                    self._free.setdefault(m.name, {})[s] = None
+            self._free_dirty = False
+        return self._free.setdefault(model, {})
+
+    def _candidate(self, s: MinerSession, model: str) -> Candidate:
+        offer = s.offer(model)
+        score = self.scores.get(s.miner_id)
+        return Candidate(s.active, s.slots, s.last_dispatch,
+                         (offer.ask_completion, offer.ask_prompt) if offer else (0, 0),
+                         score.reputation, score.expected_seconds())
+
+    def _try_pick(self, model: str, w: _Waiter) -> MinerSession | None:
+        free = self._free_set(model)
+        pool = list(free) if len(free) <= SAMPLE_ABOVE else random.sample(list(free),
+                                                                           SAMPLE_SIZE)
+        ok = [s for s in pool if not s.closed and (not self.min_stake or self._staked(s))
+              and self._fits(s, model, w.sha256, w.exclude)]
+        if not ok and len(pool) < len(free):  # the sample missed: look at them all
+            ok = [s for s in free if not s.closed and (not self.min_stake or self._staked(s))
+                  and self._fits(s, model, w.sha256, w.exclude)]
+        i = choose_miner([self._candidate(s, model) for s in ok])
         if i is None:
             return None
-        chosen = sessions[i]
-        chosen.active += 1
-        chosen.last_dispatch = time.monotonic()
+        chosen = ok[i]
+        self._take(chosen, w.account)
         return chosen
 
-    async def acquire(self, model: str) -> MinerSession:
-        """A miner with a slot reserved for this request; call :meth:`release` after.
+    def _take(self, s: MinerSession, account: str) -> None:
+        s.active += 1
+        s.last_dispatch = time.monotonic()
+        self.running[account] = self.running.get(account, 0) + 1
+        if s.active >= s.slots:
+            for m in s.hello.models:
+                self._free.get(m.name, {}).pop(s, None)
 
-        Raises:
-            ApiError: 404 unknown model, 503 no live miner, 429 queue full or wait timed out.
-        """
-        picked = self._try_pick(model) if not self.waiting(model) else None
-        if picked is not None:
-            return picked
-        if self.waiting(model) >= self.policy.max_waiting:
-            raise self._busy(model)
-        self._waiting[model] = self.waiting(model) + 1
-        deadline = time.monotonic() + self.policy.timeout
-        try:
-            while True:
-                ev = self.registry.listen()
-                picked = self._try_pick(model)
-                if picked is not None:
-                    self.registry.unlisten(ev)
-                    return picked
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._busy(model)
-                try:
-                    async with asyncio.timeout(left):  # not wait_for: see jobs.RunningJob._next
-                        await ev.wait()
-                except TimeoutError:
-                    self.registry.unlisten(ev)
-        finally:
-            self._waiting[model] -= 1
-
-    def release(self, session: MinerSession) -> None:
-        """Return the slot taken by :meth:`acquire`."""
+    def release(self, session: MinerSession, account: str = "") -> None:
+        """Return the slot taken by :meth:`acquire` for ``account``."""
         session.active -= 1
         session.completed += 1
-        self.registry.notify()
+        left = self.running.get(account, 1) - 1
+        if left:
+            self.running[account] = left
+        else:
+            self.running.pop(account, None)
+        if not session.closed and session.active < session.slots and not self._free_dirty:
+            for m in session.hello.models:
+                self._free.setdefault(m.name, {})[session] = None
+        self._drain()
+
+    # -- waiting ----------------------------------------------------------------------
+
+    async def acquire(self, model: str, account: str = "", sha256: str | None = None,
+                      exclude: frozenset[str] = frozenset(), priority: bool = False
+                      ) -> MinerSession:
+        """A miner with a slot reserved for this request; call :meth:`release` after.
+
+        ``sha256`` pins the weights; miners in ``exclude`` are not used; ``priority`` puts
+        the request ahead of new ones (a failover).
+
+        Raises:
+            ApiError: 404 unknown model, 503 no live miner (or none that fits), 429 queue
+                full or wait timed out.
+        """
+        self._live(model, sha256, exclude)
+        w = _Waiter(account, sha256, exclude)
+        if not self.waiting(model) or priority:
+            picked = self._try_pick(model, w)
+            if picked is not None:
+                return picked
+        if not priority and self.waiting(model) >= self.policy.max_waiting:
+            raise self._busy(model)
+        if priority:
+            self._priority.setdefault(model, deque()).append(w)
+        else:
+            self._waiting.setdefault(model, {}).setdefault(account, deque()).append(w)
+        try:
+            async with asyncio.timeout(self.policy.timeout):
+                return await w.future
+        except TimeoutError:
+            raise self._busy(model) from None
+        except asyncio.CancelledError:
+            if w.future.done() and not w.future.cancelled():
+                self.release(w.future.result(), account)  # granted as we were cancelled
+            raise
+        finally:
+            self._forget(model, w)
+
+    def _forget(self, model: str, w: _Waiter) -> None:
+        queue = self._priority.get(model)
+        if queue and w in queue:
+            queue.remove(w)
+        per_account = self._waiting.get(model, {})
+        q = per_account.get(w.account)
+        if q is not None:
+            if w in q:
+                q.remove(w)
+            if not q:
+                del per_account[w.account]
+
+    def _order(self, model: str) -> list[_Waiter]:
+        """Waiters of ``model`` in the order slots go to them: failovers, then the head of
+        each account's line, fewest running jobs first."""
+        heads = sorted(((self.running.get(a, 0), i, q[0])
+                        for i, (a, q) in enumerate(self._waiting.get(model, {}).items()) if q),
+                       key=lambda t: (t[0], t[1]))
+        return list(itertools.chain(self._priority.get(model, ()), (w for _, _, w in heads)))
+
+    def _drain(self) -> None:
+        """Hand free slots to waiters until no waiter can use one."""
+        for model in [m for m in set(self._waiting) | set(self._priority) if self.waiting(m)]:
+            progress = True
+            while progress:
+                progress = False
+                if not self._free_set(model):
+                    break
+                for w in self._order(model):
+                    if w.future.done():
+                        continue
+                    picked = self._try_pick(model, w)
+                    if picked is not None:
+                        w.future.set_result(picked)
+                        self._forget(model, w)
+                        progress = True
+                        break
 
     def _busy(self, model: str) -> ApiError:
         return ApiError(
@@ -152,3 +311,8 @@ class Dispatcher:
             code="queue_full", type="rate_limit_error",
             headers={"Retry-After": str(self.policy.retry_after)},
         )
+
+
+def _no_miner(message: str) -> ApiError:
+    return ApiError(503, message, code="no_miner_available", type="service_unavailable",
+                    headers={"Retry-After": "5"})

@@ -174,9 +174,10 @@ class MinerAgent:
 
     async def _run_job(self, ws: ClientConnection, job: Job) -> None:
         try:
-            if job.model != self.backend.offer.name:
-                raise BackendError("model_not_found", f"this miner does not serve {job.model!r}",
-                                   "model")
+            offer = self.backend.offer
+            if job.model != offer.name or job.model_sha256 not in (None, offer.sha256):
+                raise BackendError("model_not_found", f"this miner does not serve {job.model!r}"
+                                   f" with weights {job.model_sha256}", "model")
             gen = self.backend.generate(job)
             try:
                 async for frame in gen:

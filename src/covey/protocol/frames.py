@@ -12,7 +12,7 @@ from typing import Annotated, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MinerId = NewType("MinerId", str)
 """Hex Ed25519 public key of a miner (64 hex characters)."""
@@ -115,15 +115,39 @@ class ChatMessage(_Frame):
     content: str
 
 
+class Resume(_Frame):
+    """Where a failed-over job picks up: the ``token_ids`` another miner already generated
+    and the client already received, and ``text_chars``, the characters of text the client
+    already received (code points).
+
+    The new miner evaluates prompt + ``token_ids`` in the same schedule the first miner did
+    (the prompt in canonical batches, then the generated tokens one at a time), so greedy
+    decoding continues exactly where it stopped, and it sends only text past ``text_chars``:
+    text that was held back (a split UTF-8 character, a possible stop-string start) is sent
+    once, never twice. Re-tokenizing the delivered text instead could give other ids and
+    another continuation.
+    """
+
+    token_ids: tuple[int, ...] = Field(max_length=2**24)
+    text_chars: int = Field(ge=0)
+
+
 class Job(_Frame):
-    """Run one generation. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
+    """Run one generation. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set.
+
+    ``model_sha256`` pins the weights the job must run on; ``resume`` is set when the job
+    continues one that failed on another miner (``params.max_tokens`` still counts from the
+    start, the resumed tokens included).
+    """
 
     type: Literal["job"] = "job"
     job_id: str
     model: str
+    model_sha256: Sha256Hex | None = None
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = SamplingParams()
+    resume: Resume | None = None
 
 
 class Started(_Frame):
@@ -159,7 +183,10 @@ class Delta(_Frame):
 
 
 class Done(_Frame):
-    """Generation ended; ``finish_reason`` is OpenAI's ("stop" or "length"); usage in tokens."""
+    """Generation ended; ``finish_reason`` is OpenAI's ("stop" or "length"); usage in tokens.
+
+    ``completion_tokens`` counts the tokens this miner generated, not those it resumed from.
+    """
 
     type: Literal["done"] = "done"
     job_id: str

@@ -11,15 +11,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import chat_job, completion_job
-from covey.coordinator.api.serving import Serving
+from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
+from covey.coordinator.metrics import RequestRecord
 from covey.protocol import Job
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CLIENT_CLOSED = 499
-"""Status logged for a request whose client left before the answer (nginx's convention)."""
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
@@ -47,9 +46,11 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
 async def _respond(request: Request, account: str, job: Job, chat: bool, stream: bool,
                    include_usage: bool) -> Response:
     serving: Serving = request.app.state.serving
+    record = RequestRecord(job.job_id, job.model, account, stream)
+    serving.admit(record)
 
     async def work() -> Response:
-        running, fmt = await serving.start(job, chat, account, stream)
+        running, fmt = await serving.start(job, chat, record)
         if stream:
             return StreamingResponse(serving.stream(running, fmt, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from covey.coordinator.miners import MinerRegistry
+from covey.coordinator.scores import MinerScore
 from covey.protocol.openai import ModelCard, ModelList
 
 router = APIRouter()
@@ -23,8 +24,10 @@ async def list_models(request: Request) -> ModelList:
 
 @router.get("/v1/miners")
 async def list_miners(request: Request) -> dict[str, object]:
-    """Live miners: id (public key), models, slots, running and completed jobs, hardware."""
+    """Live miners: id (public key), models, slots, running and completed jobs, hardware,
+    and what routing has measured: reputation, decode tokens/s, TTFT in seconds."""
     registry: MinerRegistry = request.app.state.registry
+    scores = request.app.state.dispatcher.scores
     return {"object": "list", "data": [
         {
             "id": s.miner_id,
@@ -34,9 +37,17 @@ async def list_miners(request: Request) -> dict[str, object]:
             "completed": s.completed,
             "hardware": s.hello.hardware.model_dump(),
             "version": s.hello.version,
+            **_measured(scores.get(s.miner_id)),
         }
         for s in registry.sessions.values()
     ]}
+
+
+def _measured(score: MinerScore) -> dict[str, object]:
+    return {"reputation": round(score.reputation, 4),
+            "decode_tps": None if score.decode_tps is None else round(score.decode_tps, 2),
+            "ttft_s": None if score.ttft is None else round(score.ttft, 4),
+            "jobs_failed": score.failed}
 
 
 @router.get("/healthz")

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import RunningJob, encode_job, start_job
+from covey.coordinator.jobs import FailoverPolicy, RunningJob, encode_job, start_job
 from covey.coordinator.ledger.pricing import Price
+from covey.coordinator.metrics import Metrics, RequestRecord
+from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
 from covey.protocol import Delta, Done, Job
 from covey.protocol.openai import (
@@ -146,14 +148,29 @@ def sse(data: str) -> bytes:
 
 SSE_DONE = sse("[DONE]")
 
+CLIENT_CLOSED = 499
+"""Status logged for a request whose client left before the answer (nginx's convention)."""
+
+
+def _decode_rate(running: RunningJob) -> float | None:
+    """Tokens per second after the first, over the whole answer (failovers included)."""
+    if running.first_token_at is None or running.delivered < 2:
+        return None
+    elapsed = time.monotonic() - running.first_token_at
+    return (running.delivered - 1) / elapsed if elapsed > 0 else None
+
 
 class Serving:
-    """Runs jobs for both endpoints. ``stall_timeout``: seconds a miner may stay silent."""
+    """Runs jobs for both endpoints, with failover (``policy``), per-key limits, metrics and
+    the request log."""
 
-    def __init__(self, dispatcher: Dispatcher, billing: Billing, stall_timeout: float) -> None:
+    def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: FailoverPolicy,
+                 metrics: Metrics, limits: KeyLimits) -> None:
         self.dispatcher = dispatcher
         self.billing = billing
-        self.stall_timeout = stall_timeout
+        self.policy = policy
+        self.metrics = metrics
+        self.limits = limits
 
     def quote(self, job: Job) -> tuple[int, int, int, Price]:
         """(prompt token bound, completion token cap, maximum cost in µcr, price) of
@@ -170,34 +187,85 @@ class Serving:
         prompt, completion, max_cost = self.billing.quote(job, context, offers)
         return prompt, completion, max_cost, self.billing.price(job.model, offers)
 
-    def _on_close(self, account: str, stream: bool
+    def admit(self, record: RequestRecord) -> None:
+        """Apply the account's limits to a new request.
+
+        Raises:
+            ApiError: 429 over a per-key limit (the refusal is counted and logged).
+        """
+        try:
+            self.limits.enter(record.account)
+        except ApiError as exc:
+            record.status, record.code = exc.status, exc.code
+            self.metrics.finish(record)
+            raise
+
+    def finish(self, record: RequestRecord, status: int, code: str | None = None) -> None:
+        """End an admitted request once: log it, count it, release its per-key slot."""
+        if record.status is not None:
+            return
+        record.status, record.code = status, code
+        self.limits.leave(record.account)
+        self.metrics.finish(record)
+
+    def _on_close(self, record: RequestRecord, stream: bool
                   ) -> Callable[[RunningJob], Awaitable[object]]:
         def close(running: RunningJob) -> Awaitable[object]:
             job = running.job
-            if running.done is not None:
-                # The miner's usage, but never more completion tokens than the token ids it
-                # actually streamed, and never a prompt other than the one it started with.
+            miner = running.session.miner_id if running.session else None
+            record.miner, record.failovers = miner, running.failovers
+            if running.first_token_at is not None:
+                record.ttft_s = running.first_token_at - record.arrived
+            if running.done is not None and miner is not None:
+                # The miner's usage, but never more completion tokens than the token ids the
+                # miners actually streamed, and never a prompt other than the one started.
+                # After a failover the user still pays once, to the miner that finished:
+                # it evaluated the whole prompt and the resumed tokens itself.
                 prompt = running.started.prompt_tokens if running.started else 0
                 completion = min(running.done.completion_tokens, running.delivered)
-                return self.billing.close(job.job_id, account, running.session.miner_id,
-                                          job.model, prompt, completion,
-                                          running.session.offer(job.model))
-            if running.failed or running.started is None:  # the miner failed: no charge
-                return self.billing.close(job.job_id, account, None, job.model, 0, 0)
+                record.prompt_tokens, record.completion_tokens = prompt, completion
+                record.decode_tps = _decode_rate(running)
+                self.finish(record, 200)
+                return self.billing.close(job.job_id, record.account, miner, job.model,
+                                          prompt, completion,
+                                          running.session.offer(job.model)
+                                          if running.session else None)
+            if running.failed or running.started is None or miner is None:
+                # The miners failed (none is paid for a failed attempt), or nothing started.
+                if running.error is not None:
+                    self.finish(record, running.error.status, running.error.code)
+                return self.billing.close(job.job_id, record.account, None, job.model, 0, 0)
             # The client left: it pays for the prompt and the tokens it was sent (none, when
             # the answer was to come whole at the end).
-            return self.billing.close(job.job_id, account, running.session.miner_id,
-                                      job.model, running.started.prompt_tokens,
-                                      running.delivered if stream else 0,
-                                      running.session.offer(job.model))
+            record.prompt_tokens = running.started.prompt_tokens
+            record.completion_tokens = running.delivered if stream else 0
+            self.finish(record, CLIENT_CLOSED)
+            return self.billing.close(job.job_id, record.account, miner, job.model,
+                                      record.prompt_tokens, record.completion_tokens,
+                                      running.session.offer(job.model)
+                                      if running.session else None)
         return close
 
-    async def start(self, job: Job, chat: bool, account: str, stream: bool
+    async def start(self, job: Job, chat: bool, record: RequestRecord
                     ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
-        402, 429, a miner's 400 …) before any byte is sent to the client. ``stream``: the
-        answer goes out token by token (a client that leaves then pays for what it got)."""
-        payload = encode_job(job)
+        402, 429, a miner's 400 …) before any byte is sent to the client.
+        ``record.stream``: the answer goes out token by token (a client that leaves then
+        pays for what it got). The record is finished here on an error, or when the job
+        closes."""
+        try:
+            return await self._start(job, chat, record)
+        except ApiError as exc:
+            self.finish(record, exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            self.finish(record, CLIENT_CLOSED)
+            raise
+
+    async def _start(self, job: Job, chat: bool, record: RequestRecord
+                     ) -> tuple[RunningJob, Formatter]:
+        account = record.account
+        encode_job(job)
         _, _, max_cost, _ = self.quote(job)
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
         try:
@@ -207,14 +275,17 @@ class Serving:
             self.billing.refund_after(hold, job.job_id, account)
             raise
         try:
-            running = await start_job(self.dispatcher, job, payload, self.stall_timeout,
-                                      self._on_close(account, stream))
+            running = await start_job(
+                self.dispatcher, job, account, self.policy,
+                self._on_close(record, record.stream),
+                lambda reason: self.metrics.failovers.labels(job.model, reason).inc())
         except ApiError:
             await self.billing.close(job.job_id, account, None, job.model, 0, 0)
             raise
         except BaseException:  # cancelled while queued: refund on its own
             self.billing.close(job.job_id, account, None, job.model, 0, 0)
             raise
+        assert running.session is not None
         meta = _Meta(id=job.job_id, created=int(time.time()), model=job.model,
                      fingerprint=f"miner-{running.session.miner_id[:16]}")
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)

@@ -126,24 +126,27 @@ class LlamaCppBackend(Backend):
                     f"This model's maximum context length is {n_ctx} tokens. However, your "
                     f"{param} resulted in {len(tokens)} tokens. Please reduce the length.",
                     param)
+            resumed = list(job.resume.token_ids) if job.resume else []
             emit(Started(job_id=job.job_id, prompt_tokens=len(tokens)))
             p = job.params
-            budget = n_ctx - len(tokens)
-            max_new = min(p.max_tokens, budget) if p.max_tokens else budget
+            budget = n_ctx - len(tokens) - len(resumed)
+            max_new = min(p.max_tokens - len(resumed), budget) if p.max_tokens else budget
             llm.set_seed(_llama_seed(p.seed))
-            if not _prefill(llm, tokens, cancel, lambda n: emit(
+            if not _prefill(llm, tokens, resumed, cancel, lambda n: emit(
                     Progress(job_id=job.job_id, prefilled=n))):
                 emit(Done(job_id=job.job_id, finish_reason="cancelled",
                           prompt_tokens=len(tokens), completion_tokens=0))
                 return
             decoder = StreamDecoder(p.stop)
+            if job.resume:
+                decoder.replay((self._piece(llm, t) for t in resumed), job.resume.text_chars)
             out = DeltaBuffer(self._stream_interval, lambda text, ids: emit(
                 Delta(job_id=job.job_id, text=text, token_ids=ids)))
             vocab = llm._model.vocab
             generated = 0
             finish = "length"
-            for token in llm.generate(
-                tokens, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
+            for token in [] if max_new <= 0 else llm.generate(
+                tokens + resumed, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
                 temp=p.temperature, repeat_penalty=1.0, reset=True,
                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             ):
@@ -199,17 +202,19 @@ cancel lands within a fraction of a second on a CPU, and batching still pays (CP
 throughput flattens out well below 128 tokens a batch)."""
 
 
-def _prefill(llm: llama_cpp.Llama, tokens: list[int], cancel: threading.Event,
-             progress: Callable[[int], None]) -> bool:
-    """Evaluate the prompt in the canonical schedule; False if cancelled part-way.
+def _prefill(llm: llama_cpp.Llama, tokens: list[int], resumed: list[int],
+             cancel: threading.Event, progress: Callable[[int], None]) -> bool:
+    """Evaluate the prompt (and any resumed tokens) in the canonical schedule; False if
+    cancelled part-way.
 
     The canonical schedule is batches ``[0:C], [C:2C], …`` of the prompt (C =
-    :data:`PREFILL_CHUNK`), then one token at a time. llama.cpp's numerics depend on batch
-    shapes, so an answer is reproducible (the same greedy text whatever the slot ran before,
-    and checkable by a validator) only if every run evaluates the same batches. The KV cache
-    is therefore reused only up to a batch boundary below the end of the prompt; the rest is
-    evaluated here, and ``Llama.generate`` then finds the whole prompt cached and samples at
-    once from the logits of its last token.
+    :data:`PREFILL_CHUNK`), then one token at a time, as decoding evaluates them. llama.cpp's
+    numerics depend on batch shapes, so an answer is reproducible (the same greedy text
+    whatever the slot ran before, checkable by a validator, and resumable token for token on
+    another miner) only if every run evaluates the same batches. The KV cache is therefore
+    reused only up to a batch boundary below the end of the prompt; the rest is evaluated
+    here, and ``Llama.generate`` then finds everything cached and samples at once from the
+    logits of the last token.
     """
     limit = min(llm.n_tokens, len(tokens) - 1)
     differ = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
@@ -220,6 +225,12 @@ def _prefill(llm: llama_cpp.Llama, tokens: list[int], cancel: threading.Event,
             return False
         llm.eval(tokens[start: start + PREFILL_CHUNK])
         progress(llm.n_tokens)
+    for i, token in enumerate(resumed):
+        if cancel.is_set():
+            return False
+        llm.eval([token])
+        if i % PREFILL_CHUNK == PREFILL_CHUNK - 1:
+            progress(llm.n_tokens)
     return True
 
 

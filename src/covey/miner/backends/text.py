@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 class StreamDecoder:
@@ -27,10 +27,32 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = tuple(s for s in stop if s)
         self._pending = ""
+        self._skip = 0
         self.stopped = False
+
+    def replay(self, pieces: Iterable[bytes], text_chars: int) -> None:
+        """Resume after another run: feed the bytes of the tokens it generated, emitting
+        nothing, and from then on drop the first characters until ``text_chars`` in all
+        (what the client already received) have been passed over.
+
+        The decoder is deterministic, so after the replay its held-back state is the one the
+        first run had; only text the first run had not yet sent comes out.
+        """
+        emitted = sum(len(self.feed(piece)) for piece in pieces)
+        self._skip = max(0, text_chars - emitted)
+
+    def _skipped(self, text: str) -> str:
+        if self._skip and text:
+            n = min(self._skip, len(text))
+            self._skip -= n
+            return text[n:]
+        return text
 
     def feed(self, piece: bytes) -> str:
         """Add one token's bytes; return newly emittable text (may be empty)."""
+        return self._skipped(self._feed(piece))
+
+    def _feed(self, piece: bytes) -> str:
         if self.stopped:
             return ""
         self._pending += self._utf8.decode(piece)
@@ -54,7 +76,7 @@ class StreamDecoder:
             return ""
         out, self._pending = self._pending, ""
         self._utf8.reset()
-        return out
+        return self._skipped(out)
 
     def _first_stop(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]

@@ -1,0 +1,94 @@
+"""Observability: Prometheus metrics and one structured log line per request.
+
+Metrics live in a registry of the app's own (not prometheus-client's global one), so several
+coordinators in one process stay apart. The request log carries ids, sizes and timings, never
+prompt or answer text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("covey.requests")
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
+@dataclass
+class RequestRecord:
+    """One API request as the log and the metrics see it.
+
+    ``status`` is the HTTP status the request ended with (for a stream that failed after its
+    headers, the status of the error event; 499 when the client left); ``ttft_s`` and
+    ``duration_s`` are seconds from arrival; ``decode_tps`` is tokens per second after the
+    first; token counts are those billed.
+    """
+
+    request_id: str
+    model: str
+    account: str
+    stream: bool
+    arrived: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    code: str | None = None
+    miner: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    decode_tps: float | None = None
+    failovers: int = 0
+
+
+class Metrics:
+    """The coordinator's Prometheus instruments.
+
+    ``queue_depth`` and ``miners_online`` are read when scraped from the given callables.
+    """
+
+    def __init__(self, queue_depth: Callable[[], float], miners_online: Callable[[], float]
+                 ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("covey_requests", "API requests by model and final status.",
+                                ["model", "status"], registry=r)
+        self.ttft = Histogram("covey_time_to_first_token_seconds",
+                              "Seconds from a request's arrival to its first token.",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
+        self.decode = Histogram("covey_decode_tokens_per_second",
+                                "Decode rate of each answer after its first token.",
+                                ["model"], buckets=_TPS_BUCKETS, registry=r)
+        self.failovers = Counter("covey_failovers",
+                                 "Jobs moved to another miner, by model and reason.",
+                                 ["model", "reason"], registry=r)
+        self.evictions = Counter("covey_evictions", "Miner sessions ended by the coordinator.",
+                                 ["reason"], registry=r)
+        Gauge("covey_queue_depth", "Requests waiting for a free miner slot.",
+              registry=r).set_function(queue_depth)
+        Gauge("covey_miners_online", "Miners connected now.",
+              registry=r).set_function(miners_online)
+
+    def render(self) -> bytes:
+        """The text exposition format (``text/plain; version=0.0.4``)."""
+        return generate_latest(self.registry)
+
+    def finish(self, record: RequestRecord) -> None:
+        """Count a finished request and write its log line."""
+        status = record.status or 0
+        self.requests.labels(record.model, str(status)).inc()
+        if record.ttft_s is not None:
+            self.ttft.labels(record.model).observe(record.ttft_s)
+        if record.decode_tps is not None:
+            self.decode.labels(record.model).observe(record.decode_tps)
+        fields = asdict(record)
+        fields.pop("arrived")
+        fields["duration_s"] = round(time.monotonic() - record.arrived, 4)
+        for k in ("ttft_s", "decode_tps"):
+            if fields[k] is not None:
+                fields[k] = round(fields[k], 4)
+        log.info("request %s %s", record.request_id, status, extra={"fields": fields})

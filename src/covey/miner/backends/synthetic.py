@@ -1,0 +1,113 @@
+"""Synthetic backend, for load tests only: deterministic text at a set rate, no model.
+
+It lets one machine stand in for a large network (a thousand miners in one process) and
+measures the coordinator alone. Its output is not language: token *i* of an answer is a word
+chosen by a hash of the request and *i*, so the same request always gives the same answer and
+a failed-over job resumes exactly. Sampling settings other than ``max_tokens`` and ``stop``
+are ignored. The model it announces is named ``synthetic`` by default and its "weights
+hash" is the SHA-256 of :data:`SYNTHETIC_WEIGHTS`, so it can never pass for a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+
+from covey.miner.backends.base import Backend, BackendError
+from covey.miner.backends.text import StreamDecoder
+from covey.protocol import Delta, Done, Job, ModelOffer, Started
+
+SYNTHETIC_WEIGHTS = b"covey synthetic backend v1"
+"""Bytes whose SHA-256 stands for the synthetic model's weights hash."""
+
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit",
+          "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore",
+          "magna", "aliqua", "enim", "ad", "minim", "veniam", "quis", "nostrud",
+          "exercitation", "ullamco", "laboris", "nisi", "aliquip", "ex", "ea")
+VOCAB = len(_WORDS)
+_PIECES = tuple(f" {w}".encode() for w in _WORDS)
+
+
+def _request_seed(job: Job) -> int:
+    """A stable 64-bit number from the request's text (not its id: equal requests give
+    equal answers)."""
+    h = hashlib.blake2b(digest_size=8)
+    if job.messages is not None:
+        for m in job.messages:
+            h.update(m.role.encode() + b"\0" + m.content.encode() + b"\1")
+    else:
+        h.update((job.prompt or "").encode())
+    return int.from_bytes(h.digest(), "big")
+
+
+def token_at(seed: int, i: int) -> int:
+    """Token id at position ``i`` (from 0) of the answer to a request with ``seed``."""
+    return ((seed ^ (i * 0x9E3779B97F4A7C15)) * 0xBF58476D1CE4E5B9 >> 29) % VOCAB
+
+
+def prompt_tokens(job: Job) -> int:
+    """Prompt length in synthetic tokens: one per 4 bytes of text, at least one."""
+    if job.messages is not None:
+        n = sum(len(m.content.encode()) + 4 for m in job.messages)
+    else:
+        n = len((job.prompt or "").encode())
+    return max(1, n // 4)
+
+
+class SyntheticBackend(Backend):
+    """``tokens_per_second`` per job (0: as fast as possible), ``slots`` jobs at once.
+
+    Tokens due are sent together every ``stream_interval`` seconds, so thousands of streams
+    cost a few wake-ups each per second, like the real backend's frame batching.
+    """
+
+    def __init__(self, name: str = "synthetic", slots: int = 64,
+                 tokens_per_second: float = 50.0, context_length: int = 4096,
+                 stream_interval: float = 0.02) -> None:
+        self.slots = slots
+        self._rate = tokens_per_second
+        self._interval = stream_interval
+        self.offer = ModelOffer(name=name, sha256=hashlib.sha256(SYNTHETIC_WEIGHTS).hexdigest(),
+                                context_length=context_length, backend="synthetic")
+
+    async def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+        n_prompt = prompt_tokens(job)
+        ctx = self.offer.context_length
+        if n_prompt >= ctx:
+            param = "messages" if job.messages is not None else "prompt"
+            raise BackendError("context_length_exceeded",
+                               f"This model's maximum context length is {ctx} tokens. However,"
+                               f" your {param} resulted in {n_prompt} tokens.", param)
+        yield Started(job_id=job.job_id, prompt_tokens=n_prompt)
+        seed = _request_seed(job)
+        start = len(job.resume.token_ids) if job.resume else 0
+        p = job.params
+        end = min(p.max_tokens or ctx, ctx - n_prompt)
+        decoder = StreamDecoder(p.stop)
+        if job.resume:
+            decoder.replay((_PIECES[t] for t in job.resume.token_ids), job.resume.text_chars)
+        began = time.monotonic()
+        i, finish = start, "length"
+        while i < end and finish == "length":
+            due = end if not self._rate else min(
+                end, start + 1 + int((time.monotonic() - began) * self._rate))
+            texts: list[str] = []
+            ids: list[int] = []
+            while i < due:
+                token = token_at(seed, i)
+                i += 1
+                texts.append(decoder.feed(_PIECES[token]))
+                ids.append(token)
+                if decoder.stopped:
+                    finish = "stop"
+                    break
+            if i >= end or finish == "stop":
+                texts.append(decoder.finish())
+            if ids or any(texts):
+                yield Delta(job_id=job.job_id, text="".join(texts), token_ids=tuple(ids))
+            if i < end and finish == "length":
+                await asyncio.sleep(max(self._interval, 1 / self._rate if self._rate else 0))
+        yield Done(job_id=job.job_id, finish_reason=finish, prompt_tokens=n_prompt,
+                   completion_tokens=i - start)
