@@ -182,6 +182,14 @@ def bare_network(tmp_path: Path) -> Iterator[Network]:
         net.close()
 
 
+def metric(net: Network, name: str) -> float:
+    """Sum of the samples of a Prometheus series at ``GET /metrics`` whose line starts with
+    ``name`` (a bare name sums over all labels)."""
+    text = httpx.get(f"{net.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
 

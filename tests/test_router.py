@@ -33,3 +33,27 @@ def test_at_equal_load_the_cheaper_miner_wins():
     # ...but load comes first: a cheap busy miner loses to an idle dear one.
     c = [Candidate(0, 2, 0.0, price=(500, 100)), Candidate(1, 2, 0.0, price=(200, 100))]
     assert choose_miner(c) == 0
+
+
+def test_reputation_then_price_then_speed_decide_among_equally_loaded_miners():
+    flaky = Candidate(0, 1, 0.0, reputation=0.8)
+    steady = Candidate(0, 1, 9.0, reputation=1.0)
+    assert choose_miner([flaky, steady]) == 1
+    # Reputations on the same 25% step count as equal; then price decides.
+    cheap = Candidate(0, 1, 9.0, price=(100, 100), reputation=1.2)
+    dear = Candidate(0, 1, 0.0, price=(200, 100), reputation=1.0)
+    assert choose_miner([dear, cheap]) == 1
+    # Same price: the faster miner; an unmeasured one is tried first.
+    slow = Candidate(0, 1, 0.0, expected_s=4.0)
+    fast = Candidate(0, 1, 9.0, expected_s=1.0)
+    new = Candidate(0, 1, 9.5)
+    assert choose_miner([slow, fast]) == 1
+    assert choose_miner([slow, fast, new]) == 2
+
+
+def test_reputation_rule():
+    from covey.coordinator.scores import next_reputation
+
+    assert next_reputation(1.0, True) == 0.8
+    assert next_reputation(1.0, False) == 1.01
+    assert next_reputation(0.1, True) == 0.1 and next_reputation(10.0, False) == 10.0

@@ -82,3 +82,24 @@ def test_delta_buffer_with_zero_interval_sends_every_token():
     for piece in "abc":
         buf.add(piece, 0)
     assert frames == ["a", "b", "c"]
+
+
+@given(st.text(alphabet="ab🙂é ", max_size=30), st.lists(st.integers(0, 10_000), max_size=30),
+       st.integers(0, 40), st.sampled_from([(), ("b🙂",), ("aa", "é b")]))
+def test_a_resumed_decoder_sends_exactly_the_rest(text: str, cuts: list[int], cut: int,
+                                                  stop: tuple[str, ...]):
+    """Failover: a second decoder replays the first run's tokens and must emit exactly what
+    the first had not yet sent, wherever the first run was cut."""
+    pieces = _split(text.encode(), cuts)
+    cut = min(cut, len(pieces))
+    whole = StreamDecoder(stop)
+    full = "".join(whole.feed(p) for p in pieces) + whole.finish()
+
+    first = StreamDecoder(stop)
+    sent = "".join(first.feed(p) for p in pieces[:cut])
+    if cut == len(pieces):
+        sent += first.finish()  # the first run ended, but its done frame was lost
+    second = StreamDecoder(stop)
+    second.replay(pieces[:cut], len(sent))
+    rest = "".join(second.feed(p) for p in pieces[cut:]) + second.finish()
+    assert sent + rest == full

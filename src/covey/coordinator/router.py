@@ -20,9 +20,9 @@ from covey.coordinator.miners import MinerRegistry, MinerSession
 from covey.coordinator.scores import Scoreboard
 
 _BUCKET = math.log(1.25)
-"""Reputation and speed are compared in steps of 25%: closer than that, miners count as
-equal and the one idle longest goes first, so noise in the measurements cannot pin all
-traffic on one of two equal miners."""
+"""Reputation and speed are compared on a grid of 25% steps (1, 1.25, 1.5625 …): miners on
+the same step count as equal and the one idle longest goes first, so noise in the
+measurements cannot pin all traffic on one of two equal miners."""
 
 SAMPLE_ABOVE = 16
 """With more free miners than this, routing looks at :data:`SAMPLE_SIZE` of them drawn at
@@ -111,6 +111,8 @@ class Dispatcher:
         self.scores = scores or Scoreboard()
         self.running: dict[str, int] = {}
         """Jobs running per account."""
+        self._served: dict[str, int] = {}  # account → number of the grant it last got
+        self._grants = 0
         self._waiting: dict[str, dict[str, deque[_Waiter]]] = {}
         self._priority: dict[str, deque[_Waiter]] = {}
         self._free: dict[str, dict[MinerSession, None]] = {}
@@ -211,6 +213,8 @@ class Dispatcher:
         s.active += 1
         s.last_dispatch = time.monotonic()
         self.running[account] = self.running.get(account, 0) + 1
+        self._grants += 1
+        self._served[account] = self._grants
         if s.active >= s.slots:
             for m in s.hello.models:
                 self._free.get(m.name, {}).pop(s, None)
@@ -224,6 +228,8 @@ class Dispatcher:
             self.running[account] = left
         else:
             self.running.pop(account, None)
+            if not any(account in q for q in self._waiting.values()):
+                self._served.pop(account, None)
         if not session.closed and session.active < session.slots and not self._free_dirty:
             for m in session.hello.models:
                 self._free.setdefault(m.name, {})[session] = None
@@ -281,9 +287,10 @@ class Dispatcher:
 
     def _order(self, model: str) -> list[_Waiter]:
         """Waiters of ``model`` in the order slots go to them: failovers, then the head of
-        each account's line, fewest running jobs first."""
-        heads = sorted(((self.running.get(a, 0), i, q[0])
-                        for i, (a, q) in enumerate(self._waiting.get(model, {}).items()) if q),
+        each account's line, fewest running jobs first, then the account served longest
+        ago (round robin)."""
+        heads = sorted(((self.running.get(a, 0), self._served.get(a, 0), q[0])
+                        for a, q in self._waiting.get(model, {}).items() if q),
                        key=lambda t: (t[0], t[1]))
         return list(itertools.chain(self._priority.get(model, ()), (w for _, _, w in heads)))
 
