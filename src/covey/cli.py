@@ -109,7 +109,9 @@ def coordinator(
                                                min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=3, log_config=None, access_log=access_log)
+                timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
+                # miner frames are small JSON: compressing them costs CPU and saves little
+                ws_per_message_deflate=False)
 
 
 @app.command()

@@ -97,7 +97,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     metrics = Metrics(queue_depth=dispatcher.waiting,
-                      miners_online=lambda: len(registry.sessions))
+                      miners_online=lambda: len(registry.sessions),
+                      jobs_running=lambda: sum(s.active for s in registry.sessions.values()))
     registry.evictions = lambda reason: metrics.evictions.labels(reason).inc()
     app.state.metrics = metrics
     app.state.serving = Serving(dispatcher, billing, config.failover, metrics,

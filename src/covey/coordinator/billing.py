@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -29,6 +31,12 @@ DEFAULT_PRICE = Price(prompt=100_000, completion=200_000)
 # Chat templates add a few tokens per message (role markers, separators); 16 covers the
 # templates llama.cpp ships with room to spare.
 _TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+LEDGER_CALLERS = 256
+"""Threads that may wait on the ledger at once (holds and settlements in flight): the
+ledger commits up to 256 operations together."""
+
+T = TypeVar("T")
 
 
 def prompt_token_bound(job: Job) -> int:
@@ -54,6 +62,13 @@ class Billing:
         self.bank = bank
         self.prices = prices
         self._tasks: set[asyncio.Future[object]] = set()
+        # Holds and settlements wait on the ledger's group commit, which commits whatever is
+        # queued at once: with asyncio's default pool (CPU count + 4 threads) no more than a
+        # handful could wait, so commits would stay tiny. Waiting threads cost no CPU.
+        self._pool = ThreadPoolExecutor(LEDGER_CALLERS, thread_name_prefix="ledger-call")
+
+    async def _ledger(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def price(self, model: str, offers: Sequence[ModelOffer] = ()) -> Price:
         """The price of ``model``: the network's floor, or the highest ask among ``offers``
@@ -101,7 +116,7 @@ class Billing:
             ApiError: 402 ``insufficient_quota`` when the balance cannot cover it.
         """
         try:
-            await asyncio.to_thread(self.bank.hold, job_id, account, amount)
+            await self._ledger(self.bank.hold, job_id, account, amount)
         except InsufficientFunds as exc:
             raise ApiError(
                 402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
@@ -120,7 +135,7 @@ class Billing:
                           completion_tokens)
             record = UsageRecord(model, prompt_tokens, completion_tokens)
             work = lambda: self.bank.settle(job_id, account, miner_id, charge, record)  # noqa: E731
-        future = asyncio.ensure_future(self._logged(asyncio.to_thread(work), job_id))
+        future = asyncio.ensure_future(self._logged(self._ledger(work), job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         return future
@@ -148,3 +163,4 @@ class Billing:
         """Wait for settlements still running (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=True)

@@ -48,11 +48,12 @@ class RequestRecord:
 class Metrics:
     """The coordinator's Prometheus instruments.
 
-    ``queue_depth`` and ``miners_online`` are read when scraped from the given callables.
+    ``queue_depth``, ``miners_online`` and ``jobs_running`` are read from the given
+    callables when scraped.
     """
 
-    def __init__(self, queue_depth: Callable[[], float], miners_online: Callable[[], float]
-                 ) -> None:
+    def __init__(self, queue_depth: Callable[[], float], miners_online: Callable[[], float],
+                 jobs_running: Callable[[], float] = lambda: 0.0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("covey_requests", "API requests by model and final status.",
@@ -72,6 +73,8 @@ class Metrics:
               registry=r).set_function(queue_depth)
         Gauge("covey_miners_online", "Miners connected now.",
               registry=r).set_function(miners_online)
+        Gauge("covey_jobs_running", "Jobs running on miners now.",
+              registry=r).set_function(jobs_running)
 
     def render(self) -> bytes:
         """The text exposition format (``text/plain; version=0.0.4``)."""

@@ -112,7 +112,7 @@ class MinerAgent:
         while not self._stopping.is_set():
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME_BYTES, ping_interval=20,
-                                              open_timeout=10) as ws:
+                                              open_timeout=10, compression=None) as ws:
                     self._ws = ws
                     await self._session(ws)
                     attempt = 0
