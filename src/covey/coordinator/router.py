@@ -167,10 +167,12 @@ class Dispatcher:
     def _changed(self) -> None:
         self._free_dirty = True
         for model in [m for m in set(self._waiting) | set(self._priority) if self.waiting(m)]:
-            try:
-                self._live(model)
-            except ApiError as exc:  # the last miner left: waiting cannot help
-                for w in self._order(model):
+            waiters = list(self._priority.get(model, ())) + [
+                w for q in self._waiting.get(model, {}).values() for w in q]
+            for w in waiters:
+                try:
+                    self._live(model, w.sha256, w.exclude)
+                except ApiError as exc:  # no miner it could use is left: waiting can't help
                     if not w.future.done():
                         w.future.set_exception(exc)
         self._drain()
