@@ -125,6 +125,8 @@ def test_sigkill_mid_stream_resumes_exactly_on_the_other_miner(two_miners: Netwo
     holds = [t for t in mine if t["kind"] == "hold"]
     assert len(holds) == 1, mine
     survivor = next(m for m in miners if m != killed[0])
+    assert events[0]["system_fingerprint"] == f"miner-{killed[0][:16]}"
+    assert events[-2]["system_fingerprint"] == f"miner-{survivor[:16]}"  # who finished it
     assert earned_jobs(net, killed[0]) == jobs_before[killed[0]]  # not paid for its attempt
     assert earned_jobs(net, survivor) == jobs_before[survivor] + 1
     assert ledger_verify(net.tmp / "coordinator").returncode == 0

@@ -155,3 +155,74 @@ def test_metrics_and_the_request_log(tmp_path):
         assert secret not in net.coordinator.output()
     finally:
         net.close()
+
+
+def test_a_prompt_too_long_for_one_miner_goes_to_one_whose_context_fits(tmp_path):
+    net = Network(tmp_path)
+    try:
+        for ctx in ("1024", "4096"):
+            net.add_miner("--backend", "synthetic", "--tokens-per-second", "50", "--ctx", ctx,
+                          wait=False)
+        net.wait_miners(2, model=SYNTH)
+        long_prompt = "y" * 8000  # 2000 synthetic tokens: fits 4096, not 1024
+        for _ in range(4):
+            r = ask(net, net.headers, 3, prompt=long_prompt)
+            assert r.status_code == 200, r.text
+        # A refusal for a short context is no failure of the miner's.
+        data = httpx.get(f"{net.url}/v1/miners").json()["data"]
+        assert all(m["reputation"] >= 1.0 for m in data), data
+
+        # The long-context miner dies mid-stream; the only one left cannot hold the prompt:
+        # the client gets the error and all its money back, and no miner is paid.
+        before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+        events = []
+        with httpx.stream("POST", f"{net.url}/v1/completions", headers=net.headers,
+                          timeout=30, json={"model": SYNTH, "prompt": long_prompt,
+                                            "max_tokens": 200, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 3:
+                        big = next(m for m in net.miners if m.args.count("4096"))
+                        big.popen.send_signal(signal.SIGKILL)
+        # (the short-context miner refused it already, or refuses it now)
+        assert events[-1]["error"]["code"] in ("miner_disconnected", "context_length_exceeded")
+        time.sleep(0.5)
+        after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+        assert after["balance"] == before["balance"] and after["held"] == 0
+    finally:
+        net.close()
+
+
+def test_clients_resetting_as_answers_finish_leave_no_escrow_open(tmp_path):
+    import random
+    import socket
+    import struct
+
+    net = synthetic_network(tmp_path, "--key-concurrency", "0", "--key-rpm", "0", slots=64,
+                            rate=0)
+    try:
+        key = net.api_key
+        for stream in (True, False):
+            body = json.dumps({"model": SYNTH, "prompt": "bye", "max_tokens": 5,
+                               "stream": stream}).encode()
+            request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                       f"{key}\r\nContent-Type: application/json\r\nContent-Length: "
+                       f"{len(body)}\r\n\r\n").encode() + body
+            for _ in range(100):
+                s = socket.create_connection(("127.0.0.1", net.port))
+                s.sendall(request)
+                time.sleep(random.uniform(0, 0.012))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()  # a reset, at a random point of the answer
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            account = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+            if account["held"] == 0:
+                break
+            time.sleep(0.2)
+        assert account["held"] == 0, account
+        assert net.active_jobs() == 0
+        assert "never awaited" not in net.coordinator.output()
+    finally:
+        net.close()

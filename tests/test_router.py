@@ -57,3 +57,68 @@ def test_reputation_rule():
     assert next_reputation(1.0, True) == 0.8
     assert next_reputation(1.0, False) == 1.01
     assert next_reputation(0.1, True) == 0.1 and next_reputation(10.0, False) == 10.0
+
+
+def _session(registry, name: str, slots: int = 1):
+    from covey.coordinator.miners import MinerSession
+    from covey.protocol import Hardware, Hello, ModelOffer
+
+    offer = ModelOffer(name="m", sha256="a" * 64, context_length=1024, backend="test")
+    hello = Hello.model_construct(public_key=name * 64, models=(offer,), slots=slots,
+                                  hardware=Hardware(cpu_count=1, ram_bytes=0))
+    s = MinerSession(miner_id=name * 64, hello=hello, websocket=None)  # type: ignore[arg-type]
+    registry.add(s)
+    return s
+
+
+def test_a_new_request_is_not_held_behind_a_failover_that_cannot_use_the_free_miner():
+    import asyncio
+
+    from covey.coordinator.miners import MinerRegistry
+    from covey.coordinator.router import Dispatcher, QueuePolicy
+
+    async def scenario() -> None:
+        registry = MinerRegistry()
+        d = Dispatcher(registry, QueuePolicy(timeout=5))
+        a, b = _session(registry, "a"), _session(registry, "b")
+        first = await d.acquire("m", "u1")
+        second = await d.acquire("m", "u2")
+        assert {first, second} == {a, b}
+        # The job on `first` fails: its failover may not go back to `first`, and waits.
+        d.release(first, "u1")
+        failover = asyncio.ensure_future(d.acquire("m", "u1", "a" * 64,
+                                                   frozenset({first.miner_id}), priority=True))
+        await asyncio.sleep(0)
+        assert not failover.done()
+        # A new request takes the free miner at once instead of queueing behind it.
+        fresh = await asyncio.wait_for(d.acquire("m", "u3"), 1)
+        assert fresh is first
+        d.release(second, "u2")
+        assert await asyncio.wait_for(failover, 1) is second
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_slot_goes_to_the_account_with_fewer_jobs_running():
+    import asyncio
+
+    from covey.coordinator.miners import MinerRegistry
+    from covey.coordinator.router import Dispatcher, QueuePolicy
+
+    async def scenario() -> None:
+        registry = MinerRegistry()
+        d = Dispatcher(registry, QueuePolicy(timeout=5))
+        s = _session(registry, "a")
+        held = await d.acquire("m", "flood")
+        floods = [asyncio.ensure_future(d.acquire("m", "flood")) for _ in range(3)]
+        await asyncio.sleep(0)
+        other = asyncio.ensure_future(d.acquire("m", "other"))
+        await asyncio.sleep(0)
+        assert d.waiting("m") == 4
+        d.release(held, "flood")
+        assert await asyncio.wait_for(other, 1) is s
+        assert not any(f.done() for f in floods)
+        for f in floods:
+            f.cancel()
+
+    asyncio.run(scenario())

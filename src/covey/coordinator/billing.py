@@ -138,7 +138,9 @@ class Billing:
         future = asyncio.ensure_future(self._logged(self._ledger(work), job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
-        return future
+        # Shielded: a caller cancelled while awaiting (the client left) must not cancel the
+        # settlement, or the escrow would stay open.
+        return asyncio.shield(future)
 
     def refund_after(self, hold: Awaitable[object], job_id: str, account: str) -> None:
         """Once ``hold`` has finished (landed or failed), refund the job's escrow, if any."""

@@ -44,13 +44,17 @@ class MinerFault(Exception):
     """The miner, not the request, failed: another miner may finish the job.
 
     ``reason`` is a metrics label (``disconnected``, ``stalled``, ``miner_error``,
-    ``protocol``); ``error`` is what the client sees if no other miner can take over.
+    ``protocol``, ``context_length``); ``error`` is what the client sees if no other miner
+    can take over.
     """
 
-    def __init__(self, reason: str, error: ApiError) -> None:
+    def __init__(self, reason: str, error: ApiError, blame: bool = True) -> None:
         super().__init__(error.message)
         self.reason = reason
         self.error = error
+        self.blame = blame
+        """False when the miner did nothing wrong (its context is just too short): its
+        reputation is left alone."""
 
 
 def _gone() -> MinerFault:
@@ -133,7 +137,9 @@ class RunningJob:
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.close()
         if exc_type is None and self.settlement is not None:
-            await self.settlement  # the answer is complete: let the charge land before [DONE]
+            # The answer is complete: let the charge land before [DONE]. Shielded: a client
+            # that leaves now must not cancel the settlement itself.
+            await asyncio.shield(self.settlement)
 
     async def _next(self) -> Started | Delta | Done:
         """The next frame that matters; ``progress`` frames only restart the stall timer.
@@ -160,10 +166,24 @@ class RunningJob:
             error = miner_error(item)
             if error.status == 400:
                 self._finished = True
+                if item.code == "context_length_exceeded" and self._larger_context():
+                    # Not the miner's fault: another miner offers a longer context.
+                    raise MinerFault("context_length", error, blame=False)
                 raise error
             raise MinerFault("miner_error", error)
         assert isinstance(item, Started | Delta | Done)
         return item
+
+    def _larger_context(self) -> bool:
+        """Whether a live miner not tried yet offers this model with a longer context than
+        the current one."""
+        mine = self.session.offer(self.job.model) if self.session else None
+        if mine is None:
+            return False
+        return any(o is not None and o.context_length > mine.context_length
+                   and s.miner_id not in self._tried
+                   for s in self._dispatcher.registry.serving(self.job.model)
+                   for o in [s.offer(self.job.model)])
 
     async def start(self) -> None:
         """Reserve a miner, send the job and wait until a miner has started it (moving to
@@ -220,22 +240,25 @@ class RunningJob:
             assert failed is not None
             log.warning("job %s: miner %s failed (%s) after %d tokens", self.job.job_id,
                         failed.miner_id[:16], fault.reason, len(self._ids))
-            self._dispatcher.scores.failure(failed.miner_id)
+            if fault.blame:
+                self._dispatcher.scores.failure(failed.miner_id)
             self._detach()
             if len(self._tried) >= self.policy.max_tries:
                 self.failed = True
                 self.error = fault.error
                 raise fault.error
-            self.failovers += 1
-            if self._on_failover is not None:
-                self._on_failover(fault.reason)
             try:
                 await self._dispatch()
+                self.failovers += 1
+                if self._on_failover is not None:
+                    self._on_failover(fault.reason)
                 return
             except MinerFault as again:
                 fault = again
             except ApiError as exc:
-                if exc.status == 400:
+                if exc.status == 400:  # the next miner refused the request: nobody is paid
+                    self.failed = True
+                    self.error = exc
                     raise
                 self.failed = True
                 self.error = ApiError(502, f"{fault.error.message} No other miner could take "

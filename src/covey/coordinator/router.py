@@ -263,6 +263,9 @@ class Dispatcher:
             self._priority.setdefault(model, deque()).append(w)
         else:
             self._waiting.setdefault(model, {}).setdefault(account, deque()).append(w)
+        # Those ahead may be unable to use a free slot (a failover excludes its failed
+        # miner): hand out what is free now, in the queue's order.
+        self._drain()
         try:
             async with asyncio.timeout(self.policy.timeout):
                 return await w.future

@@ -76,6 +76,11 @@ class ChatFormatter:
         self.m = meta
         self._delta = _DeltaTemplate(self._chunk(ChatDelta(content=_MARK)))
 
+    def reroute(self, fingerprint: str) -> None:
+        """The job moved to another miner: later chunks name it."""
+        self.m.fingerprint = fingerprint
+        self._delta = _DeltaTemplate(self._chunk(ChatDelta(content=_MARK)))
+
     def _chunk(self, delta: ChatDelta, finish: str | None = None) -> str:
         return ChatCompletionChunk(
             id=self.m.id, created=self.m.created, model=self.m.model,
@@ -114,6 +119,11 @@ class CompletionFormatter:
         self.m = meta
         self._delta = _DeltaTemplate(self._make(_MARK, None).model_dump_json())
 
+    def reroute(self, fingerprint: str) -> None:
+        """The job moved to another miner: later chunks name it."""
+        self.m.fingerprint = fingerprint
+        self._delta = _DeltaTemplate(self._make(_MARK, None).model_dump_json())
+
     def _make(self, text: str, finish: str | None, usage: Usage | None = None,
               choices: bool = True) -> Completion:
         return Completion(
@@ -150,6 +160,11 @@ SSE_DONE = sse("[DONE]")
 
 CLIENT_CLOSED = 499
 """Status logged for a request whose client left before the answer (nginx's convention)."""
+
+
+def fingerprint(running: RunningJob) -> str:
+    """``system_fingerprint``: the miner now serving the job."""
+    return f"miner-{running.session.miner_id[:16]}" if running.session else "miner-none"
 
 
 def _decode_rate(running: RunningJob) -> float | None:
@@ -287,7 +302,7 @@ class Serving:
             raise
         assert running.session is not None
         meta = _Meta(id=job.job_id, created=int(time.time()), model=job.model,
-                     fingerprint=f"miner-{running.session.miner_id[:16]}")
+                     fingerprint=fingerprint(running))
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
         return running, fmt
 
@@ -299,6 +314,7 @@ class Serving:
                 if isinstance(frame, Delta):
                     parts.append(frame.text)
                 else:
+                    fmt.m.fingerprint = fingerprint(running)
                     return fmt.whole("".join(parts), frame)
         raise AssertionError("frames() ends with done")  # pragma: no cover
 
@@ -313,7 +329,11 @@ class Serving:
                 first = fmt.first()
                 if first is not None:
                     yield sse(first)
+                served = running.session
                 async for frame in running.frames():
+                    if running.session is not served:  # failed over
+                        served = running.session
+                        fmt.reroute(fingerprint(running))
                     if isinstance(frame, Delta):
                         if frame.text:
                             yield sse(fmt.delta(frame.text))

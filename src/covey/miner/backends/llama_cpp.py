@@ -144,8 +144,9 @@ class LlamaCppBackend(Backend):
                 Delta(job_id=job.job_id, text=text, token_ids=ids)))
             vocab = llm._model.vocab
             generated = 0
-            finish = "length"
-            for token in [] if max_new <= 0 else llm.generate(
+            # A resumed job whose stop string was already complete has nothing more to say.
+            finish = "stop" if decoder.stopped else "length"
+            for token in [] if max_new <= 0 or decoder.stopped else llm.generate(
                 tokens + resumed, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
                 temp=p.temperature, repeat_penalty=1.0, reset=True,
                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,

@@ -75,6 +75,8 @@ class SyntheticBackend(Backend):
     async def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
         n_prompt = prompt_tokens(job)
         ctx = self.offer.context_length
+        if job.prompt is not None and not job.prompt:
+            raise BackendError("invalid_prompt", "The prompt is empty.", "prompt")
         if n_prompt >= ctx:
             param = "messages" if job.messages is not None else "prompt"
             raise BackendError("context_length_exceeded",
@@ -89,7 +91,7 @@ class SyntheticBackend(Backend):
         if job.resume:
             decoder.replay((_PIECES[t] for t in job.resume.token_ids), job.resume.text_chars)
         began = time.monotonic()
-        i, finish = start, "length"
+        i, finish = start, "stop" if decoder.stopped else "length"
         while i < end and finish == "length":
             due = end if not self._rate else min(
                 end, start + 1 + int((time.monotonic() - began) * self._rate))
