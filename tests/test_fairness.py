@@ -153,6 +153,19 @@ def test_metrics_and_the_request_log(tmp_path):
         assert mine[0]["status"] == 200 and mine[0]["completion_tokens"] == 10
         assert mine[0]["miner"] and mine[0]["ttft_s"] > 0
         assert secret not in net.coordinator.output()
+        # Refused before admission (no key, a body that does not validate): logged and
+        # counted too.
+        bad = httpx.post(f"{net.url}/v1/completions", json={"model": SYNTH, "prompt": secret})
+        assert bad.status_code == 401
+        bad = ask(net, net.headers, 1, temperature="hot")
+        assert bad.status_code == 400
+        time.sleep(0.3)
+        refused = [json.loads(x) for x in net.coordinator.output().splitlines()
+                   if x.startswith("{") and "request refused" in x]
+        assert [(x["status"], x["code"]) for x in refused] == [(401, "invalid_api_key"),
+                                                                (400, "invalid_value")]
+        assert metric(net, 'covey_requests_total{model="",status="401"}') == 1
+        assert secret not in net.coordinator.output()
     finally:
         net.close()
 

@@ -59,3 +59,18 @@ def test_a_killed_miner_restarted_with_its_key_shows_once(bare_network: Network)
     r = httpx.post(f"{net.url}/v1/completions", headers=net.headers, timeout=30,
                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_two_miner_processes_with_one_key_do_not_flap(bare_network: Network):
+    net = bare_network
+    args = ("--backend", "synthetic", "--data-dir", str(net.tmp / "shared-miner"))
+    first = net.add_miner(*args, wait=False)
+    net.wait_miners(1, model="synthetic")
+    second = net.add_miner(*args, wait=False)
+    # The newer session wins; the older process is told why and stops instead of fighting.
+    assert first.popen.wait(20) == 1
+    assert "give each miner its own --data-dir" in first.output()
+    time.sleep(2)
+    assert second.popen.poll() is None
+    assert net.live_miners("synthetic") == 1
+    assert metric(net, 'covey_evictions_total{reason="replaced"}') == 1

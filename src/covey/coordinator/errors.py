@@ -119,27 +119,44 @@ def validation_to_api_error(exc: RequestValidationError) -> ApiError:
     )
 
 
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def _log_refusal(request: Request, exc: ApiError) -> None:
+    """Give an inference request that failed before it was admitted (key, body) its log
+    line and count; admitted ones are logged by their own record."""
+    if request.url.path not in INFERENCE_PATHS or getattr(request.state, "logged", False):
+        return
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.refused(request.url.path, exc.status, exc.code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so every error leaves in OpenAI's shape."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        _log_refusal(request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_to_api_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_to_api_error(exc)
+        _log_refusal(request, error)
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         code = None
         if exc.status_code == 404:
             message = "Unknown URL. See GET /v1/models and POST /v1/chat/completions."
         elif exc.status_code == 400:  # FastAPI could not decode the body (bad UTF-8, …)
             message, code = "We could not parse the JSON body of your request.", "invalid_json"
-        return error_response(ApiError(exc.status_code, message, code=code,
-                                       headers=exc.headers))
+        error = ApiError(exc.status_code, message, code=code, headers=exc.headers)
+        _log_refusal(request, error)
+        return error_response(error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -80,6 +80,13 @@ class Metrics:
         """The text exposition format (``text/plain; version=0.0.4``)."""
         return generate_latest(self.registry)
 
+    def refused(self, path: str, status: int, code: str | None) -> None:
+        """Count and log an inference request refused before it had an id and a model (no
+        or a wrong API key, a body that does not parse or validate)."""
+        self.requests.labels("", str(status)).inc()
+        log.info("request refused %s", status, extra={"fields": {
+            "request_id": None, "path": path, "status": status, "code": code}})
+
     def finish(self, record: RequestRecord) -> None:
         """Count a finished request and write its log line."""
         status = record.status or 0

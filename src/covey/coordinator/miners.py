@@ -47,6 +47,8 @@ MINER_GONE = object()
 # RFC 6455 1008: policy violation (bad signature); 1003: unsupported data (garbage frames).
 CLOSE_POLICY = 1008
 CLOSE_BAD_DATA = 1003
+CLOSE_REPLACED = 4001
+"""Private-use close code: a newer session of the same miner key took this one's place."""
 
 JobFrame = Started | Progress | Delta | Done | JobError
 
@@ -218,7 +220,8 @@ async def serve_miner(
     if old is not None:
         registry.evictions("replaced")
         registry.remove(old)
-        await _close(old.websocket, 1000, "replaced by a new session")
+        await _close(old.websocket, CLOSE_REPLACED, "replaced by a new session with the "
+                     "same key")
     log.info("miner %s joined: %s, %d slots", session.miner_id[:16],
              ", ".join(m.name for m in hello.models), hello.slots)
     pinger = asyncio.create_task(_heartbeats(session, heartbeat_interval, miner_timeout, registry))

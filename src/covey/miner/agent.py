@@ -42,6 +42,8 @@ MAX_FRAME_BYTES = 2**26
 
 # Close codes after which retrying cannot help: our hello was refused.
 _FATAL_CLOSE = {1008}
+CLOSE_REPLACED = 4001
+"""The coordinator's close code for a session replaced by a newer one with the same key."""
 
 
 class HelloRefused(Exception):
@@ -121,6 +123,13 @@ class MinerAgent:
                 if code in _FATAL_CLOSE:
                     reason = exc.rcvd.reason if exc.rcvd else ""
                     raise HelloRefused(f"coordinator refused this miner: {reason}") from exc
+                if code == CLOSE_REPLACED:
+                    # The session this process holds is never the one replaced when it
+                    # reconnects itself: another process uses our key. Fighting over it
+                    # would flap both off the network.
+                    raise HelloRefused(
+                        "another miner process connected with this miner's key; give each "
+                        "miner its own --data-dir (or --key)") from exc
                 log.warning("connection to %s lost (%s)", self.url, exc)
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 log.warning("cannot reach %s: %s", self.url, exc)

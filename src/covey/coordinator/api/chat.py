@@ -47,6 +47,7 @@ async def _respond(request: Request, account: str, job: Job, chat: bool, stream:
                    include_usage: bool) -> Response:
     serving: Serving = request.app.state.serving
     record = RequestRecord(job.job_id, job.model, account, stream)
+    request.state.logged = True  # from here on the record logs and counts the request
     serving.admit(record)
 
     async def work() -> Response:

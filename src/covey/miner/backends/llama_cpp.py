@@ -133,7 +133,7 @@ class LlamaCppBackend(Backend):
             max_new = min(p.max_tokens - len(resumed), budget) if p.max_tokens else budget
             llm.set_seed(_llama_seed(p.seed))
             if not _prefill(llm, tokens, resumed, cancel, lambda n: emit(
-                    Progress(job_id=job.job_id, prefilled=n))):
+                    Progress(job_id=job.job_id, prefilled=n)), exact=p.temperature == 0):
                 emit(Done(job_id=job.job_id, finish_reason="cancelled",
                           prompt_tokens=len(tokens), completion_tokens=0))
                 return
@@ -204,9 +204,15 @@ throughput flattens out well below 128 tokens a batch)."""
 
 
 def _prefill(llm: llama_cpp.Llama, tokens: list[int], resumed: list[int],
-             cancel: threading.Event, progress: Callable[[int], None]) -> bool:
+             cancel: threading.Event, progress: Callable[[int], None], exact: bool = True
+             ) -> bool:
     """Evaluate the prompt (and any resumed tokens) in the canonical schedule; False if
     cancelled part-way.
+
+    ``exact`` (greedy requests) evaluates resumed tokens one at a time, as decoding did, so
+    the continuation is the one the first miner would have produced; it takes as long as
+    decoding them did. Otherwise (sampled requests, whose continuation is a fresh sample
+    anyway) they are evaluated in batches, like the prompt, which is many times faster.
 
     The canonical schedule is batches ``[0:C], [C:2C], …`` of the prompt (C =
     :data:`PREFILL_CHUNK`), then one token at a time, as decoding evaluates them. llama.cpp's
@@ -226,11 +232,12 @@ def _prefill(llm: llama_cpp.Llama, tokens: list[int], resumed: list[int],
             return False
         llm.eval(tokens[start: start + PREFILL_CHUNK])
         progress(llm.n_tokens)
-    for i, token in enumerate(resumed):
+    step = 1 if exact else PREFILL_CHUNK
+    for i in range(0, len(resumed), step):
         if cancel.is_set():
             return False
-        llm.eval([token])
-        if i % PREFILL_CHUNK == PREFILL_CHUNK - 1:
+        llm.eval(resumed[i: i + step])
+        if not exact or i % PREFILL_CHUNK == PREFILL_CHUNK - 1:
             progress(llm.n_tokens)
     return True
 
