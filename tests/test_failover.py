@@ -182,3 +182,24 @@ def test_when_every_miner_is_gone_the_client_gets_an_error_and_its_money_back(
     time.sleep(0.5)
     after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
     assert after["balance"] == before["balance"] and after["held"] == 0
+
+
+def test_a_sampled_stream_survives_a_kill_too(two_miners: Network):
+    net = two_miners
+    story = {**STORY, "temperature": 0.8, "seed": 7}
+    body = {**story, "stream": True, "stream_options": {"include_usage": True}}
+    pieces, events = [], []
+    with httpx.stream("POST", f"{net.url}/v1/chat/completions", headers=net.headers,
+                      json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            events.append(json.loads(line[6:]))
+            for choice in events[-1].get("choices", []):
+                if choice["delta"].get("content"):
+                    pieces.append(choice["delta"]["content"])
+                    if len(pieces) == 10:
+                        miner_proc(net, busy_miner(net)).popen.send_signal(signal.SIGKILL)
+    assert not any("error" in e for e in events), events[-2:]
+    assert len(pieces) > 10 and events[-1]["usage"]["completion_tokens"] >= len(pieces)
+    assert metric(net, "covey_failovers_total") == 1

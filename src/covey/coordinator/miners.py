@@ -38,9 +38,6 @@ from covey.protocol.frames import _Frame
 
 log = logging.getLogger("covey.coordinator.miners")
 
-MAX_SEEN_MODELS = 10_000
-"""Model names remembered after their miners leave; bounded, as miners choose them."""
-
 MINER_GONE = object()
 """Put on a job's queue when its miner's session ends before the job did."""
 
@@ -107,8 +104,7 @@ class MinerRegistry:
 
     ``catalog`` maps the models this network offers by configuration to a default context
     length; with the models live miners serve, they are the known models. A known model with
-    no live miner gets 503, an unknown one 404. Nothing a miner says outlives its session
-    but the names of the models it served (at most :data:`MAX_SEEN_MODELS`).
+    no live miner gets 503, an unknown one 404. Nothing a miner says outlives its session.
     """
 
     def __init__(self, catalog: dict[str, int] | None = None) -> None:
@@ -116,7 +112,6 @@ class MinerRegistry:
         self.catalog: dict[str, int] = dict(catalog or {})
         self.stakes: dict[str, int] = {}
         """µcr staked by each miner id, kept in step with the ledger by the coordinator."""
-        self._seen: set[str] = set()
         self.on_change: list[Callable[[], None]] = []
         """Called after a miner joins or leaves, or a stake changes."""
         self.evictions: Callable[[str], None] = lambda reason: None
@@ -132,9 +127,8 @@ class MinerRegistry:
         return [s for s in self.sessions.values() if not s.closed and s.offer(model)]
 
     def is_known(self, model: str) -> bool:
-        """In the catalog, or served by a miner since this coordinator started (a model whose
-        miners all left gets 503 "no miner", not 404)."""
-        return model in self.catalog or model in self._seen
+        """In the catalog, or served by a live miner."""
+        return model in self.catalog or bool(self.serving(model))
 
     def models(self) -> dict[str, tuple[int, int]]:
         """Known models: name → (live miners, context length in tokens).
@@ -155,8 +149,6 @@ class MinerRegistry:
         """Register ``session``; returns the older session of the same key, if any, to close."""
         old = self.sessions.get(session.miner_id)
         self.sessions[session.miner_id] = session
-        if len(self._seen) < MAX_SEEN_MODELS:
-            self._seen.update(m.name for m in session.hello.models)
         self.notify()
         return old
 

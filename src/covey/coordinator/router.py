@@ -133,8 +133,11 @@ class Dispatcher:
     def _live(self, model: str, sha256: str | None = None,
               exclude: frozenset[str] = frozenset()) -> list[MinerSession]:
         sessions = self.registry.serving(model)
+        failover = sha256 is not None or bool(exclude)
         if not sessions:
-            if not self.registry.is_known(model):
+            # A model offered only by miners (not the catalog) is unknown once they all
+            # left; a job already running on it is told "no miner", not "no such model".
+            if not self.registry.is_known(model) and not failover:
                 raise ApiError(404, f"The model '{model}' does not exist. "
                                "GET /v1/models lists the models of this network.",
                                code="model_not_found", param="model")
@@ -144,7 +147,7 @@ class Dispatcher:
             if not sessions:
                 raise _no_miner(f"No miner serving '{model}' has the minimum stake "
                                 f"({self.min_stake} µcr) yet; try again later.")
-        if sha256 is not None or exclude:
+        if failover:
             sessions = [s for s in sessions if self._fits(s, model, sha256, exclude)]
             if not sessions:
                 raise _no_miner(f"No other miner serving '{model}' with the same weights is "
