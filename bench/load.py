@@ -159,12 +159,23 @@ async def _hammer(port: int, path: str, headers: str, concurrency: int, seconds:
             "latency_ms_p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)}
 
 
-def _coordinator(tmp: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
+def _coordinator(tmp: Path) -> tuple[subprocess.Popen, int, str]:
+    """A coordinator with no per-key limits and a rich faucet, data in ``tmp``; returns the
+    process, its port and base URL once it answers."""
+    tmp.mkdir()
+    port = _port()
+    proc = subprocess.Popen(
         [sys.executable, "-m", "covey", "coordinator", "--port", str(port), "--data-dir",
          str(tmp), "--log-level", "warning", "--key-concurrency", "0", "--key-rpm", "0",
          "--queue-size", "100000", "--grant", str(10**13)],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "coordinator.err", "ab"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/healthz", proc)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, port, url
 
 
 def _fleet(url: str, miners: int, slots: int, rate: float) -> subprocess.Popen:
@@ -187,13 +198,9 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     finally:
         _stop(bare)
 
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    (tmp / "a").mkdir()
-    coord = _coordinator(tmp / "a", port)
+    coord, port, url = _coordinator(tmp / "a")
     fleet = None
     try:
-        _wait_http(f"{url}/healthz", coord)
         fleet = _fleet(url, args.miners, 64, 0)
         _wait_miners(url, args.miners)
         key = httpx.post(f"{url}/v1/accounts", timeout=10).json()["api_key"]
@@ -271,13 +278,9 @@ async def _hold_streams(port: int, key: str, n: int, max_tokens: int, url: str,
 
 def scale(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     """Phase (3)."""
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    (tmp / "b").mkdir()
-    coord = _coordinator(tmp / "b", port)
+    coord, port, url = _coordinator(tmp / "b")
     fleet = None
     try:
-        _wait_http(f"{url}/healthz", coord)
         slots = -(-args.streams // args.scale_miners) + 1
         fleet = _fleet(url, args.scale_miners, slots, args.stream_rate)
         t0 = time.monotonic()
