@@ -234,12 +234,14 @@ def chat(
 
 def _register_up() -> None:
     from covey.cli_money import ledger_app, signup, wallet
+    from covey.cli_receipts import receipts_app
     from covey.cli_up import up
 
     app.command()(up)
     app.command()(signup)
     app.add_typer(wallet, name="wallet")
     app.add_typer(ledger_app, name="ledger")
+    app.add_typer(receipts_app, name="receipts")
 
 
 _register_up()

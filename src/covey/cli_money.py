@@ -42,7 +42,9 @@ def credits(ucr: int) -> str:
     return f"{ucr / 1_000_000:,.6f}"
 
 
-def _call(method: str, url: str, api_key: str | None, **kw: object) -> dict:
+def call_api(method: str, url: str, api_key: str | None, **kw: object) -> dict:
+    """``method url`` with the API key; the JSON body, or exit 1 with the API's message
+    (exit 2 without a key)."""
     key = resolve_key(api_key)
     if not key:
         err.print("[red]error:[/red] no API key: pass --api-key, set COVEY_API_KEY or run "
@@ -82,7 +84,7 @@ def signup(url: Url = "http://127.0.0.1:8000",
 @wallet.command()
 def balance(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
     """Balance, held credits and usage by model."""
-    body = _call("GET", f"{url}/v1/account", api_key)
+    body = call_api("GET", f"{url}/v1/account", api_key)
     out.print(f"account [bold]{body['id']}[/bold]: {credits(body['balance'])} credits "
               f"({credits(body['held'])} held for running requests)")
     if body["usage"]:
@@ -97,7 +99,7 @@ def balance(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
 def history(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None,
             limit: Annotated[int, typer.Option(min=1, max=500)] = 20) -> None:
     """Latest transfers of your account."""
-    body = _call("GET", f"{url}/v1/account/transactions", api_key, params={"limit": limit})
+    body = call_api("GET", f"{url}/v1/account/transactions", api_key, params={"limit": limit})
     table = Table("ledger seq", "time (UTC)", "kind", "amount", "counterparty")
     for t in body["data"]:
         sign = "-" if t["direction"] == "out" else "+"
@@ -127,7 +129,7 @@ def transfer(to: Annotated[str, typer.Argument(help="Account id, or miner:<id>, 
              url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
     """Send credits to another account (or to a miner, to fund its stake)."""
     ucr = to_ucr(amount)
-    body = _call("POST", f"{url}/v1/account/transfers", api_key,
+    body = call_api("POST", f"{url}/v1/account/transfers", api_key,
                  json={"to": to, "amount": ucr, "idempotency_key": uuid.uuid4().hex})
     out.print(f"sent {credits(ucr)} credits to {to}; balance {credits(body['balance'])}")
 

@@ -21,6 +21,7 @@ from covey.coordinator.ledger import InsufficientFunds
 from covey.coordinator.ledger.bank import Bank, UsageRecord
 from covey.coordinator.ledger.pricing import Price, cost
 from covey.protocol import Job, ModelOffer
+from covey.protocol.receipts import Receipt
 
 log = logging.getLogger("covey.coordinator.billing")
 
@@ -124,17 +125,19 @@ class Billing:
                 code="insufficient_quota", type="insufficient_quota") from None
 
     def close(self, job_id: str, account: str, miner_id: str | None, model: str,
-              prompt_tokens: int, completion_tokens: int, offer: ModelOffer | None = None
-              ) -> asyncio.Future[object]:
-        """Settle ``job_id`` for the tokens given (miner paid, fee, the rest refunded), or
-        refund it whole when ``miner_id`` is None. Runs on its own; await to wait for it."""
+              prompt_tokens: int, completion_tokens: int, offer: ModelOffer | None = None,
+              receipt: tuple[Receipt, str] | None = None) -> asyncio.Future[object]:
+        """Settle ``job_id`` for the tokens given (miner paid, fee, the rest refunded; the
+        miner's ``receipt`` stored, countersigned), or refund it whole when ``miner_id`` is
+        None. Runs on its own; await to wait for it."""
         if miner_id is None:
             work: Callable[[], object] = lambda: self.bank.refund(job_id, account)  # noqa: E731
         else:
             charge = cost(self.price(model, [offer] if offer else []), prompt_tokens,
                           completion_tokens)
             record = UsageRecord(model, prompt_tokens, completion_tokens)
-            work = lambda: self.bank.settle(job_id, account, miner_id, charge, record)  # noqa: E731
+            work = lambda: self.bank.settle(job_id, account, miner_id, charge,  # noqa: E731
+                                            record, receipt)
         future = asyncio.ensure_future(self._logged(self._ledger(work), job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)

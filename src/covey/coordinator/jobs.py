@@ -4,6 +4,7 @@ slot release."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from covey.protocol import (
     Started,
     encode_frame,
 )
+from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.jobs")
 
@@ -108,6 +110,8 @@ class RunningJob:
         self.failovers = 0
         self.session: MinerSession | None = None
         self.settlement: Awaitable[object] | None = None
+        self.receipt: tuple[Receipt, str] | None = None
+        """The finishing miner's receipt and signature, once checked against the job."""
         self.first_token_at: float | None = None
         """``time.monotonic()`` when the first delta arrived (None before)."""
         self._ids: list[int] = []
@@ -125,6 +129,7 @@ class RunningJob:
         self._attempt_start = 0.0
         self._attempt_first: float | None = None
         self._attempt_last = 0.0
+        self._attempt_text = hashlib.sha256()
 
     @property
     def delivered(self) -> int:
@@ -217,6 +222,7 @@ class RunningJob:
         self._attempt_ids = 0
         self._attempt_first = None
         self._attempt_start = time.monotonic()
+        self._attempt_text = hashlib.sha256()
         try:
             await session.websocket.send_text(encode_job(job))
         except ApiError:
@@ -299,16 +305,38 @@ class RunningJob:
                 self._attempt_ids += len(frame.token_ids)
                 self._ids.extend(frame.token_ids)
                 self._chars += len(frame.text)
+                self._attempt_text.update(frame.text.encode())
                 yield frame
                 continue
             self._finished = True
             self._score_success()
+            self.receipt = self._checked_receipt(frame)
             resumed = len(self._ids) - self._attempt_ids
             self.done = frame.model_copy(update={
                 "prompt_tokens": self.started.prompt_tokens if self.started else 0,
                 "completion_tokens": resumed + frame.completion_tokens})
             yield self.done
             return
+
+    def _checked_receipt(self, done: Done) -> tuple[Receipt, str] | None:
+        """The miner's receipt if it is signed by this miner and matches the job, the weights,
+        the text received from it and its usage; else None (logged)."""
+        r, signature, session = done.receipt, done.signature, self.session
+        assert session is not None
+        if r is None or signature is None:
+            problem = "no receipt"
+        elif r.miner != session.miner_id or not verify_receipt(r, signature):
+            problem = "a receipt not signed by this miner"
+        elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256,
+              r.prompt_tokens, r.completion_tokens) != (
+                self.job.job_id, self._sha256, request_digest(self.job),
+                self._attempt_text.hexdigest(), done.prompt_tokens, done.completion_tokens):
+            problem = "a receipt that does not match the job"
+        else:
+            return r, signature
+        log.warning("job %s: miner %s sent %s", self.job.job_id, session.miner_id[:16],
+                    problem)
+        return None
 
     def _score_success(self) -> None:
         if self.session is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from covey.miner.hardware import detect_hardware
 from covey.protocol import (
     Cancel,
     Challenge,
+    Delta,
+    Done,
     Heartbeat,
     Hello,
     Job,
@@ -33,7 +36,8 @@ from covey.protocol import (
     encode_frame,
     sign_hello,
 )
-from covey.protocol.frames import _Frame
+from covey.protocol.frames import Receipt, _Frame
+from covey.protocol.receipts import request_digest, sign_receipt
 
 log = logging.getLogger("covey.miner")
 
@@ -188,8 +192,13 @@ class MinerAgent:
                 raise BackendError("model_not_found", f"this miner does not serve {job.model!r}"
                                    f" with weights {job.model_sha256}", "model")
             gen = self.backend.generate(job)
+            sent = hashlib.sha256()
             try:
                 async for frame in gen:
+                    if isinstance(frame, Delta):
+                        sent.update(frame.text.encode())
+                    elif isinstance(frame, Done):
+                        frame = self._signed(job, frame, sent.hexdigest())
                     await self._send(ws, frame)
             finally:
                 await gen.aclose()
@@ -205,6 +214,16 @@ class MinerAgent:
             with contextlib.suppress(websockets.ConnectionClosed):
                 await self._send(ws, JobError(job_id=job.job_id, code="backend_error",
                                               message=type(exc).__name__))
+
+    def _signed(self, job: Job, done: Done, output_sha256: str) -> Done:
+        """``done`` with this miner's signed receipt for ``job``."""
+        receipt = Receipt(job_id=job.job_id, miner=self.miner_id,
+                          model_sha256=self.backend.offer.sha256,
+                          request_sha256=request_digest(job), output_sha256=output_sha256,
+                          prompt_tokens=done.prompt_tokens,
+                          completion_tokens=done.completion_tokens)
+        return done.model_copy(update={"receipt": receipt,
+                                       "signature": sign_receipt(self.key, receipt)})
 
     async def _cancel_all(self) -> None:
         tasks = list(self._jobs.values())

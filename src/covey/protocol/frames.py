@@ -182,10 +182,29 @@ class Delta(_Frame):
     token_ids: tuple[int, ...]
 
 
+class Receipt(_Frame):
+    """A miner's account of one job (or, after a failover, of its part of one).
+
+    ``request_sha256`` is :func:`~covey.protocol.receipts.request_digest` of the job;
+    ``output_sha256`` the SHA-256 of the UTF-8 text this miner sent; token counts as in its
+    ``done`` frame; ``miner`` is its public key (hex).
+    """
+
+    job_id: str = Field(max_length=100)
+    miner: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model_sha256: Sha256Hex
+    request_sha256: Sha256Hex
+    output_sha256: Sha256Hex
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
 class Done(_Frame):
     """Generation ended; ``finish_reason`` is OpenAI's ("stop" or "length"); usage in tokens.
 
     ``completion_tokens`` counts the tokens this miner generated, not those it resumed from.
+    ``receipt`` is the miner's account of the job and ``signature`` its hex Ed25519
+    signature (:mod:`covey.protocol.receipts`); the agent adds both.
     """
 
     type: Literal["done"] = "done"
@@ -193,6 +212,8 @@ class Done(_Frame):
     finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    receipt: Receipt | None = None
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
 
 
 class JobError(_Frame):

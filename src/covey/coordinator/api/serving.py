@@ -244,7 +244,7 @@ class Serving:
                 return self.billing.close(job.job_id, record.account, miner, job.model,
                                           prompt, completion,
                                           running.session.offer(job.model)
-                                          if running.session else None)
+                                          if running.session else None, running.receipt)
             if running.failed or running.started is None or miner is None:
                 # The miners failed (none is paid for a failed attempt), or nothing started.
                 if running.error is not None:

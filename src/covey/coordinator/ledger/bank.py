@@ -8,6 +8,7 @@ key>``, ``unbonding:<public key>``, ``treasury``, ``faucet``.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from sqlalchemy import Table, func, insert, select
 
 from covey.coordinator.ledger.pricing import Settlement, settle
-from covey.coordinator.ledger.schema import api_keys, balances, transfers, usage
+from covey.coordinator.ledger.schema import api_keys, balances, receipts, transfers, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
+from covey.protocol.receipts import Receipt, countersign
+from covey.protocol.signing import canonical_json
 
 KEY_PREFIX = "sk-covey-"
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{16}")
@@ -150,10 +153,12 @@ class Bank:
                              [Transfer(user(account_id), escrow(job_id), amount, "hold")])
 
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
-               record: UsageRecord | None = None) -> Settlement | None:
+               record: UsageRecord | None = None,
+               receipt: tuple[Receipt, str] | None = None) -> Settlement | None:
         """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
-        and store ``record`` in the same transaction. Returns the split, or None when the
-        escrow was already closed (a second call changes nothing).
+        and store ``record`` and the miner's ``receipt`` (with its signature; the
+        coordinator countersigns it here) in the same transaction. Returns the split, or
+        None when the escrow was already closed (a second call changes nothing).
         """
         box = escrow(job_id)
         result: list[Settlement] = []
@@ -166,19 +171,43 @@ class Bank:
                    Transfer(box, user(account_id), s.refund, "refund")]
             return [t for t in ops if t.amount > 0]
 
-        def write_usage() -> tuple[Table, dict[str, object]] | None:
-            if record is None:
-                return None
-            return usage, {"job_id": job_id, "account": account_id, "miner": miner_id,
-                           "model": record.model, "prompt_tokens": record.prompt_tokens,
-                           "completion_tokens": record.completion_tokens,
-                           "cost": result[0].miner + result[0].fee,
-                           "created_us": time.time_ns() // 1000}
+        def write_usage() -> list[tuple[Table, dict[str, object]]]:
+            rows: list[tuple[Table, dict[str, object]]] = []
+            now = time.time_ns() // 1000
+            if record is not None:
+                rows.append((usage, {
+                    "job_id": job_id, "account": account_id, "miner": miner_id,
+                    "model": record.model, "prompt_tokens": record.prompt_tokens,
+                    "completion_tokens": record.completion_tokens,
+                    "cost": result[0].miner + result[0].fee, "created_us": now}))
+            if receipt is not None:
+                signed, signature = receipt
+                rows.append((receipts, {
+                    "job_id": job_id, "account": account_id, "miner": signed.miner,
+                    "receipt": canonical_json(signed.model_dump()).decode(),
+                    "miner_signature": signature,
+                    "coordinator_signature": countersign(self.ledger.key, signed, signature),
+                    "created_us": now}))
+            return rows
 
         applied = self.ledger.post_computed(
             f"close:{job_id}", [box, miner(miner_id), TREASURY, user(account_id)], make,
             also=write_usage)
         return result[0] if applied and result else None
+
+    def receipt(self, job_id: str, account_id: str) -> dict[str, object] | None:
+        """The stored receipt of ``job_id`` if ``account_id`` made the request: receipt,
+        miner and coordinator signatures, and the coordinator's public key (hex)."""
+        q = select(receipts).where(receipts.c.job_id == job_id,
+                                   receipts.c.account == account_id)
+        with self.ledger.engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        if row is None:
+            return None
+        return {"object": "receipt", "receipt": json.loads(row["receipt"]),
+                "miner_signature": row["miner_signature"],
+                "coordinator": self.ledger.public_key,
+                "coordinator_signature": row["coordinator_signature"]}
 
     def usage_by_model(self, account_id: str) -> dict[str, dict[str, int]]:
         """Requests, tokens and µcr spent per model by ``account_id``."""

@@ -15,6 +15,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData()
@@ -70,3 +71,15 @@ usage = Table(
     Column("created_us", BigInteger, nullable=False),
 )
 """One row per settled request: what was used and charged (µcr), for accounts and audits."""
+
+receipts = Table(
+    "receipts", metadata,
+    Column("job_id", String(100), primary_key=True),
+    Column("account", String(200), nullable=False, index=True),
+    Column("miner", String(64), nullable=False, index=True),
+    Column("receipt", Text, nullable=False),
+    Column("miner_signature", String(128), nullable=False),
+    Column("coordinator_signature", String(128), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+)
+"""The miner's signed receipt of each settled request (canonical JSON), countersigned."""

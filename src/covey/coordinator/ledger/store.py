@@ -126,8 +126,10 @@ def migrate(engine: Engine) -> None:
 _MAX_BATCH = 256
 """Operations committed together at most; bounds a transaction's size and lock time."""
 
-Record = Callable[[], "tuple[Table, dict[str, object]] | None"]
-"""Called once an operation applied: a row to insert in the same transaction, or None."""
+Row = tuple[Table, dict[str, object]]
+Record = Callable[[], "list[Row] | Row | None"]
+"""Called once an operation applied: rows to insert in the same transaction (one, a list,
+or None)."""
 
 
 def _check(ops: Sequence[Transfer]) -> None:
@@ -343,9 +345,11 @@ class Ledger:
                     public_key=self.public_key))
                 extra: dict[Table, list[dict[str, object]]] = defaultdict(list)
                 for p in batch:
-                    row = p.also() if p.applied and p.also is not None else None
-                    if row is not None:
-                        extra[row[0]].append(row[1])
+                    rows_also = p.also() if p.applied and p.also is not None else None
+                    if isinstance(rows_also, tuple):
+                        rows_also = [rows_also]
+                    for table, row in rows_also or ():
+                        extra[table].append(row)
                 for table, table_rows in extra.items():
                     conn.execute(insert(table), table_rows)
 

@@ -1,0 +1,75 @@
+"""Signed receipts: what a miner attests it did for a job, countersigned by the coordinator.
+
+The miner signs ``b"covey-receipt-v1\\n"`` + SHA-256 of the receipt's canonical JSON; the
+coordinator signs ``b"covey-countersign-v1\\n"`` + SHA-256 of the canonical JSON of the
+receipt and the miner's signature. Anyone holding a receipt can re-check both offline
+(``covey receipts verify``); changing any byte of it breaks a signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from covey.protocol.frames import Job, Receipt
+from covey.protocol.signing import canonical_json
+
+__all__ = ["Receipt", "countersign", "output_digest", "request_digest", "sign_receipt",
+           "verify_countersignature", "verify_receipt"]
+
+_RECEIPT_DOMAIN = b"covey-receipt-v1\n"
+_COUNTER_DOMAIN = b"covey-countersign-v1\n"
+
+
+def request_digest(job: Job) -> str:
+    """SHA-256 (hex) of what was asked: model, messages or prompt, and sampling settings
+    (not the job id, weights pin or resume point, so every miner of a job agrees)."""
+    body = job.model_dump(mode="json", include={"model", "messages", "prompt", "params"})
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def output_digest(text: str) -> str:
+    """SHA-256 (hex) of answer text, UTF-8."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _receipt_message(receipt: Receipt) -> bytes:
+    return _RECEIPT_DOMAIN + hashlib.sha256(canonical_json(receipt.model_dump())).digest()
+
+
+def _counter_message(receipt: Receipt, miner_signature: str) -> bytes:
+    body: dict[str, Any] = {"receipt": receipt.model_dump(), "miner_signature": miner_signature}
+    return _COUNTER_DOMAIN + hashlib.sha256(canonical_json(body)).digest()
+
+
+def sign_receipt(key: SigningKey, receipt: Receipt) -> str:
+    """The miner's hex signature of ``receipt``."""
+    return key.sign(_receipt_message(receipt)).signature.hex()
+
+
+def countersign(key: SigningKey, receipt: Receipt, miner_signature: str) -> str:
+    """The coordinator's hex signature over ``receipt`` and the miner's signature."""
+    return key.sign(_counter_message(receipt, miner_signature)).signature.hex()
+
+
+def _verify(public_key: str, message: bytes, signature: str) -> bool:
+    try:
+        VerifyKey(bytes.fromhex(public_key)).verify(message, bytes.fromhex(signature))
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def verify_receipt(receipt: Receipt, miner_signature: str) -> bool:
+    """True when ``miner_signature`` is ``receipt.miner``'s signature of ``receipt``."""
+    return _verify(receipt.miner, _receipt_message(receipt), miner_signature)
+
+
+def verify_countersignature(receipt: Receipt, miner_signature: str, coordinator: str,
+                            signature: str) -> bool:
+    """True when ``signature`` is the coordinator ``coordinator``'s (hex public key)
+    countersignature of ``receipt`` and ``miner_signature``."""
+    return _verify(coordinator, _counter_message(receipt, miner_signature), signature)
