@@ -3,14 +3,20 @@ re-checks offline; one changed byte fails the check."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
 import sys
 
 import httpx
+import pytest
+from nacl.signing import SigningKey
 
 from conftest import MODEL, Network
+from covey.protocol import Delta, Done, Job, Started, decode_frame, encode_frame
+from covey.protocol.receipts import Receipt, request_digest, sign_receipt
+from test_miner_protocol import _join
 
 
 def covey(*args: str) -> subprocess.CompletedProcess:
@@ -73,3 +79,47 @@ def test_receipts_belong_to_their_account(network: Network):
     r = httpx.get(f"{network.url}/v1/receipts/{job_id}",
                   headers={"Authorization": f"Bearer {stranger}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "receipt_not_found"
+
+
+@pytest.mark.parametrize("lie", ["output", "usage", "unsigned"])
+def test_a_false_receipt_is_not_stored_and_costs_reputation(bare_network: Network, lie: str):
+    net = bare_network
+    key = SigningKey.generate()
+    miner_id = key.verify_key.encode().hex()
+
+    async def fake_miner(ready: asyncio.Event) -> None:
+        ws = await _join(net, key)
+        ready.set()
+        job = decode_frame(await ws.recv())
+        assert isinstance(job, Job)
+        await ws.send(encode_frame(Started(job_id=job.job_id, prompt_tokens=3)))
+        await ws.send(encode_frame(Delta(job_id=job.job_id, text="Hello", token_ids=(1, 2))))
+        said = "Goodbye" if lie == "output" else "Hello"
+        receipt = Receipt(job_id=job.job_id, miner=miner_id, model_sha256="1" * 64,
+                          request_sha256=request_digest(job),
+                          output_sha256=hashlib.sha256(said.encode()).hexdigest(),
+                          prompt_tokens=3, completion_tokens=9 if lie == "usage" else 2)
+        done = Done(job_id=job.job_id, finish_reason="stop", prompt_tokens=3,
+                    completion_tokens=2, receipt=None if lie == "unsigned" else receipt,
+                    signature=None if lie == "unsigned" else sign_receipt(key, receipt))
+        await ws.send(encode_frame(done))
+        await asyncio.sleep(1)
+        await ws.close()
+
+    async def run() -> dict:
+        ready = asyncio.Event()
+        miner = asyncio.create_task(fake_miner(ready))
+        await ready.wait()
+        async with httpx.AsyncClient(timeout=20) as http:
+            r = await http.post(f"{net.url}/v1/completions", headers=net.headers,
+                                json={"model": MODEL, "prompt": "hello", "max_tokens": 5})
+            data = (await http.get(f"{net.url}/v1/miners")).json()["data"]
+        await miner
+        assert r.status_code == 200, r.text
+        return {"answer": r.json(), "miner": data[0]}
+
+    out = asyncio.run(run())
+    assert out["answer"]["choices"][0]["text"] == "Hello"
+    assert out["miner"]["reputation"] == 0.8
+    r = httpx.get(f"{net.url}/v1/receipts/{out['answer']['id']}", headers=net.headers)
+    assert r.status_code == 404

@@ -309,8 +309,12 @@ class RunningJob:
                 yield frame
                 continue
             self._finished = True
-            self._score_success()
             self.receipt = self._checked_receipt(frame)
+            if self.receipt is None and self.session is not None:
+                # A missing or false receipt counts as a failed check (DESIGN.md, Trust).
+                self._dispatcher.scores.failure(self.session.miner_id)
+            else:
+                self._score_success()
             resumed = len(self._ids) - self._attempt_ids
             self.done = frame.model_copy(update={
                 "prompt_tokens": self.started.prompt_tokens if self.started else 0,
@@ -320,7 +324,9 @@ class RunningJob:
 
     def _checked_receipt(self, done: Done) -> tuple[Receipt, str] | None:
         """The miner's receipt if it is signed by this miner and matches the job, the weights,
-        the text received from it and its usage; else None (logged)."""
+        the text received from it and its usage; else None (logged, and the caller counts it
+        against the miner's reputation; the answer itself is still delivered and billed
+        within what was streamed)."""
         r, signature, session = done.receipt, done.signature, self.session
         assert session is not None
         if r is None or signature is None:
