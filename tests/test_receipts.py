@@ -66,6 +66,16 @@ def test_a_request_has_a_receipt_that_verifies_and_tampering_fails(network: Netw
     assert covey("receipts", "verify", str(tokens)).returncode == 1
     other = covey("receipts", "verify", str(good), "--coordinator", "ab" * 32)
     assert other.returncode == 1 and "not the required" in other.stderr
+    pinned = httpx.get(f"{network.url}/healthz").json()["coordinator"]
+    assert pinned == signed["coordinator"]
+    assert covey("receipts", "verify", str(good), "--coordinator",
+                 pinned.upper()).returncode == 0
+    missing = covey("receipts", "verify", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(b"\xff not json")
+    failed = covey("receipts", "verify", str(junk))
+    assert failed.returncode == 1 and "is not JSON" in failed.stderr
 
 
 def test_receipts_belong_to_their_account(network: Network):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -16,6 +17,33 @@ from covey.protocol.receipts import Receipt, verify_countersignature, verify_rec
 receipts_app = typer.Typer(help="Signed receipts of requests.", no_args_is_help=True)
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_REQUEST_ID = re.compile(r"^(chat)?cmpl-[0-9a-f]+$")
+
+
+def _not_a_receipt(why: str) -> NoReturn:
+    err.print(f"[red]✗[/red] not a receipt: {why}")
+    raise typer.Exit(1)
+
+
+def _load(source: str, url: str, api_key: str | None) -> dict:
+    """A receipt from a file, or fetched when ``source`` is a request id."""
+    if _REQUEST_ID.match(source) and not Path(source).exists():
+        return call_api("GET", f"{url}/v1/receipts/{source}", api_key)
+    path = Path(source)
+    if not path.is_file():
+        err.print(f"[red]error:[/red] {source}: no such file (nor a request id like "
+                  "chatcmpl-…)")
+        raise typer.Exit(2)
+    try:
+        body = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError):
+        _not_a_receipt(f"{source} is not JSON")
+    if not isinstance(body, dict):
+        _not_a_receipt("expected a JSON object")
+    return body
 
 
 @receipts_app.command()
@@ -41,18 +69,23 @@ def verify(
         help="The coordinator public key (hex) to require; default: the one in the "
              "receipt.")] = None,
 ) -> None:
-    """Check a receipt's miner signature and the coordinator's countersignature; exit 1 if
-    either fails (any changed byte does)."""
-    path = Path(source)
+    """Check a receipt's signatures (miner's and coordinator's); exit 1 if one fails."""
+    if coordinator is not None and not _HEX64.match(coordinator.lower()):
+        err.print("[red]error:[/red] --coordinator must be a public key: 64 hex digits")
+        raise typer.Exit(2)
+    body = _load(source, url, api_key)
     try:
-        body = (json.loads(path.read_text()) if path.is_file()
-                else call_api("GET", f"{url}/v1/receipts/{source}", api_key))
         receipt = Receipt.model_validate(body["receipt"])
         miner_sig, counter_sig = body["miner_signature"], body["coordinator_signature"]
-        signer = body["coordinator"]
-    except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
-        err.print(f"[red]✗[/red] not a receipt: {exc}")
-        raise typer.Exit(1) from None
+        signer = str(body["coordinator"]).lower()
+    except KeyError as exc:
+        _not_a_receipt(f"the field {exc} is missing")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _not_a_receipt(f"receipt.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except TypeError:
+        _not_a_receipt("expected a JSON object")
+    coordinator = coordinator.lower() if coordinator else None
     problems = []
     if not verify_receipt(receipt, miner_sig):
         problems.append(f"the miner signature does not match (miner {receipt.miner[:16]}…)")

@@ -80,6 +80,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Jobs that were running when a previous coordinator died cannot finish: refund them
         # before serving, so no credit stays locked and none is charged twice.
+        log.info("coordinator key %s (signs the ledger head and countersigns receipts)",
+                 ledger.public_key)
         refunded = await asyncio.to_thread(billing.bank.refund_open_escrows)
         if refunded:
             log.warning("refunded %d escrows left open by a previous run", refunded)
@@ -104,6 +106,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.serving = Serving(dispatcher, billing, config.failover, metrics,
                                 KeyLimits(config.key_limits))
     app.state.started_at = int(time.time())
+    app.state.coordinator_key = ledger.public_key
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.include_router(models.router)

@@ -52,5 +52,7 @@ def _measured(score: MinerScore) -> dict[str, object]:
 
 @router.get("/healthz")
 async def healthz(request: Request) -> dict[str, object]:
-    """Liveness: ``{"status": "ok", "miners": N}``."""
-    return {"status": "ok", "miners": len(request.app.state.registry.sessions)}
+    """Liveness: ``{"status": "ok", "miners": N, "coordinator": public key (hex)}``; the key
+    signs the ledger head and countersigns receipts."""
+    return {"status": "ok", "miners": len(request.app.state.registry.sessions),
+            "coordinator": request.app.state.coordinator_key}
