@@ -392,7 +392,6 @@ async def start_job(dispatcher: Dispatcher, job: Job, account: str, policy: Fail
     Raises:
         ApiError: see :meth:`RunningJob.start`.
     """
-    encode_job(job)  # a request JSON cannot carry fails here, as a 400, before any miner
     running = RunningJob(job, dispatcher, account, policy, on_close, on_failover)
     try:
         await running.start()

@@ -280,7 +280,7 @@ class Serving:
     async def _start(self, job: Job, chat: bool, record: RequestRecord
                      ) -> tuple[RunningJob, Formatter]:
         account = record.account
-        encode_job(job)
+        encode_job(job)  # text JSON cannot carry is a 400 here, before any credit moves
         _, _, max_cost, _ = self.quote(job)
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
         try:
