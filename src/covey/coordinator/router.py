@@ -202,11 +202,13 @@ class Dispatcher:
         free = self._free_set(model)
         pool = list(free) if len(free) <= SAMPLE_ABOVE else random.sample(list(free),
                                                                            SAMPLE_SIZE)
-        ok = [s for s in pool if not s.closed and (not self.min_stake or self._staked(s))
-              and self._fits(s, model, w.sha256, w.exclude)]
+        def usable(s: MinerSession) -> bool:
+            return (not s.closed and (not self.min_stake or self._staked(s))
+                    and self._fits(s, model, w.sha256, w.exclude))
+
+        ok = [s for s in pool if usable(s)]
         if not ok and len(pool) < len(free):  # the sample missed: look at them all
-            ok = [s for s in free if not s.closed and (not self.min_stake or self._staked(s))
-                  and self._fits(s, model, w.sha256, w.exclude)]
+            ok = [s for s in free if usable(s)]
         i = choose_miner([self._candidate(s, model) for s in ok])
         if i is None:
             return None

@@ -227,7 +227,9 @@ class Serving:
                   ) -> Callable[[RunningJob], Awaitable[object]]:
         def close(running: RunningJob) -> Awaitable[object]:
             job = running.job
-            miner = running.session.miner_id if running.session else None
+            session = running.session
+            miner = session.miner_id if session else None
+            offer = session.offer(job.model) if session else None
             record.miner, record.failovers = miner, running.failovers
             if running.first_token_at is not None:
                 record.ttft_s = running.first_token_at - record.arrived
@@ -242,9 +244,7 @@ class Serving:
                 record.decode_tps = _decode_rate(running)
                 self.finish(record, 200)
                 return self.billing.close(job.job_id, record.account, miner, job.model,
-                                          prompt, completion,
-                                          running.session.offer(job.model)
-                                          if running.session else None, running.receipt)
+                                          prompt, completion, offer, running.receipt)
             if running.failed or running.started is None or miner is None:
                 # The miners failed (none is paid for a failed attempt), or nothing started.
                 if running.error is not None:
@@ -256,9 +256,7 @@ class Serving:
             record.completion_tokens = running.delivered if stream else 0
             self.finish(record, CLIENT_CLOSED)
             return self.billing.close(job.job_id, record.account, miner, job.model,
-                                      record.prompt_tokens, record.completion_tokens,
-                                      running.session.offer(job.model)
-                                      if running.session else None)
+                                      record.prompt_tokens, record.completion_tokens, offer)
         return close
 
     async def start(self, job: Job, chat: bool, record: RequestRecord
