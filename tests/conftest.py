@@ -88,6 +88,10 @@ class Network:
                 str(self.tmp / "coordinator"),
                 "--log-level",
                 "warning",
+                # Sampled re-checks take validator slots at random moments; tests of other
+                # things run without them (a later --check-rate in the args wins).
+                "--check-rate",
+                "0",
                 *self.coordinator_args,
             ],
             self.tmp / "coordinator.log",

@@ -6,6 +6,7 @@ Only this module and ``cli_up`` import typer and rich; the core packages stay fr
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -69,6 +70,14 @@ def coordinator(
              "(repeatable); others get 100000,200000.")] = None,
     unbonding: Annotated[float, typer.Option(min=0, help="Seconds unstaked credits stay "
                                              "locked.")] = 7 * 24 * 3600,
+    check_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of jobs re-checked by a validator miner.")] = 0.05,
+    slash_bps: Annotated[int, typer.Option(
+        min=0, max=10_000, help="Basis points of a miner's stake slashed per failed check."
+    )] = 1000,
+    trials: Annotated[list[Path] | None, typer.Option(
+        help="Trial reference file (from 'covey trials record'; repeatable); the bundled "
+             "model's is built in.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "json",
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log too (the request "
@@ -82,6 +91,7 @@ def coordinator(
     from covey.coordinator.jobs import FailoverPolicy
     from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
+    from covey.coordinator.verify.judge import CheckPolicy
 
     _logging(log_level, log_format)
     from covey.coordinator.ledger.bank import BankPolicy
@@ -107,7 +117,9 @@ def coordinator(
                                database_url=database_url, prices=prices,
                                bank=BankPolicy(grant=grant, fee_bps=fee_bps,
                                                min_stake=min_stake, unbonding_s=unbonding),
-                               queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout))
+                               queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout),
+                               checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps),
+                               trials=tuple(trials or ()))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
@@ -172,12 +184,19 @@ def miner(
             err.print("[red]error:[/red] the llama.cpp backend needs: "
                       "pip install 'covey[llama]'")
             raise typer.Exit(2) from exc
-        served = LlamaCppBackend(model_file, weights_sha256(model_file.path, data_dir), slots,
+        from covey.miner.backends import adversary
+
+        sha = weights_sha256(model_file.path, data_dir)
+        fake = adversary.claimed_path()
+        if fake is not None:  # TEST ONLY: other weights under the claimed name and hash
+            model_file = model_file.__class__(model_file.name, fake)
+        served = LlamaCppBackend(model_file, sha, slots,
                                  LlamaCppConfig(n_ctx=ctx, n_threads=threads,
                                                 n_gpu_layers=gpu_layers,
                                                 stream_interval=stream_interval,
                                                 ask_prompt=ask_prompt,
                                                 ask_completion=ask_completion))
+    served = _maybe_adversary(served)
     agent = MinerAgent(coordinator, signing_key, served)
     offer = served.offer
     err.print(f"miner {agent.miner_id[:16]}… serving {offer.name} via {offer.backend} "
@@ -232,9 +251,32 @@ def chat(
     sys.stdout.write("\n")
 
 
+def _maybe_adversary(served: Backend) -> Backend:
+    """TEST ONLY: wrap ``served`` in a cheating backend when the test harness asks for one
+    (see :mod:`covey.miner.backends.adversary`)."""
+    from covey.miner.backends import adversary
+
+    mode = adversary.mode()
+    if mode is None:
+        return served
+    logging.getLogger("covey.miner").warning(
+        "TEST-ONLY ADVERSARY MODE %s=%s: this miner cheats on purpose and will be slashed",
+        adversary.ENV, ":".join(mode))
+    if mode[0] == "wrong-model":
+        return served
+    from covey.miner.backends.llama_cpp import LlamaCppBackend
+
+    if not isinstance(served, LlamaCppBackend):
+        raise typer.BadParameter("adversary modes need the llama.cpp backend")
+    llm = served._slots[0].llm
+    return adversary.AdversaryBackend(served, mode[0], mode[1], lambda t: served._piece(llm, t),
+                                      llm.n_vocab())
+
+
 def _register_up() -> None:
     from covey.cli_money import ledger_app, signup, wallet
     from covey.cli_receipts import receipts_app
+    from covey.cli_trials import trials_app
     from covey.cli_up import up
 
     app.command()(up)
@@ -242,6 +284,7 @@ def _register_up() -> None:
     app.add_typer(wallet, name="wallet")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(receipts_app, name="receipts")
+    app.add_typer(trials_app, name="trials")
 
 
 _register_up()

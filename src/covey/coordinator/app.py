@@ -30,6 +30,9 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.router import Dispatcher, QueuePolicy
+from covey.coordinator.verify.checker import Verifier
+from covey.coordinator.verify.judge import CheckPolicy
+from covey.coordinator.verify.trials import TrialBook
 from covey.protocol.identity import load_or_create
 
 log = logging.getLogger("covey.coordinator")
@@ -66,6 +69,9 @@ class CoordinatorConfig:
     queue: QueuePolicy = QueuePolicy()
     key_limits: KeyLimitPolicy = KeyLimitPolicy()
     catalog: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CATALOG))
+    checks: CheckPolicy = CheckPolicy()
+    trials: tuple[Path, ...] = ()
+    """Reference files for trial tasks besides the bundled model's."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -89,6 +95,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         for account, staked in stakes.items():
             registry.set_stake(account.removeprefix("stake:"), staked)
         yield
+        verifier.close()
         await billing.drain()
         ledger.close()
 
@@ -103,8 +110,10 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
                       jobs_running=lambda: sum(s.active for s in registry.sessions.values()))
     registry.evictions = lambda reason: metrics.evictions.labels(reason).inc()
     app.state.metrics = metrics
+    verifier = Verifier(dispatcher, billing, config.checks, TrialBook(config.trials), metrics)
+    app.state.verifier = verifier
     app.state.serving = Serving(dispatcher, billing, config.failover, metrics,
-                                KeyLimits(config.key_limits))
+                                KeyLimits(config.key_limits), verifier.after_job)
     app.state.started_at = int(time.time())
     app.state.coordinator_key = ledger.public_key
     install_error_handlers(app)

@@ -68,7 +68,8 @@ class Billing:
         # handful could wait, so commits would stay tiny. Waiting threads cost no CPU.
         self._pool = ThreadPoolExecutor(LEDGER_CALLERS, thread_name_prefix="ledger-call")
 
-    async def _ledger(self, fn: Callable[..., T], *args: object) -> T:
+    async def ledger_call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking ledger function on the ledger callers' thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def price(self, model: str, offers: Sequence[ModelOffer] = ()) -> Price:
@@ -117,7 +118,7 @@ class Billing:
             ApiError: 402 ``insufficient_quota`` when the balance cannot cover it.
         """
         try:
-            await self._ledger(self.bank.hold, job_id, account, amount)
+            await self.ledger_call(self.bank.hold, job_id, account, amount)
         except InsufficientFunds as exc:
             raise ApiError(
                 402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
@@ -138,7 +139,7 @@ class Billing:
             record = UsageRecord(model, prompt_tokens, completion_tokens)
             work = lambda: self.bank.settle(job_id, account, miner_id, charge,  # noqa: E731
                                             record, receipt)
-        future = asyncio.ensure_future(self._logged(self._ledger(work), job_id))
+        future = asyncio.ensure_future(self._logged(self.ledger_call(work), job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         # Shielded: a caller cancelled while awaiting (the client left) must not cancel the

@@ -112,9 +112,14 @@ class RunningJob:
         self.settlement: Awaitable[object] | None = None
         self.receipt: tuple[Receipt, str] | None = None
         """The finishing miner's receipt and signature, once checked against the job."""
+        self.usage_fault: str | None = None
+        """Why the finishing miner's usage report is false (None when it is true): it
+        claimed more tokens than it streamed, another prompt length than it started with, or
+        a ``length`` finish before the limit. A failed check (DESIGN.md, Trust)."""
         self.first_token_at: float | None = None
         """``time.monotonic()`` when the first delta arrived (None before)."""
         self._ids: list[int] = []
+        self._texts: list[str] = []
         self._chars = 0
         self._tried: list[str] = []
         self._sha256: str | None = None
@@ -126,10 +131,21 @@ class RunningJob:
         self._finished = False
         self._closed = False
         self._attempt_ids = 0
+        self._attempt_prompt = 0
         self._attempt_start = 0.0
         self._attempt_first: float | None = None
         self._attempt_last = 0.0
         self._attempt_text = hashlib.sha256()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The token ids handed to the client so far (all miners)."""
+        return self._ids
+
+    @property
+    def text(self) -> str:
+        """The text handed to the client so far (all miners)."""
+        return "".join(self._texts)
 
     @property
     def delivered(self) -> int:
@@ -232,6 +248,7 @@ class RunningJob:
         frame = await self._next()
         if not isinstance(frame, Started):
             raise _protocol("no 'started' frame")
+        self._attempt_prompt = frame.prompt_tokens
         if self.started is None:
             self.started = frame
 
@@ -305,15 +322,17 @@ class RunningJob:
                 self._attempt_ids += len(frame.token_ids)
                 self._ids.extend(frame.token_ids)
                 self._chars += len(frame.text)
+                self._texts.append(frame.text)
                 self._attempt_text.update(frame.text.encode())
                 yield frame
                 continue
             self._finished = True
             self.receipt = self._checked_receipt(frame)
+            self.usage_fault = self._recount(frame)
             if self.receipt is None and self.session is not None:
                 # A missing or false receipt counts as a failed check (DESIGN.md, Trust).
                 self._dispatcher.scores.failure(self.session.miner_id)
-            else:
+            elif self.usage_fault is None:  # a false usage is the verifier's to punish
                 self._score_success()
             resumed = len(self._ids) - self._attempt_ids
             self.done = frame.model_copy(update={
@@ -342,6 +361,25 @@ class RunningJob:
             return r, signature
         log.warning("job %s: miner %s sent %s", self.job.job_id, session.miner_id[:16],
                     problem)
+        return None
+
+    def _recount(self, done: Done) -> str | None:
+        """Why ``done``'s usage is false, or None: the coordinator counts the token ids this
+        miner streamed and knows the prompt length it started with and the job's limits."""
+        if done.completion_tokens != self._attempt_ids:
+            return (f"reported {done.completion_tokens} completion tokens but streamed "
+                    f"{self._attempt_ids}")
+        if done.prompt_tokens != self._attempt_prompt:
+            return (f"reported {done.prompt_tokens} prompt tokens but started with "
+                    f"{self._attempt_prompt}")
+        offer = self.session.offer(self.job.model) if self.session else None
+        cap = self.job.params.max_tokens
+        total = len(self._ids)
+        if (done.finish_reason == "length" and offer is not None
+                and (cap is None or total < cap)
+                and self._attempt_prompt + total < offer.context_length):
+            return (f"reported finish 'length' after {total} tokens (max_tokens {cap}, "
+                    f"context {offer.context_length})")
         return None
 
     def _score_success(self) -> None:

@@ -69,6 +69,11 @@ class Metrics:
                                  ["model", "reason"], registry=r)
         self.evictions = Counter("covey_evictions", "Miner sessions ended by the coordinator.",
                                  ["reason"], registry=r)
+        self.checks = Counter("covey_checks", "Verifications by kind (trial, sampled, usage) "
+                              "and result (passed, failed, skipped).", ["kind", "result"],
+                              registry=r)
+        self.slashed = Counter("covey_slashed_ucr", "µcr slashed from miners' stakes.",
+                               registry=r)
         Gauge("covey_queue_depth", "Requests waiting for a free miner slot.",
               registry=r).set_function(queue_depth)
         Gauge("covey_miners_online", "Miners connected now.",

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from covey.protocol import (
     PROTOCOL_VERSION,
     Challenge,
+    CheckReport,
     Delta,
     Done,
     Heartbeat,
@@ -47,7 +48,7 @@ CLOSE_BAD_DATA = 1003
 CLOSE_REPLACED = 4001
 """Private-use close code: a newer session of the same miner key took this one's place."""
 
-JobFrame = Started | Progress | Delta | Done | JobError
+JobFrame = Started | Progress | Delta | Done | JobError | CheckReport
 
 
 @dataclass(eq=False)
@@ -67,13 +68,26 @@ class MinerSession:
     last_dispatch: float = 0.0
     jobs: dict[str, asyncio.Queue[JobFrame | object]] = field(default_factory=dict)
     closed: bool = False
+    held: set[str] = field(default_factory=set)
+    """Models this miner serves that get no jobs until it passes a trial for them."""
+    refused: set[str] = field(default_factory=set)
+    """Models this miner failed its trial for: never routed to this session."""
+    welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the ``welcome`` went out: jobs may be sent from then on."""
 
     @property
     def slots(self) -> int:
         return self.hello.slots
 
     def offer(self, model: str) -> ModelOffer | None:
-        """The miner's offer for ``model``, or None when it does not serve it."""
+        """The miner's offer for ``model``, or None when it does not serve it (or may not
+        yet: held for a trial, or refused after failing one)."""
+        if model in self.held or model in self.refused:
+            return None
+        return self.claim(model)
+
+    def claim(self, model: str) -> ModelOffer | None:
+        """What the miner's hello says about ``model``, trial or no trial."""
         return next((m for m in self.hello.models if m.name == model), None)
 
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -116,6 +130,9 @@ class MinerRegistry:
         """Called after a miner joins or leaves, or a stake changes."""
         self.evictions: Callable[[str], None] = lambda reason: None
         """Called with a reason each time a miner is evicted (a metrics hook)."""
+        self.admission: Callable[[MinerSession], None] = lambda session: None
+        """Called with each new session before it can get jobs (the trial hook: it may hold
+        models in :attr:`MinerSession.held`)."""
 
     def set_stake(self, miner_id: str, staked: int) -> None:
         """Record a miner's stake (µcr) after it changed in the ledger."""
@@ -140,6 +157,8 @@ class MinerRegistry:
             if session.closed:
                 continue
             for m in session.hello.models:
+                if session.offer(m.name) is None:
+                    continue
                 n, ctx = out.get(m.name, (0, 0))
                 out[m.name] = (n + 1, m.context_length if n == 0 else max(ctx,
                                                                            m.context_length))
@@ -208,6 +227,7 @@ async def serve_miner(
     if hello is None:
         return
     session = MinerSession(miner_id=hello.public_key, hello=hello, websocket=ws)
+    registry.admission(session)
     old = registry.add(session)
     if old is not None:
         registry.evictions("replaced")
@@ -220,6 +240,7 @@ async def serve_miner(
     try:
         await session.send(Welcome(miner_id=session.miner_id,
                                    heartbeat_interval=heartbeat_interval))
+        session.welcomed.set()
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -235,7 +256,7 @@ async def serve_miner(
                 return
             if isinstance(frame, Heartbeat):
                 continue
-            if isinstance(frame, Started | Progress | Delta | Done | JobError):
+            if isinstance(frame, Started | Progress | Delta | Done | JobError | CheckReport):
                 queue = session.jobs.get(frame.job_id)
                 if queue is not None:  # late frames of a cancelled job are dropped
                     queue.put_nowait(frame)

@@ -6,6 +6,7 @@ of the coordinator process. Routing reads it; jobs write it when they end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 REPUTATION_START = 1.0
@@ -54,6 +55,9 @@ class Scoreboard:
 
     def __init__(self) -> None:
         self._scores: dict[str, MinerScore] = {}
+        self.on_floor: tuple[float, Callable[[str], None]] | None = None
+        """(floor, callback): the callback gets a miner id when a failure takes that
+        miner's reputation from at or above the floor to below it."""
 
     def get(self, miner_id: str) -> MinerScore:
         """The record of ``miner_id`` (a fresh one if never seen)."""
@@ -74,7 +78,10 @@ class Scoreboard:
             s.decode_tps = _ewma(s.decode_tps, decode_tps)
 
     def failure(self, miner_id: str) -> None:
-        """A job failed on the miner (disconnect, stall, error)."""
+        """A job failed on the miner (disconnect, stall, error) or a check failed."""
         s = self.get(miner_id)
+        before = s.reputation
         s.reputation = next_reputation(s.reputation, True)
         s.failed += 1
+        if self.on_floor is not None and s.reputation < self.on_floor[0] <= before:
+            self.on_floor[1](miner_id)

@@ -25,6 +25,7 @@ from covey.miner.hardware import detect_hardware
 from covey.protocol import (
     Cancel,
     Challenge,
+    Check,
     Delta,
     Done,
     Heartbeat,
@@ -172,6 +173,10 @@ class MinerAgent:
                     task = asyncio.create_task(self._run_job(ws, frame))
                     self._jobs[frame.job_id] = task
                     task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
+                elif isinstance(frame, Check):
+                    task = asyncio.create_task(self._run_check(ws, frame))
+                    self._jobs[frame.job_id] = task
+                    task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
                 elif isinstance(frame, Cancel):
                     task = self._jobs.get(frame.job_id)
                     if task is not None:
@@ -213,6 +218,28 @@ class MinerAgent:
             log.exception("job %s failed", job.job_id)
             with contextlib.suppress(websockets.ConnectionClosed):
                 await self._send(ws, JobError(job_id=job.job_id, code="backend_error",
+                                              message=type(exc).__name__))
+
+    async def _run_check(self, ws: ClientConnection, check: Check) -> None:
+        """Act as validator for ``check``: report the backend's measurements, or an error."""
+        try:
+            offer = self.backend.offer
+            if check.job.model != offer.name or check.job.model_sha256 not in (None,
+                                                                               offer.sha256):
+                raise BackendError("model_not_found", "this miner does not serve "
+                                   f"{check.job.model!r} with weights {check.job.model_sha256}")
+            report = await self.backend.check(check)
+            await self._send(ws, report)
+        except BackendError as exc:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(ws, JobError(job_id=check.job_id, code=exc.code,
+                                              message=exc.message, param=exc.param))
+        except (asyncio.CancelledError, websockets.ConnectionClosed):
+            pass
+        except Exception as exc:  # a backend bug must fail the check, not the miner
+            log.exception("check %s failed", check.job_id)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(ws, JobError(job_id=check.job_id, code="backend_error",
                                               message=type(exc).__name__))
 
     def _signed(self, job: Job, done: Done, output_sha256: str) -> Done:

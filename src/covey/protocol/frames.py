@@ -3,7 +3,8 @@
 One WebSocket per miner carries JSON objects, each with a ``type`` field naming its class.
 The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``;
 a job is ``job`` → ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, with
-``cancel`` from the coordinator; ``heartbeat`` flows both ways.
+``cancel`` from the coordinator; a re-check is ``check`` → ``check_report`` | ``error``;
+``heartbeat`` flows both ways.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MinerId = NewType("MinerId", str)
 """Hex Ed25519 public key of a miner (64 hex characters)."""
@@ -233,9 +234,60 @@ class Cancel(_Frame):
     job_id: str
 
 
+class Check(_Frame):
+    """Ask a validator to re-check another miner's answer to ``job``.
+
+    ``job_id`` is the check's own id (replies carry it); ``job`` is the request as the miner
+    got it; ``token_ids`` / ``text`` / ``finish_reason`` are what the miner streamed and
+    reported. The validator runs one teacher-forced prefill over prompt + ``token_ids`` with
+    the same weights (``job.model_sha256``) and reports how each token fits its own
+    distribution (:class:`CheckReport`); it does not learn whose answer it checks.
+    """
+
+    type: Literal["check"] = "check"
+    job_id: str
+    job: Job
+    token_ids: tuple[int, ...] = Field(max_length=2**24)
+    text: str
+    finish_reason: Literal["stop", "length"]
+    tail_q: float = Field(default=1e-4, gt=0.0, lt=1.0)
+
+
+class CheckReport(_Frame):
+    """A validator's measurements of one answer (the coordinator judges them).
+
+    - ``prompt_tokens``: the prompt's length by the validator's own tokenizer.
+    - ``text_matches``: the token ids decode (through the same stop-string handling) to
+      exactly the streamed text.
+    - ``gaps``: per output token, the validator's top logit minus the token's logit (≥ 0;
+      0 where the token is its argmax), in raw logits.
+    - ``outside``: tokens outside the set the request's sampler could pick from (the
+      top-p set; llama.cpp's order: top-p on the untempered distribution, then temperature);
+      only for sampled requests (temperature > 0), else 0.
+    - ``tail_count`` / ``tail_mass``: of the tokens inside that set, how many had a
+      probability q below ``Check.tail_q`` under the sampler's renormalized, tempered
+      distribution, and the sum over positions of the probability of landing there (the
+      count an honest sampler is expected to reach). The coordinator's log-likelihood test
+      compares the two. Zero for greedy requests.
+    - ``eos_checked``: the answer ended with ``stop`` but not on a stop string, so the
+      validator also scored the end-of-generation token after the last token; it is the last
+      entry of ``gaps`` (and counted in ``outside`` / ``tail_count``).
+    """
+
+    type: Literal["check_report"] = "check_report"
+    job_id: str
+    prompt_tokens: int = Field(ge=0)
+    text_matches: bool
+    gaps: tuple[float, ...] = Field(max_length=2**24)
+    outside: int = Field(ge=0)
+    tail_count: int = Field(default=0, ge=0)
+    tail_mass: float = Field(default=0.0, ge=0.0)
+    eos_checked: bool = False
+
+
 Frame = Annotated[
     Challenge | Hello | Welcome | Heartbeat | Job | Started | Progress | Delta | Done | JobError
-    | Cancel,
+    | Cancel | Check | CheckReport,
     Field(discriminator="type"),
 ]
 

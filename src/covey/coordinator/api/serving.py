@@ -180,7 +180,12 @@ class Serving:
     the request log."""
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: FailoverPolicy,
-                 metrics: Metrics, limits: KeyLimits) -> None:
+                 metrics: Metrics, limits: KeyLimits,
+                 after_job: Callable[[RunningJob, Awaitable[object]], None] | None = None
+                 ) -> None:
+        self.after_job = after_job
+        """Called with each job that finished on a miner and its settlement (the
+        verifier's hook)."""
         self.dispatcher = dispatcher
         self.billing = billing
         self.policy = policy
@@ -243,8 +248,17 @@ class Serving:
                 record.prompt_tokens, record.completion_tokens = prompt, completion
                 record.decode_tps = _decode_rate(running)
                 self.finish(record, 200)
-                return self.billing.close(job.job_id, record.account, miner, job.model,
-                                          prompt, completion, offer, running.receipt)
+                if running.usage_fault is not None:
+                    # False usage is a failed check: the user pays nothing for this job.
+                    settlement = self.billing.close(job.job_id, record.account, None,
+                                                    job.model, 0, 0)
+                else:
+                    settlement = self.billing.close(job.job_id, record.account, miner,
+                                                    job.model, prompt, completion, offer,
+                                                    running.receipt)
+                if self.after_job is not None:
+                    self.after_job(running, settlement)
+                return settlement
             if running.failed or running.started is None or miner is None:
                 # The miners failed (none is paid for a failed attempt), or nothing started.
                 if running.error is not None:

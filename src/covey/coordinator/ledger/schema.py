@@ -83,3 +83,23 @@ receipts = Table(
     Column("created_us", BigInteger, nullable=False),
 )
 """The miner's signed receipt of each settled request (canonical JSON), countersigned."""
+
+checks = Table(
+    "checks", metadata,
+    Column("check_id", String(100), primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("job_id", String(100), nullable=False, index=True),
+    Column("account", String(200), nullable=True),
+    Column("miner", String(64), nullable=False, index=True),
+    Column("validator", String(64), nullable=True),
+    Column("model_sha256", String(64), nullable=False),
+    Column("verdict", Text, nullable=False),
+    Column("receipt", Text, nullable=True),
+    Column("slashed", BigInteger, nullable=False),
+    Column("to_validator", BigInteger, nullable=False),
+    Column("refunded", BigInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+)
+"""One row per failed check (trial, sampled re-check or usage recount): the evidence (the
+verdict with its figures, the miner's signed receipt when there is one) and the money it
+moved (µcr slashed, paid to the validator, refunded to the user)."""

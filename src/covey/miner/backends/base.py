@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
-from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
+from covey.protocol import Check, CheckReport, Delta, Done, Job, ModelOffer, Progress, Started
 
 
 class BackendError(Exception):
@@ -41,6 +41,16 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
         """Run ``job``; see the class docstring for the frame order."""
+
+    async def check(self, check: Check) -> CheckReport:
+        """Re-check another miner's answer as a validator: one teacher-forced prefill over
+        prompt + ``check.token_ids``, scored by :mod:`covey.miner.backends.scoring`.
+
+        Raises:
+            BackendError: ``check_unsupported`` when this backend cannot re-check, or the
+                prompt and answer do not fit the context (``context_length_exceeded``).
+        """
+        raise BackendError("check_unsupported", "this backend cannot re-check answers")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model's memory and threads."""

@@ -22,9 +22,19 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from covey.miner.backends.base import Backend, BackendError
+from covey.miner.backends.scoring import token_stats
 from covey.miner.backends.text import DeltaBuffer, StreamDecoder
 from covey.miner.models import ModelFile
-from covey.protocol import Delta, Done, Job, ModelOffer, Progress, Started
+from covey.protocol import (
+    Check,
+    CheckReport,
+    Delta,
+    Done,
+    Job,
+    ModelOffer,
+    Progress,
+    Started,
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class LlamaCppBackend(Backend):
             self._free.put_nowait(slot)
         self._formatter = _chat_formatter(first)
         self._pieces: dict[int, bytes] = {}
+        self._eog: np.ndarray | None = None
         self.offer = ModelOffer(name=model.name, sha256=sha256, context_length=first.n_ctx(),
                                 backend="llama.cpp", ask_prompt=config.ask_prompt,
                                 ask_completion=config.ask_completion)
@@ -172,6 +183,56 @@ class LlamaCppBackend(Backend):
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
             emit(exc)
 
+    def _end_tokens(self, llm: llama_cpp.Llama) -> np.ndarray:
+        """Ids of every end-of-generation token of the vocabulary (cached)."""
+        if self._eog is None:
+            vocab = llm._model.vocab
+            self._eog = np.array([t for t in range(llm.n_vocab())
+                                  if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
+        return self._eog
+
+    def _check(self, llm: llama_cpp.Llama, check: Check, cancel: threading.Event
+               ) -> CheckReport:
+        """The validator's side of a re-check, on the slot's own thread."""
+        job, ids = check.job, list(check.token_ids)
+        tokens = self.tokenize_job(llm, job)
+        decoder = StreamDecoder(job.params.stop)
+        text = "".join(decoder.feed(self._piece(llm, t)) for t in ids) + decoder.finish()
+        eos = check.finish_reason == "stop" and not decoder.stopped
+        forced = ids if eos else ids[:-1]
+        if not tokens or len(tokens) + len(forced) > llm.n_ctx():
+            raise BackendError("context_length_exceeded",
+                               "the prompt and answer do not fit this validator's context")
+        _prefill(llm, tokens, [], cancel, lambda n: None)
+        rows = [_logits(llm, 1)]
+        for i in range(0, len(forced), PREFILL_CHUNK):
+            if cancel.is_set():
+                raise BackendError("cancelled", "the check was cancelled")
+            rows.append(_eval_logits(llm, forced[i: i + PREFILL_CHUNK]))
+        logits = np.vstack(rows)
+        targets = list(ids)
+        if eos:  # the most likely end token after the answer stands for "stop here"
+            ends = self._end_tokens(llm)
+            targets.append(int(ends[np.argmax(logits[-1, ends])]))
+        p = job.params
+        stats = token_stats(logits, np.asarray(targets, dtype=np.int64), p.temperature,
+                            p.top_p, check.tail_q)
+        return CheckReport(job_id=check.job_id, prompt_tokens=len(tokens),
+                           text_matches=text == check.text, gaps=stats.gaps,
+                           outside=stats.outside, tail_count=stats.tail_count,
+                           tail_mass=stats.tail_mass, eos_checked=eos)
+
+    async def check(self, check: Check) -> CheckReport:
+        slot = await self._free.get()
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(
+            slot.executor, self._check, slot.llm, check, cancel)
+        future.add_done_callback(lambda _f: self._free.put_nowait(slot))
+        try:
+            return await asyncio.shield(future)
+        finally:
+            cancel.set()
+
     async def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
         slot = await self._free.get()
         loop = asyncio.get_running_loop()
@@ -240,6 +301,31 @@ def _prefill(llm: llama_cpp.Llama, tokens: list[int], resumed: list[int],
         if not exact or i % PREFILL_CHUNK == PREFILL_CHUNK - 1:
             progress(llm.n_tokens)
     return True
+
+
+def _logits(llm: llama_cpp.Llama, rows: int) -> np.ndarray:
+    """A copy of the logits of the last ``rows`` outputs of the latest decode, shape
+    ``(rows, n_vocab)``."""
+    n_vocab = llm.n_vocab()
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows * n_vocab,)).reshape(
+        rows, n_vocab).copy()
+
+
+def _eval_logits(llm: llama_cpp.Llama, tokens: list[int]) -> np.ndarray:
+    """Evaluate ``tokens`` as one batch (like ``Llama.eval``) and return the logits of every
+    position, shape ``(len(tokens), n_vocab)``: the teacher-forced prefill of a re-check.
+
+    ``Llama.eval`` keeps only the last position's logits unless the whole context was built
+    with ``logits_all`` (a ``n_ctx × n_vocab`` buffer per slot), so this asks llama.cpp for
+    all outputs of just this batch.
+    """
+    n_past = llm.n_tokens
+    llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+    llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
+    llm._ctx.decode(llm._batch)
+    llm.input_ids[n_past: n_past + len(tokens)] = tokens
+    llm.n_tokens += len(tokens)
+    return _logits(llm, len(tokens))
 
 
 def _llama_seed(seed: int | None) -> int:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from covey.miner.backends.base import Backend, BackendError
 from covey.miner.backends.text import StreamDecoder
-from covey.protocol import Delta, Done, Job, ModelOffer, Started
+from covey.protocol import Check, CheckReport, Delta, Done, Job, ModelOffer, Started
 
 SYNTHETIC_WEIGHTS = b"covey synthetic backend v1"
 """Bytes whose SHA-256 stands for the synthetic model's weights hash."""
@@ -113,3 +113,18 @@ class SyntheticBackend(Backend):
                 await asyncio.sleep(max(self._interval, 1 / self._rate if self._rate else 0))
         yield Done(job_id=job.job_id, finish_reason=finish, prompt_tokens=n_prompt,
                    completion_tokens=i - start)
+
+    async def check(self, check: Check) -> CheckReport:
+        """Re-check by recomputing the answer: every token has one right value, so a wrong
+        one has gap 10 and counts as outside the (one-token) sampling set."""
+        job = check.job
+        seed = _request_seed(job)
+        decoder = StreamDecoder(job.params.stop)
+        text = "".join(decoder.feed(_PIECES[t]) for t in check.token_ids
+                       if 0 <= t < VOCAB) + decoder.finish()
+        gaps = tuple(0.0 if t == token_at(seed, i) else 10.0
+                     for i, t in enumerate(check.token_ids))
+        return CheckReport(job_id=check.job_id, prompt_tokens=prompt_tokens(job),
+                           text_matches=text == check.text
+                           and all(0 <= t < VOCAB for t in check.token_ids),
+                           gaps=gaps, outside=sum(g > 0 for g in gaps))

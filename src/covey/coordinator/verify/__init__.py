@@ -1,0 +1,1 @@
+"""Verification: trial tasks, sampled re-checks by validators, judging and penalties."""

@@ -1,0 +1,333 @@
+"""The verification scheduler: trials on join, sampled re-checks, usage faults, penalties.
+
+- **Trial.** A new session's models are held (no jobs) until the miner answers a trial
+  prompt greedily and the answer matches the reference for its weights hash, or, with no
+  reference, passes a validator's re-check. Failing refuses that model for the session.
+- **Sampled re-check.** After a job settles, a share ``CheckPolicy.rate`` of jobs is
+  re-checked by another miner with the same weights (a validator). The decision is made
+  after the answer was delivered and nothing about the job differs, so a miner cannot tell
+  which of its answers are checked.
+- **Penalty.** A failed check (or a usage fault seen by the coordinator) counts as a failure
+  for reputation, slashes stake, pays the validator, refunds the user and stores the
+  evidence (:func:`covey.coordinator.ledger.penalties.penalize`).
+- **Floor.** A miner whose reputation drops below ``CheckPolicy.reputation_floor`` is held
+  until it passes a trial again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Sequence
+
+from covey.coordinator.api.requests import new_id
+from covey.coordinator.billing import Billing
+from covey.coordinator.errors import ApiError
+from covey.coordinator.jobs import RunningJob
+from covey.coordinator.ledger.penalties import Evidence, Penalty, penalize
+from covey.coordinator.metrics import Metrics
+from covey.coordinator.miners import CLOSE_POLICY, MINER_GONE, MinerSession
+from covey.coordinator.router import Dispatcher
+from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
+from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
+from covey.protocol import (
+    Check,
+    CheckReport,
+    Delta,
+    Done,
+    Job,
+    JobError,
+    ModelOffer,
+    Progress,
+    SamplingParams,
+    Started,
+)
+from covey.protocol.frames import ChatMessage
+
+log = logging.getLogger("covey.coordinator.verify")
+
+VALIDATOR_ACCOUNT = "covey:validator"
+"""The account re-checks queue under for a validator's slot (fair-queued like a user)."""
+
+
+class CheckUnavailable(Exception):
+    """No validator could give a verdict (none online, busy, or it failed)."""
+
+
+class Verifier:
+    """Runs every check of one coordinator; see the module docstring."""
+
+    def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: CheckPolicy,
+                 trials: TrialBook, metrics: Metrics) -> None:
+        self.dispatcher = dispatcher
+        self.billing = billing
+        self.policy = policy
+        self.trials = trials
+        self.metrics = metrics
+        self._rng = random.SystemRandom()
+        self._tasks: set[asyncio.Task[None]] = set()
+        dispatcher.registry.admission = self.admit
+        dispatcher.scores.on_floor = (policy.reputation_floor, self.retrial)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        """Stop the checks under way (at shutdown)."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def drain(self) -> None:
+        """Wait for the checks under way (at shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- trials ------------------------------------------------------------------------
+
+    def admit(self, session: MinerSession) -> None:
+        """Hold each model of a new session until it passes its trial.
+
+        Weights with no reference answer are admitted at once while no other miner serves
+        them (nothing could judge the answer; sampled re-checks start once a second one
+        joins), and otherwise checked by such a miner as validator.
+        """
+        for offer in session.hello.models:
+            if not self._judgeable(offer, session.miner_id):
+                log.info("miner %s admitted for %s unverified: no reference answer for "
+                         "weights %s and no other miner serving them", session.miner_id[:16],
+                         offer.name, offer.sha256[:12])
+                self.metrics.checks.labels("trial", "skipped").inc()
+                continue
+            session.held.add(offer.name)
+            self._spawn(self._trial(session, offer))
+
+    def _judgeable(self, offer: ModelOffer, miner_id: str) -> bool:
+        """Whether a trial answer for ``offer`` could be judged: a reference exists, or a
+        live miner other than ``miner_id`` serves the same weights."""
+        if offer.sha256 in self.trials.references:
+            return True
+        return any(s.miner_id != miner_id and (o := s.offer(offer.name)) is not None
+                   and o.sha256 == offer.sha256
+                   for s in self.dispatcher.registry.serving(offer.name))
+
+    def retrial(self, miner_id: str) -> None:
+        """The miner's reputation fell below the floor: hold it until it passes a trial."""
+        session = self.dispatcher.registry.sessions.get(miner_id)
+        if session is None or session.closed:
+            return
+        log.warning("miner %s fell below the reputation floor; holding it for a trial",
+                    miner_id[:16])
+        for offer in session.hello.models:
+            if offer.name not in session.held and offer.name not in session.refused:
+                session.held.add(offer.name)
+                self._spawn(self._trial(session, offer, again=True))
+        self.dispatcher.registry.notify()
+
+    async def _trial(self, session: MinerSession, offer: ModelOffer, again: bool = False
+                     ) -> None:
+        await session.welcomed.wait()
+        messages, ref = self.trials.pick(offer.sha256)
+        job = Job(job_id=new_id("chatcmpl"), model=offer.name, model_sha256=offer.sha256,
+                  messages=tuple(ChatMessage(**m) for m in messages),
+                  params=SamplingParams(temperature=0, max_tokens=TRIAL_MAX_TOKENS))
+        verdict = Verdict()
+        validator = None
+        try:
+            ids, text, done = await self._run(session, job)
+            verdict.figures = {"token_ids": ids[:64], "finish": done.finish_reason}
+            if ref is not None:
+                reason = compare(ref, ids, done.finish_reason)
+                verdict.figures["reference"] = list(ref.token_ids)
+                if reason:
+                    verdict.reasons.append(reason)
+            else:
+                try:
+                    report, validator = await self.recheck(
+                        job, ids, text, done.finish_reason, exclude=[session.miner_id])
+                    verdict = judge(self.policy, job, report, done.prompt_tokens)
+                except CheckUnavailable as exc:
+                    # The first miner of weights nobody has a reference for: nothing to
+                    # compare with. Sampled re-checks still apply once a second one joins.
+                    verdict.figures["unverified"] = str(exc)
+        except CheckUnavailable as exc:
+            verdict.reasons.append(f"the trial did not complete: {exc}")
+        if session.closed:
+            return
+        session.held.discard(offer.name)
+        if verdict.passed:
+            self.metrics.checks.labels("trial", "passed").inc()
+            log.info("miner %s passed its trial for %s%s", session.miner_id[:16], offer.name,
+                     " (no reference or validator: unverified)"
+                     if "unverified" in verdict.figures else "")
+            if again:
+                score = self.dispatcher.scores.get(session.miner_id)
+                score.reputation = max(score.reputation, self.policy.reputation_floor)
+        else:
+            session.refused.add(offer.name)
+            self.metrics.checks.labels("trial", "failed").inc()
+            log.warning("miner %s failed its trial for %s: %s", session.miner_id[:16],
+                        offer.name, "; ".join(verdict.reasons))
+            await self.punish(Evidence(new_id("chk"), "trial", job.job_id, session.miner_id,
+                                       offer.sha256, verdict.as_dict(), None, validator))
+            if all(m.name in session.refused for m in session.hello.models):
+                await session.websocket.close(CLOSE_POLICY, f"failed its trial for "
+                                              f"{offer.name}"[:120])
+        self.dispatcher.registry.notify()
+
+    async def _run(self, session: MinerSession, job: Job) -> tuple[list[int], str, Done]:
+        """Run ``job`` on ``session`` directly (outside routing) and collect the answer.
+
+        Raises:
+            CheckUnavailable: the miner refused, failed, left or took too long.
+        """
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        session.jobs[job.job_id] = queue  # type: ignore[assignment]
+        ids: list[int] = []
+        text: list[str] = []
+        try:
+            await session.send(job)
+            async with asyncio.timeout(self.policy.timeout):
+                while True:
+                    item = await queue.get()
+                    if item is MINER_GONE:
+                        raise CheckUnavailable("the miner left")
+                    if isinstance(item, JobError):
+                        raise CheckUnavailable(f"the miner failed: {item.message}")
+                    if isinstance(item, Delta):
+                        ids.extend(item.token_ids)
+                        text.append(item.text)
+                    elif isinstance(item, Done):
+                        return ids, "".join(text), item
+                    elif not isinstance(item, Started | Progress):
+                        raise CheckUnavailable("the miner broke the protocol")
+        except TimeoutError:
+            raise CheckUnavailable(f"no answer within {self.policy.timeout:.0f} s") from None
+        except (OSError, RuntimeError) as exc:
+            raise CheckUnavailable("the miner's socket closed") from exc
+        finally:
+            session.jobs.pop(job.job_id, None)
+
+    # --- sampled re-checks -------------------------------------------------------------
+
+    async def recheck(self, job: Job, token_ids: Sequence[int], text: str, finish: str,
+                      exclude: Sequence[str]) -> tuple[CheckReport, str]:
+        """Have a validator (a live miner with the job's weights, not in ``exclude``)
+        measure an answer; returns its report and its miner id.
+
+        Raises:
+            CheckUnavailable: no validator is online or free within the timeout, or it
+                failed.
+        """
+        d = self.dispatcher
+        try:
+            async with asyncio.timeout(self.policy.timeout):
+                session = await d.acquire(job.model, VALIDATOR_ACCOUNT, job.model_sha256,
+                                          frozenset(exclude))
+        except (ApiError, TimeoutError) as exc:
+            raise CheckUnavailable(getattr(exc, "message", "no validator was free")) from None
+        check = Check(job_id=new_id("chk"), job=job, token_ids=tuple(token_ids), text=text,
+                      finish_reason="stop" if finish == "stop" else "length",
+                      tail_q=self.policy.tail_q)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        session.jobs[check.job_id] = queue  # type: ignore[assignment]
+        try:
+            await session.send(check)
+            async with asyncio.timeout(self.policy.timeout):
+                item = await queue.get()
+        except TimeoutError:
+            raise CheckUnavailable("the validator did not answer in time") from None
+        except (OSError, RuntimeError) as exc:
+            raise CheckUnavailable("the validator's socket closed") from exc
+        finally:
+            session.jobs.pop(check.job_id, None)
+            d.release(session, VALIDATOR_ACCOUNT)
+        if not isinstance(item, CheckReport):
+            why = item.message if isinstance(item, JobError) else "it left"
+            raise CheckUnavailable(f"the validator could not check: {why}")
+        return item, session.miner_id
+
+    def after_job(self, running: RunningJob, settlement: Awaitable[object]) -> None:
+        """A job finished and is settling: maybe re-check it (share ``policy.rate``)."""
+        done, session, job = running.done, running.session, running.job
+        if done is None or session is None or done.finish_reason == "cancelled":
+            return
+        if running.usage_fault is not None:
+            self._spawn(self._usage(running, settlement))
+            return
+        # Answers that moved between miners, and penalized sampling (whose distribution
+        # depends on history the validator does not model), are not re-checked.
+        if running.failovers or job.params.presence_penalty or job.params.frequency_penalty:
+            return
+        if self._rng.random() >= self.policy.rate:
+            return
+        sha = running.receipt[0].model_sha256 if running.receipt else job.model_sha256
+        pinned = job.model_copy(update={"model_sha256": sha})
+        self._spawn(self._sampled(pinned, session.miner_id, running.token_ids, running.text,
+                                  done.finish_reason, done.prompt_tokens, running.account,
+                                  settlement))
+
+    async def _sampled(self, job: Job, miner_id: str, ids: list[int], text: str,
+                       finish: str, prompt_tokens: int, account: str,
+                       settlement: Awaitable[object]) -> None:
+        try:
+            await settlement
+        except Exception:  # noqa: BLE001 - the settlement logs its own failure
+            return
+        try:
+            report, validator = await self.recheck(job, ids, text, finish, [miner_id])
+        except CheckUnavailable as exc:
+            self.metrics.checks.labels("sampled", "skipped").inc()
+            log.info("job %s not re-checked: %s", job.job_id, exc)
+            return
+        verdict = judge(self.policy, job, report, prompt_tokens)
+        self.metrics.checks.labels("sampled", "passed" if verdict.passed else "failed").inc()
+        if verdict.passed:
+            return
+        log.warning("job %s: miner %s failed a re-check by %s: %s", job.job_id, miner_id[:16],
+                    validator[:16], "; ".join(verdict.reasons))
+        await self.punish(Evidence(new_id("chk"), "sampled", job.job_id, miner_id,
+                                   job.model_sha256 or "", verdict.as_dict(), account,
+                                   validator))
+
+    async def _usage(self, running: RunningJob, settlement: Awaitable[object]) -> None:
+        try:
+            await settlement
+        except Exception:  # noqa: BLE001
+            return
+        assert running.session is not None and running.usage_fault is not None
+        self.metrics.checks.labels("usage", "failed").inc()
+        log.warning("job %s: miner %s reported false usage: %s", running.job.job_id,
+                    running.session.miner_id[:16], running.usage_fault)
+        receipt = running.receipt[0].model_dump() if running.receipt else None
+        verdict = {"passed": False, "reasons": [running.usage_fault],
+                   "figures": {"streamed_tokens": running.delivered, "receipt": receipt}}
+        offer = running.session.claim(running.job.model)
+        await self.punish(Evidence(new_id("chk"), "usage", running.job.job_id,
+                                   running.session.miner_id, offer.sha256 if offer else "",
+                                   verdict, running.account, None))
+
+    # --- penalties ---------------------------------------------------------------------
+
+    async def punish(self, evidence: Evidence) -> Penalty | None:
+        """Count a failed check against the miner and apply the penalty in the ledger."""
+        self.dispatcher.scores.failure(evidence.miner_id)
+        p = self.policy
+        try:
+            penalty = await self.billing.ledger_call(penalize, self.billing.bank, evidence,
+                                                     p.slash_bps, p.validator_bps)
+        except Exception:
+            log.exception("penalty for check %s failed", evidence.check_id)
+            return None
+        if penalty is not None:
+            self.metrics.slashed.inc(penalty.slashed)
+            staked = await self.billing.ledger_call(self.billing.bank.staked,
+                                                    evidence.miner_id)
+            self.dispatcher.registry.set_stake(evidence.miner_id, staked)
+            log.warning("miner %s penalized for %s check %s: slashed %d µcr (%d to the "
+                        "validator), refunded %d µcr", evidence.miner_id[:16], evidence.kind,
+                        evidence.check_id, penalty.slashed, penalty.to_validator,
+                        penalty.refunded)
+        return penalty

@@ -1,0 +1,111 @@
+"""Judging a validator's measurements of an answer: pass or fail, with the reasons.
+
+The validator measures (:class:`~covey.protocol.CheckReport`); the coordinator judges, so
+every validator is held to one rule set and the thresholds live in one place
+(:class:`CheckPolicy`). Thresholds come from honest miners: ``bench/verify.py`` re-checks
+honest answers of the bundled model and prints the largest gaps seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from covey.protocol import CheckReport, Job
+
+
+@dataclass(frozen=True)
+class CheckPolicy:
+    """Verification settings.
+
+    - ``rate``: share of finished jobs re-checked by a validator (0–1).
+    - ``greedy_gap``: largest logit gap (validator's top logit minus the token's) a greedy
+      token may have. Validator and miner evaluate the answer in different batch shapes
+      (one prefill versus token-by-token decode), so their logits differ by float rounding;
+      honest gaps measured with the bundled model stay below 0.2 (``bench/verify.py``,
+      ``honest_max_gap``); 1.0 leaves room for other CPUs and builds, and a wrong token from
+      another model is typically several logits away.
+    - ``tail_q`` / ``tail_alpha``: a sampled answer fails when its count of tokens with
+      probability below ``tail_q`` (under the request's own sampling distribution) is so
+      high that an honest sampler would reach it with probability below ``tail_alpha``
+      (Poisson tail with the expected count as mean).
+    - ``max_outside``: tokens a sampled answer may have outside its top-p set (after the
+      validator's slack for rounding).
+    - ``slash_bps``: basis points of the miner's stake slashed per failed check;
+      ``validator_bps``: basis points of the slashed amount paid to the validator.
+    - ``reputation_floor``: below it a miner gets no jobs until it passes a trial again.
+    - ``timeout``: seconds a validator or a trial may take.
+    """
+
+    rate: float = 0.05
+    greedy_gap: float = 1.0
+    tail_q: float = 1e-4
+    tail_alpha: float = 1e-6
+    max_outside: int = 0
+    slash_bps: int = 1000
+    validator_bps: int = 5000
+    reputation_floor: float = 0.3
+    timeout: float = 60.0
+
+
+@dataclass
+class Verdict:
+    """``passed`` unless ``reasons`` says why not; ``figures`` are the numbers judged."""
+
+    reasons: list[str] = field(default_factory=list)
+    figures: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def as_dict(self) -> dict[str, object]:
+        return {"passed": self.passed, "reasons": self.reasons, "figures": self.figures}
+
+
+def poisson_sf(k: int, mean: float) -> float:
+    """P(X ≥ k) for X ~ Poisson(``mean``)."""
+    if k <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    # Sum the upper tail itself: 1 − P(X < k) loses all precision when the tail is tiny.
+    upper, i = 0.0, k
+    term = math.exp(k * math.log(mean) - mean - math.lgamma(k + 1))
+    while i < k + 10_000 and (term > 1e-300 or i < mean):
+        upper += term
+        i += 1
+        term *= mean / i
+    return min(1.0, upper)
+
+
+def judge(policy: CheckPolicy, job: Job, report: CheckReport, prompt_tokens: int) -> Verdict:
+    """Judge ``report`` on an answer to ``job`` whose miner reported ``prompt_tokens``."""
+    v = Verdict()
+    gaps = report.gaps
+    v.figures = {"tokens": len(gaps), "prompt_tokens": [prompt_tokens, report.prompt_tokens],
+                 "max_gap": max(gaps, default=0.0), "outside": report.outside,
+                 "tail_count": report.tail_count, "tail_mass": round(report.tail_mass, 4),
+                 "eos_checked": report.eos_checked}
+    if not report.text_matches:
+        v.reasons.append("the streamed text is not what the streamed token ids decode to")
+    if report.prompt_tokens != prompt_tokens:
+        v.reasons.append(f"the miner reported {prompt_tokens} prompt tokens; the validator "
+                         f"counts {report.prompt_tokens}")
+    if job.params.temperature == 0:
+        wrong = [i for i, g in enumerate(gaps) if g > policy.greedy_gap]
+        if wrong:
+            v.figures["wrong_positions"] = wrong[:20]
+            v.reasons.append(f"{len(wrong)} of {len(gaps)} greedy tokens are not the model's "
+                             f"choice (largest gap {max(gaps):.2f} logits)")
+        return v
+    if report.outside > policy.max_outside:
+        v.reasons.append(f"{report.outside} of {len(gaps)} sampled tokens lie outside the "
+                         f"top-p set (top_p {job.params.top_p})")
+    p = poisson_sf(report.tail_count, report.tail_mass)
+    v.figures["tail_p"] = p
+    if p < policy.tail_alpha:
+        v.reasons.append(f"{report.tail_count} of {len(gaps)} sampled tokens have probability "
+                         f"below {policy.tail_q:g} where an honest sampler expects "
+                         f"{report.tail_mass:.2f} (p = {p:.1e})")
+    return v

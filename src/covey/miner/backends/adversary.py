@@ -1,0 +1,117 @@
+"""TEST ONLY: cheating miners, to prove that verification catches them.
+
+Enabled solely by the environment variable :data:`ENV` (the test harness and
+``bench/verify.py`` set it; no command-line flag exists, and the miner logs a loud warning
+when it is set). Behaviours (``ENV=<name>[:<argument>]``):
+
+- ``wrong-model:PATH`` — serve the GGUF at PATH under the name and weights hash of the model
+  given with ``--model`` (handled where the backend is built, see :func:`claimed_path`).
+- ``random-tokens[:SHARE]`` — replace a share (default 0.2) of the tokens of each answer
+  with random tokens of the vocabulary.
+- ``stop-early`` — stop after half of ``max_tokens`` but report ``max_tokens`` tokens and a
+  ``length`` finish.
+- ``inflate[:SHARE]`` — report SHARE (default 0.3) more prompt and completion tokens than
+  were used.
+
+Each takes effect after the miner's first answer when ``COVEY_TEST_ADVERSARY_HONEST_FIRST``
+is set to a number of answers to give honestly first (to slip past a trial on join).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from covey.miner.backends.base import Backend
+from covey.protocol import Check, CheckReport, Delta, Done, Job, Progress, Started
+
+ENV = "COVEY_TEST_ADVERSARY"
+HONEST_FIRST_ENV = "COVEY_TEST_ADVERSARY_HONEST_FIRST"
+
+
+def mode() -> tuple[str, str] | None:
+    """(behaviour, argument) from :data:`ENV`, or None when unset (production)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    name, _, arg = spec.partition(":")
+    return name, arg
+
+
+def claimed_path() -> Path | None:
+    """For ``wrong-model:PATH``: the GGUF actually served."""
+    m = mode()
+    return Path(m[1]) if m and m[0] == "wrong-model" else None
+
+
+class AdversaryBackend(Backend):
+    """Wraps an honest backend and cheats as :data:`ENV` says (see module docstring).
+
+    ``piece(token)`` gives a token's bytes (for the text of random tokens); ``vocab`` is
+    the vocabulary size.
+    """
+
+    def __init__(self, inner: Backend, behaviour: str, arg: str,
+                 piece: Callable[[int], bytes], vocab: int) -> None:
+        self.inner = inner
+        self.offer = inner.offer
+        self.slots = inner.slots
+        self.behaviour = behaviour
+        self.share = float(arg) if arg else (0.2 if behaviour == "random-tokens" else 0.3)
+        self._piece = piece
+        self._vocab = vocab
+        self._honest_left = int(os.environ.get(HONEST_FIRST_ENV, "0"))
+        self._rng = random.Random()
+
+    async def check(self, check: Check) -> CheckReport:
+        return await self.inner.check(check)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
+        if self._honest_left > 0:
+            self._honest_left -= 1
+            async for frame in self.inner.generate(job):
+                yield frame
+            return
+        cap = job.params.max_tokens or 256
+        sent = prompt = 0
+        gen = self.inner.generate(job)
+        try:
+            async for frame in gen:
+                if isinstance(frame, Started):
+                    prompt = frame.prompt_tokens
+                if isinstance(frame, Started) and self.behaviour == "inflate":
+                    frame = frame.model_copy(update={
+                        "prompt_tokens": math.ceil(frame.prompt_tokens * (1 + self.share))})
+                elif isinstance(frame, Delta) and self.behaviour == "random-tokens":
+                    ids = tuple(self._rng.randrange(self._vocab)
+                                if self._rng.random() < self.share else t
+                                for t in frame.token_ids)
+                    if ids != frame.token_ids:
+                        text = b"".join(self._piece(t) for t in ids).decode(errors="ignore")
+                        frame = Delta(job_id=job.job_id, text=text, token_ids=ids)
+                elif isinstance(frame, Delta) and self.behaviour == "stop-early":
+                    sent += len(frame.token_ids)
+                    yield frame
+                    if sent >= cap // 2:
+                        yield Done(job_id=job.job_id, finish_reason="length",
+                                   prompt_tokens=prompt, completion_tokens=cap)
+                        return
+                    continue
+                elif isinstance(frame, Done):
+                    if self.behaviour == "inflate":
+                        frame = frame.model_copy(update={
+                            "prompt_tokens": math.ceil(frame.prompt_tokens * (1 + self.share)),
+                            "completion_tokens": math.ceil(
+                                frame.completion_tokens * (1 + self.share))})
+                    elif self.behaviour == "stop-early":
+                        frame = frame.model_copy(update={
+                            "finish_reason": "length", "completion_tokens": cap})
+                yield frame
+        finally:
+            await gen.aclose()
