@@ -28,7 +28,7 @@ def free_port() -> int:
 class Proc:
     """A ``python -m covey …`` child process with its log file."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log = log
         self._fh = log.open("ab")
@@ -37,6 +37,7 @@ class Proc:
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> None:
@@ -109,7 +110,8 @@ class Network:
         self.coordinator.stop()
         self.coordinator = self._start_coordinator()
 
-    def add_miner(self, *args: str, wait: bool = True, threads: int = 1) -> Proc:
+    def add_miner(self, *args: str, wait: bool = True, threads: int = 1,
+                  env: dict[str, str] | None = None) -> Proc:
         i = len(self.miners)
         data = self.tmp / f"miner-{i}"
         proc = Proc(
@@ -124,6 +126,7 @@ class Network:
                 *args,
             ],
             self.tmp / f"miner-{i}.log",
+            env,
         )
         self.miners.append(proc)
         if wait:

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from covey import __version__
-from covey.coordinator.api import accounts, chat, models, receipts
+from covey.coordinator.api import accounts, chat, checks, models, receipts
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
@@ -122,6 +122,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(accounts.router)
     app.include_router(receipts.router)
+    app.include_router(checks.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -25,7 +25,8 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/v1/miners")
 async def list_miners(request: Request) -> dict[str, object]:
     """Live miners: id (public key), models, slots, running and completed jobs, hardware,
-    and what routing has measured: reputation, decode tokens/s, TTFT in seconds."""
+    and what routing has measured: reputation, decode tokens/s, TTFT in seconds. ``held``:
+    models awaiting a trial (no jobs yet); ``refused``: models whose trial failed."""
     registry: MinerRegistry = request.app.state.registry
     scores = request.app.state.dispatcher.scores
     return {"object": "list", "data": [
@@ -37,6 +38,8 @@ async def list_miners(request: Request) -> dict[str, object]:
             "completed": s.completed,
             "hardware": s.hello.hardware.model_dump(),
             "version": s.hello.version,
+            "held": sorted(s.held),
+            "refused": sorted(s.refused),
             **_measured(scores.get(s.miner_id)),
         }
         for s in registry.sessions.values()

@@ -60,6 +60,7 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
     """
     m, a = evidence.miner_id, evidence.account
     cost, pay = _job_cost(bank, evidence.job_id) if a else (0, 0)
+    receipt = _receipt(bank, evidence.job_id)  # read here: the writer's thread must not wait
     result: list[Penalty] = []
     validator = miner(evidence.validator) if evidence.validator else None
     accounts = [stake_account(m), miner(m), TREASURY]
@@ -96,7 +97,7 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
             "account": a, "miner": m, "validator": evidence.validator,
             "model_sha256": evidence.model_sha256,
             "verdict": json.dumps(evidence.verdict, sort_keys=True),
-            "receipt": _receipt(bank, evidence.job_id), "slashed": p.slashed,
+            "receipt": receipt, "slashed": p.slashed,
             "to_validator": p.to_validator, "refunded": p.refunded,
             "created_us": time.time_ns() // 1000})]
 

@@ -115,3 +115,27 @@ class AdversaryBackend(Backend):
                 yield frame
         finally:
             await gen.aclose()
+
+
+def make_impostor(source: Path, target: Path, layers: tuple[int, int] = (20, 21)) -> Path:
+    """Write a different model of the same shape: a copy of the GGUF at ``source`` with the
+    weights of two transformer layers swapped. It still writes fluent text, so only a
+    comparison with the real weights' distribution tells them apart. Needs ``gguf``
+    (``pip install gguf``)."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    shutil.copyfile(source, target)
+    reader = gguf.GGUFReader(str(target), "r+")
+    by_name = {t.name: t for t in reader.tensors}
+    a, b = layers
+    for name, tensor in by_name.items():
+        if name.startswith(f"blk.{a}."):
+            other = by_name[name.replace(f"blk.{a}.", f"blk.{b}.", 1)]
+            saved = np.array(tensor.data, copy=True)
+            tensor.data[...] = other.data
+            other.data[...] = saved
+    reader.data.flush()
+    return target
