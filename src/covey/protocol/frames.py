@@ -269,6 +269,13 @@ class CheckReport(_Frame):
       distribution, and the sum over positions of the probability of landing there (the
       count an honest sampler is expected to reach). The coordinator's log-likelihood test
       compares the two. Zero for greedy requests.
+    - ``logq_sum`` / ``entropy_sum`` / ``variance_sum``: over the same tokens, the sum of
+      log q(token), of the entropy H(q) and of Var[log q] (nats): an honest sampler's
+      ``logq_sum`` has mean −``entropy_sum`` and variance ``variance_sum``, which the
+      coordinator's z-test reads. Zero for greedy requests.
+    - ``chernoff``: for λ in (0.25, 0.5, 0.75, 0.9), the sum over the same positions of
+      log Σ_j q_j^(1−λ); an honest answer's ``logq_sum`` is that low with probability at
+      most min_λ exp(chernoff_λ + λ·logq_sum) (Chernoff's bound). Empty for greedy requests.
     - ``eos_checked``: the answer ended with ``stop`` but not on a stop string, so the
       validator also scored the end-of-generation token after the last token; it is the last
       entry of ``gaps`` (and counted in ``outside`` / ``tail_count``).
@@ -282,6 +289,10 @@ class CheckReport(_Frame):
     outside: int = Field(ge=0)
     tail_count: int = Field(default=0, ge=0)
     tail_mass: float = Field(default=0.0, ge=0.0)
+    logq_sum: float = 0.0
+    entropy_sum: float = Field(default=0.0, ge=0.0)
+    variance_sum: float = Field(default=0.0, ge=0.0)
+    chernoff: tuple[float, ...] = Field(default=(), max_length=4)
     eos_checked: bool = False
 
 

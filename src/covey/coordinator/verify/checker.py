@@ -129,31 +129,7 @@ class Verifier:
     async def _trial(self, session: MinerSession, offer: ModelOffer, again: bool = False
                      ) -> None:
         await session.welcomed.wait()
-        messages, ref = self.trials.pick(offer.sha256)
-        job = Job(job_id=new_id("chatcmpl"), model=offer.name, model_sha256=offer.sha256,
-                  messages=tuple(ChatMessage(**m) for m in messages),
-                  params=SamplingParams(temperature=0, max_tokens=TRIAL_MAX_TOKENS))
-        verdict = Verdict()
-        validator = None
-        try:
-            ids, text, done = await self._run(session, job)
-            verdict.figures = {"token_ids": ids[:64], "finish": done.finish_reason}
-            if ref is not None:
-                reason = compare(ref, ids, done.finish_reason)
-                verdict.figures["reference"] = list(ref.token_ids)
-                if reason:
-                    verdict.reasons.append(reason)
-            else:
-                try:
-                    report, validator = await self.recheck(
-                        job, ids, text, done.finish_reason, exclude=[session.miner_id])
-                    verdict = judge(self.policy, job, report, done.prompt_tokens)
-                except CheckUnavailable as exc:
-                    # The first miner of weights nobody has a reference for: nothing to
-                    # compare with. Sampled re-checks still apply once a second one joins.
-                    verdict.figures["unverified"] = str(exc)
-        except CheckUnavailable as exc:
-            verdict.reasons.append(f"the trial did not complete: {exc}")
+        verdict, job_id, validator = await self._judge_trial(session, offer)
         if session.closed:
             return
         session.held.discard(offer.name)
@@ -170,12 +146,49 @@ class Verifier:
             self.metrics.checks.labels("trial", "failed").inc()
             log.warning("miner %s failed its trial for %s: %s", session.miner_id[:16],
                         offer.name, "; ".join(verdict.reasons))
-            await self.punish(Evidence(new_id("chk"), "trial", job.job_id, session.miner_id,
+            await self.punish(Evidence(new_id("chk"), "trial", job_id, session.miner_id,
                                        offer.sha256, verdict.as_dict(), None, validator))
             if all(m.name in session.refused for m in session.hello.models):
                 await session.websocket.close(CLOSE_POLICY, f"failed its trial for "
                                               f"{offer.name}"[:120])
         self.dispatcher.registry.notify()
+
+    async def _judge_trial(self, session: MinerSession, offer: ModelOffer
+                           ) -> tuple[Verdict, str, str | None]:
+        """Run the trial prompts for ``offer`` on ``session``, stopping at the first
+        failure: (verdict, the last trial job's id, the validator's id if one judged)."""
+        verdict = Verdict()
+        job_id, validator = "", None
+        for messages, ref in self.trials.plan(offer.sha256):
+            job = Job(job_id=new_id("chatcmpl"), model=offer.name, model_sha256=offer.sha256,
+                      messages=tuple(ChatMessage(**m) for m in messages),
+                      params=SamplingParams(temperature=0, max_tokens=TRIAL_MAX_TOKENS))
+            job_id = job.job_id
+            try:
+                ids, text, done = await self._run(session, job)
+            except CheckUnavailable as exc:
+                verdict.reasons.append(f"the trial did not complete: {exc}")
+                return verdict, job_id, None
+            verdict.figures = {"prompt": messages[-1]["content"], "token_ids": ids[:64],
+                               "finish": done.finish_reason}
+            if ref is not None:
+                verdict.figures["reference"] = list(ref.token_ids)
+                reason = compare(ref, ids, done.finish_reason)
+                if reason:
+                    verdict.reasons.append(reason)
+                    return verdict, job_id, None
+                continue
+            try:
+                report, validator = await self.recheck(
+                    job, ids, text, done.finish_reason, exclude=[session.miner_id])
+            except CheckUnavailable as exc:
+                # The first miner of weights nobody has a reference for: nothing to compare
+                # with. Sampled re-checks apply once a second one joins.
+                verdict.figures["unverified"] = str(exc)
+                return verdict, job_id, None
+            verdict = judge(self.policy, job, report, done.prompt_tokens)
+            return verdict, job_id, validator
+        return verdict, job_id, validator
 
     async def _run(self, session: MinerSession, job: Job) -> tuple[list[int], str, Done]:
         """Run ``job`` on ``session`` directly (outside routing) and collect the answer.

@@ -29,6 +29,10 @@ class CheckPolicy:
       probability below ``tail_q`` (under the request's own sampling distribution) is so
       high that an honest sampler would reach it with probability below ``tail_alpha``
       (Poisson tail with the expected count as mean).
+    - ``likelihood_alpha``: a sampled answer fails when its log-likelihood Σ log q under the
+      request's sampling distribution is so low that an honest sampler would get one as low
+      with probability below this, by Chernoff's bound over the validator's moment
+      generating function (a bound, so it holds whatever the shape of the distribution).
     - ``max_outside``: tokens a sampled answer may have outside its top-p set (after the
       validator's slack for rounding).
     - ``slash_bps``: basis points of the miner's stake slashed per failed check;
@@ -41,6 +45,7 @@ class CheckPolicy:
     greedy_gap: float = 1.0
     tail_q: float = 1e-4
     tail_alpha: float = 1e-6
+    likelihood_alpha: float = 1e-6
     max_outside: int = 0
     slash_bps: int = 1000
     validator_bps: int = 5000
@@ -79,6 +84,19 @@ def poisson_sf(k: int, mean: float) -> float:
     return min(1.0, upper)
 
 
+CHERNOFF_LAMBDAS = (0.25, 0.5, 0.75, 0.9)
+"""The λ of each entry of ``CheckReport.chernoff`` (the validator's grid)."""
+
+
+def likelihood_bound(report: CheckReport) -> float:
+    """Upper bound on the chance that an honest sampler's answer has a log-likelihood as low
+    as ``report.logq_sum``: min over λ of exp(Σ log E[q^(−λ)] + λ·Σ log q) (Chernoff's
+    bound on the lower tail of a sum of independent terms; 1.0 without data)."""
+    logs = [c + lam * report.logq_sum for lam, c in zip(CHERNOFF_LAMBDAS, report.chernoff,
+                                                       strict=False)]
+    return min(1.0, math.exp(min(logs))) if logs else 1.0
+
+
 def judge(policy: CheckPolicy, job: Job, report: CheckReport, prompt_tokens: int) -> Verdict:
     """Judge ``report`` on an answer to ``job`` whose miner reported ``prompt_tokens``."""
     v = Verdict()
@@ -108,4 +126,13 @@ def judge(policy: CheckPolicy, job: Job, report: CheckReport, prompt_tokens: int
         v.reasons.append(f"{report.tail_count} of {len(gaps)} sampled tokens have probability "
                          f"below {policy.tail_q:g} where an honest sampler expects "
                          f"{report.tail_mass:.2f} (p = {p:.1e})")
+    z = (report.logq_sum + report.entropy_sum) / math.sqrt(report.variance_sum) \
+        if report.variance_sum > 0 else 0.0
+    v.figures["z"] = round(z, 3)
+    bound = likelihood_bound(report)
+    v.figures["likelihood_p"] = bound
+    if bound < policy.likelihood_alpha:
+        v.reasons.append(f"the sampled tokens are far less likely than an honest sample's "
+                         f"(log-likelihood {report.logq_sum:.1f} nats, expected "
+                         f"{-report.entropy_sum:.1f}; p ≤ {bound:.1e})")
     return v

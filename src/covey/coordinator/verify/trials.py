@@ -85,11 +85,11 @@ class TrialBook:
                     Reference(tuple(r["messages"]), tuple(r["token_ids"]),
                               tuple(r["margins"]), r["finish"]) for r in refs)
 
-    def pick(self, sha256: str) -> tuple[tuple[dict[str, str], ...], Reference | None]:
-        """A trial prompt for weights ``sha256`` and its reference answer (None when no
-        reference is known: a validator then checks the answer, if one is online)."""
+    def plan(self, sha256: str) -> list[tuple[tuple[dict[str, str], ...], Reference | None]]:
+        """The trial prompts for weights ``sha256``, each with its reference answer: every
+        reference known (a miner must match them all), or one random prompt with None when
+        none is known (a validator then checks the answer, if one is online)."""
         refs = self.references.get(sha256)
         if refs:
-            ref = random.choice(refs)
-            return ref.messages, ref
-        return random.choice(TRIAL_PROMPTS), None
+            return [(ref.messages, ref) for ref in refs]
+        return [(random.choice(TRIAL_PROMPTS), None)]

@@ -220,7 +220,10 @@ class LlamaCppBackend(Backend):
         return CheckReport(job_id=check.job_id, prompt_tokens=len(tokens),
                            text_matches=text == check.text, gaps=stats.gaps,
                            outside=stats.outside, tail_count=stats.tail_count,
-                           tail_mass=stats.tail_mass, eos_checked=eos)
+                           tail_mass=stats.tail_mass, logq_sum=stats.logq_sum,
+                           entropy_sum=stats.entropy_sum,
+                           variance_sum=max(stats.variance_sum, 0.0),
+                           chernoff=stats.chernoff, eos_checked=eos)
 
     async def check(self, check: Check) -> CheckReport:
         slot = await self._free.get()
