@@ -169,3 +169,25 @@ def test_honest_miners_never_fail_a_check(tmp_path: Path):
         assert account(net, headers)["balance"] < start  # paid for, nobody refunded
     finally:
         net.close()
+
+
+def test_below_the_reputation_floor_a_miner_must_pass_a_trial_again(tmp_path: Path):
+    net = Network(tmp_path, "--check-rate", "1")
+    try:
+        headers = sign_up(net)
+        net.add_miner("--ctx", "1024")
+        cheat = net.add_miner("--ctx", "1024", env={
+            ENV: "random-tokens:0.5", HONEST_FIRST_ENV: str(len(TRIAL_PROMPTS))})
+        # Each failed check takes R′ = R·0.8: from 1 to below the 0.3 floor in 6. The miner
+        # is then held for a new trial, where it cheats too: refused and disconnected.
+        with ThreadPoolExecutor(2) as pool:
+            for i in range(0, 60, 2):
+                list(pool.map(lambda j: ask(net, headers, j, 0.0), [i, i + 1]))
+                if cheat.popen.poll() is not None:
+                    break
+        cheat.popen.wait(30)
+        assert "failed its trial" in cheat.output()
+        assert net.live_miners() == 1
+        ask(net, headers, 99, 0.0)  # the honest miner serves on
+    finally:
+        net.close()

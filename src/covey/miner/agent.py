@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import random
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -169,12 +170,10 @@ class MinerAgent:
         try:
             async for raw in ws:
                 frame = decode_frame(raw)
-                if isinstance(frame, Job):
-                    task = asyncio.create_task(self._run_job(ws, frame))
-                    self._jobs[frame.job_id] = task
-                    task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
-                elif isinstance(frame, Check):
-                    task = asyncio.create_task(self._run_check(ws, frame))
+                if isinstance(frame, Job | Check):
+                    work = self._run_job(ws, frame) if isinstance(frame, Job) else \
+                        self._run_check(ws, frame)
+                    task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
                     self._jobs[frame.job_id] = task
                     task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
                 elif isinstance(frame, Cancel):
@@ -190,57 +189,50 @@ class MinerAgent:
                 await asyncio.sleep(interval)
                 await self._send(ws, Heartbeat(active=len(self._jobs)))
 
-    async def _run_job(self, ws: ClientConnection, job: Job) -> None:
+    async def _guarded(self, ws: ClientConnection, job_id: str,
+                       work: Coroutine[object, object, None]) -> None:
+        """Run a job or a check; any failure becomes an ``error`` frame for ``job_id``."""
         try:
-            offer = self.backend.offer
-            if job.model != offer.name or job.model_sha256 not in (None, offer.sha256):
-                raise BackendError("model_not_found", f"this miner does not serve {job.model!r}"
-                                   f" with weights {job.model_sha256}", "model")
-            gen = self.backend.generate(job)
-            sent = hashlib.sha256()
-            try:
-                async for frame in gen:
-                    if isinstance(frame, Delta):
-                        sent.update(frame.text.encode())
-                    elif isinstance(frame, Done):
-                        frame = self._signed(job, frame, sent.hexdigest())
-                    await self._send(ws, frame)
-            finally:
-                await gen.aclose()
+            await work
         except BackendError as exc:
-            await self._send(ws, JobError(job_id=job.job_id, code=exc.code, message=exc.message,
-                                          param=exc.param))
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(ws, JobError(job_id=job_id, code=exc.code,
+                                              message=exc.message, param=exc.param))
         except asyncio.CancelledError:
-            log.info("job %s cancelled", job.job_id)
+            log.info("%s cancelled", job_id)
         except websockets.ConnectionClosed:
             pass
         except Exception as exc:  # a backend bug must fail the job, not the miner
-            log.exception("job %s failed", job.job_id)
+            log.exception("%s failed", job_id)
             with contextlib.suppress(websockets.ConnectionClosed):
-                await self._send(ws, JobError(job_id=job.job_id, code="backend_error",
+                await self._send(ws, JobError(job_id=job_id, code="backend_error",
                                               message=type(exc).__name__))
 
-    async def _run_check(self, ws: ClientConnection, check: Check) -> None:
-        """Act as validator for ``check``: report the backend's measurements, or an error."""
+    def _serves(self, job: Job) -> None:
+        """Raise ``model_not_found`` unless ``job`` names this miner's model and weights."""
+        offer = self.backend.offer
+        if job.model != offer.name or job.model_sha256 not in (None, offer.sha256):
+            raise BackendError("model_not_found", f"this miner does not serve {job.model!r}"
+                               f" with weights {job.model_sha256}", "model")
+
+    async def _run_job(self, ws: ClientConnection, job: Job) -> None:
+        self._serves(job)
+        gen = self.backend.generate(job)
+        sent = hashlib.sha256()
         try:
-            offer = self.backend.offer
-            if check.job.model != offer.name or check.job.model_sha256 not in (None,
-                                                                               offer.sha256):
-                raise BackendError("model_not_found", "this miner does not serve "
-                                   f"{check.job.model!r} with weights {check.job.model_sha256}")
-            report = await self.backend.check(check)
-            await self._send(ws, report)
-        except BackendError as exc:
-            with contextlib.suppress(websockets.ConnectionClosed):
-                await self._send(ws, JobError(job_id=check.job_id, code=exc.code,
-                                              message=exc.message, param=exc.param))
-        except (asyncio.CancelledError, websockets.ConnectionClosed):
-            pass
-        except Exception as exc:  # a backend bug must fail the check, not the miner
-            log.exception("check %s failed", check.job_id)
-            with contextlib.suppress(websockets.ConnectionClosed):
-                await self._send(ws, JobError(job_id=check.job_id, code="backend_error",
-                                              message=type(exc).__name__))
+            async for frame in gen:
+                if isinstance(frame, Delta):
+                    sent.update(frame.text.encode())
+                elif isinstance(frame, Done):
+                    frame = self._signed(job, frame, sent.hexdigest())
+                await self._send(ws, frame)
+        finally:
+            await gen.aclose()
+
+    async def _run_check(self, ws: ClientConnection, check: Check) -> None:
+        """Act as validator for ``check``: report the backend's measurements."""
+        self._serves(check.job)
+        await self._send(ws, await self.backend.check(check))
 
     def _signed(self, job: Job, done: Done, output_sha256: str) -> Done:
         """``done`` with this miner's signed receipt for ``job``."""

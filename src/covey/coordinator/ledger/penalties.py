@@ -12,10 +12,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, func, select
 
 from covey.coordinator.ledger.bank import Bank, escrow, miner, stake_account, user
-from covey.coordinator.ledger.schema import checks, receipts, transfers, usage
+from covey.coordinator.ledger.schema import checks, receipts, transfers
 from covey.coordinator.ledger.store import TREASURY, Transfer
 
 
@@ -74,8 +74,8 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
         if a:
             clawback = min(owed, pay, max(bal.get(miner(m), 0), 0))
             from_stake = min(owed - clawback, slashed)
-            from_fees = min(owed - clawback - from_stake, cost - pay,
-                            max(bal.get(TREASURY, 0), 0))
+            from_fees = max(0, min(owed - clawback - from_stake, cost - pay,
+                                   bal.get(TREASURY, 0)))
             ops += [Transfer(miner(m), user(a), clawback, "clawback"),
                     Transfer(stake_account(m), user(a), from_stake, "slash"),
                     Transfer(TREASURY, user(a), from_fees, "refund")]
@@ -107,12 +107,14 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
 
 
 def _job_cost(bank: Bank, job_id: str) -> tuple[int, int]:
-    """(what the user paid for ``job_id``, what the miner got of it), in µcr."""
+    """(what the user paid for ``job_id``: the miner's pay plus the fee, what the miner got
+    of it), in µcr, from the job's settlement transfers."""
+    q = select(transfers.c.kind, func.sum(transfers.c.amount)).where(
+        transfers.c.debit == escrow(job_id), transfers.c.kind.in_(["pay", "fee"])
+    ).group_by(transfers.c.kind)
     with bank.ledger.engine.connect() as conn:
-        cost = conn.execute(select(usage.c.cost).where(usage.c.job_id == job_id)).scalar()
-        paid = conn.execute(select(transfers.c.amount).where(
-            transfers.c.debit == escrow(job_id), transfers.c.kind == "pay")).scalar()
-    return int(cost or 0), int(paid or 0)
+        paid = {kind: int(amount) for kind, amount in conn.execute(q)}
+    return paid.get("pay", 0) + paid.get("fee", 0), paid.get("pay", 0)
 
 
 def _receipt(bank: Bank, job_id: str) -> str | None:

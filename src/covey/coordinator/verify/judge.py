@@ -21,10 +21,11 @@ class CheckPolicy:
     - ``rate``: share of finished jobs re-checked by a validator (0–1).
     - ``greedy_gap``: largest logit gap (validator's top logit minus the token's) a greedy
       token may have. Validator and miner evaluate the answer in different batch shapes
-      (one prefill versus token-by-token decode), so their logits differ by float rounding;
-      honest gaps measured with the bundled model stay below 0.2 (``bench/verify.py``,
-      ``honest_max_gap``); 1.0 leaves room for other CPUs and builds, and a wrong token from
-      another model is typically several logits away.
+      (one prefill versus token-by-token decode), so their logits differ by rounding: up to
+      0.9 logits on single vocabulary entries of the bundled Q4_1 model, while honest greedy
+      gaps measured stay below 0.2 (``bench/verify.py``, ``honest_max_gap``). 1.5 leaves room
+      for other CPUs and builds; a wrong token from another model is typically several
+      logits away.
     - ``tail_q`` / ``tail_alpha``: a sampled answer fails when its count of tokens with
       probability below ``tail_q`` (under the request's own sampling distribution) is so
       high that an honest sampler would reach it with probability below ``tail_alpha``
@@ -42,7 +43,7 @@ class CheckPolicy:
     """
 
     rate: float = 0.05
-    greedy_gap: float = 1.0
+    greedy_gap: float = 1.5
     tail_q: float = 1e-4
     tail_alpha: float = 1e-6
     likelihood_alpha: float = 1e-6
