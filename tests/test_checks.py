@@ -158,3 +158,13 @@ def test_a_penalty_refunds_slashes_pays_the_validator_once(bank: Bank):
     [row] = failed_checks(bank, cheat)
     assert row["verdict"]["reasons"] == ["junk"] and row["slashed"] == 40_000
     assert bank.ledger.verify(bank.ledger.public_key).ok
+
+
+def test_a_penalty_that_moves_no_credits_still_keeps_its_evidence(bank: Bank):
+    broke = "f" * 64  # no stake, and a trial has no paying user
+    evidence = Evidence("chk-2", "trial", "job-2", broke, "e" * 64,
+                        {"passed": False, "reasons": ["wrong weights"]})
+    p = penalize(bank, evidence, slash_bps=1000, validator_bps=5000)
+    assert p is not None and (p.slashed, p.to_validator, p.refunded) == (0, 0, 0)
+    [row] = failed_checks(bank, broke)
+    assert row["kind"] == "trial" and row["verdict"]["reasons"] == ["wrong weights"]

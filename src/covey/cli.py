@@ -92,8 +92,18 @@ def coordinator(
     from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
     from covey.coordinator.verify.judge import CheckPolicy
+    from covey.coordinator.verify.trials import TrialBook
 
     _logging(log_level, log_format)
+    try:
+        TrialBook(tuple(trials or ()))
+    except OSError as exc:
+        err.print(f"[red]error:[/red] --trials: {exc}")
+        raise typer.Exit(2) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        err.print(f"[red]error:[/red] --trials: not a trial reference file ({exc!r}); write "
+                  "one with `covey trials record MODEL.gguf`")
+        raise typer.Exit(2) from None
     from covey.coordinator.ledger.bank import BankPolicy
     from covey.coordinator.ledger.pricing import Price
 

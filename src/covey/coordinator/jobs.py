@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pydantic_core import PydanticSerializationError
 
+from covey.coordinator.billing import prompt_token_bound
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MINER_GONE, MinerSession
 from covey.coordinator.router import Dispatcher
@@ -114,8 +115,10 @@ class RunningJob:
         """The finishing miner's receipt and signature, once checked against the job."""
         self.usage_fault: str | None = None
         """Why the finishing miner's usage report is false (None when it is true): it
-        claimed more tokens than it streamed, another prompt length than it started with, or
-        a ``length`` finish before the limit. A failed check (DESIGN.md, Trust)."""
+        claimed another number of tokens than it streamed, another prompt length than it
+        started with, more prompt tokens than the prompt's bytes allow, or a ``length`` finish
+        before the limit. A failed check (DESIGN.md, Trust). A prompt count inflated
+        consistently but within the bound is left to the validator's recount."""
         self.first_token_at: float | None = None
         """``time.monotonic()`` when the first delta arrived (None before)."""
         self._ids: list[int] = []
@@ -136,6 +139,11 @@ class RunningJob:
         self._attempt_first: float | None = None
         self._attempt_last = 0.0
         self._attempt_text = hashlib.sha256()
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The weights the job is pinned to (set when the first miner took it)."""
+        return self._sha256
 
     @property
     def token_ids(self) -> list[int]:
@@ -192,13 +200,14 @@ class RunningJob:
                     raise MinerFault("context_length", error, blame=False)
                 raise error
             raise MinerFault("miner_error", error)
-        assert isinstance(item, Started | Delta | Done)
+        if not isinstance(item, Started | Delta | Done):
+            raise _protocol(f"a {getattr(item, 'type', 'stray')} frame in a job")
         return item
 
     def _larger_context(self) -> bool:
         """Whether a live miner not tried yet offers this model with a longer context than
         the current one."""
-        mine = self.session.offer(self.job.model) if self.session else None
+        mine = self.session.claim(self.job.model) if self.session else None
         if mine is None:
             return False
         return any(o is not None and o.context_length > mine.context_length
@@ -372,7 +381,10 @@ class RunningJob:
         if done.prompt_tokens != self._attempt_prompt:
             return (f"reported {done.prompt_tokens} prompt tokens but started with "
                     f"{self._attempt_prompt}")
-        offer = self.session.offer(self.job.model) if self.session else None
+        offer = self.session.claim(self.job.model) if self.session else None
+        if done.prompt_tokens > prompt_token_bound(self.job):
+            return (f"reported {done.prompt_tokens} prompt tokens, more than the prompt's "
+                    f"{prompt_token_bound(self.job)}-token bound")
         cap = self.job.params.max_tokens
         total = len(self._ids)
         if (done.finish_reason == "length" and offer is not None

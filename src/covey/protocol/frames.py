@@ -267,12 +267,12 @@ class CheckReport(_Frame):
     - ``tail_count`` / ``tail_mass``: of the tokens inside that set, how many had a
       probability q below ``Check.tail_q`` under the sampler's renormalized, tempered
       distribution, and the sum over positions of the probability of landing there (the
-      count an honest sampler is expected to reach). The coordinator's log-likelihood test
+      count an honest sampler is expected to reach). The coordinator's Poisson tail test
       compares the two. Zero for greedy requests.
     - ``logq_sum`` / ``entropy_sum`` / ``variance_sum``: over the same tokens, the sum of
       log q(token), of the entropy H(q) and of Var[log q] (nats): an honest sampler's
-      ``logq_sum`` has mean −``entropy_sum`` and variance ``variance_sum``, which the
-      coordinator's z-test reads. Zero for greedy requests.
+      ``logq_sum`` has mean −``entropy_sum`` and variance ``variance_sum`` (the coordinator
+      records the z-score as evidence). Zero for greedy requests.
     - ``chernoff``: for λ in (0.25, 0.5, 0.75, 0.9), the sum over the same positions of
       log Σ_j q_j^(1−λ); an honest answer's ``logq_sum`` is that low with probability at
       most min_λ exp(chernoff_λ + λ·logq_sum) (Chernoff's bound). Empty for greedy requests.
@@ -280,6 +280,8 @@ class CheckReport(_Frame):
       validator also scored the end-of-generation token after the last token; it is the last
       entry of ``gaps`` (and counted in ``outside`` / ``tail_count``).
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     type: Literal["check_report"] = "check_report"
     job_id: str

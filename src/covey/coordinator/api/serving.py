@@ -234,7 +234,7 @@ class Serving:
             job = running.job
             session = running.session
             miner = session.miner_id if session else None
-            offer = session.offer(job.model) if session else None
+            offer = session.claim(job.model) if session else None
             record.miner, record.failovers = miner, running.failovers
             if running.first_token_at is not None:
                 record.ttft_s = running.first_token_at - record.arrived

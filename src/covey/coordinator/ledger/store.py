@@ -328,30 +328,39 @@ class Ledger:
                     prev = h
                 seen.add(f"{p.op_key}:0")
                 p.applied = True
-            if not rows:
+            # Rows written with an operation (usage, receipts, evidence) go in even when it
+            # moved no credits.
+            extra: dict[Table, list[dict[str, object]]] = defaultdict(list)
+            for p in batch:
+                rows_also = p.also() if p.applied and p.also is not None else None
+                if isinstance(rows_also, tuple):
+                    rows_also = [rows_also]
+                for table, row in rows_also or ():
+                    extra[table].append(row)
+            if not rows and not extra:
                 return
             with self._pipeline(conn):  # the writes need no answers: one round trip
-                conn.execute(insert(transfers), rows)
-                changed = [a for a in current if current[a] != known.get(a)]
-                updates = [{"a": a, "b": current[a]} for a in changed if a in known]
-                if updates:
-                    conn.execute(update(balances).where(balances.c.account == bindparam("a"))
-                                 .values(balance=bindparam("b")), updates)
-                inserts = [{"account": a, "balance": current[a]} for a in changed if a not in known]
-                if inserts:
-                    conn.execute(insert(balances), inserts)
-                conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
-                    seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
-                    public_key=self.public_key))
-                extra: dict[Table, list[dict[str, object]]] = defaultdict(list)
-                for p in batch:
-                    rows_also = p.also() if p.applied and p.also is not None else None
-                    if isinstance(rows_also, tuple):
-                        rows_also = [rows_also]
-                    for table, row in rows_also or ():
-                        extra[table].append(row)
+                if rows:
+                    self._write_transfers(conn, rows, current, known, seq, prev)
                 for table, table_rows in extra.items():
                     conn.execute(insert(table), table_rows)
+
+    def _write_transfers(self, conn: Connection, rows: list[dict[str, object]],
+                         current: dict[str, int], known: dict[str, int], seq: int, prev: str
+                         ) -> None:
+        """Insert a batch's transfer rows, update the balance cache and sign the new head."""
+        conn.execute(insert(transfers), rows)
+        changed = [a for a in current if current[a] != known.get(a)]
+        updates = [{"a": a, "b": current[a]} for a in changed if a in known]
+        if updates:
+            conn.execute(update(balances).where(balances.c.account == bindparam("a"))
+                         .values(balance=bindparam("b")), updates)
+        inserts = [{"account": a, "balance": current[a]} for a in changed if a not in known]
+        if inserts:
+            conn.execute(insert(balances), inserts)
+        conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
+            seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
+            public_key=self.public_key))
 
     # --- reading -------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Sequence
@@ -32,6 +33,7 @@ from covey.coordinator.router import Dispatcher
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
 from covey.protocol import (
+    Cancel,
     Check,
     CheckReport,
     Delta,
@@ -46,6 +48,11 @@ from covey.protocol import (
 from covey.protocol.frames import ChatMessage
 
 log = logging.getLogger("covey.coordinator.verify")
+
+TRIAL_ATTEMPTS = 3
+"""Times a trial is tried when the miner does not answer (error, timeout) before the model is
+refused for the session, unpunished: a slow start is not cheating."""
+TRIAL_RETRY_S = 5.0
 
 VALIDATOR_ACCOUNT = "covey:validator"
 """The account re-checks queue under for a validator's slot (fair-queued like a user)."""
@@ -128,11 +135,41 @@ class Verifier:
 
     async def _trial(self, session: MinerSession, offer: ModelOffer, again: bool = False
                      ) -> None:
-        await session.welcomed.wait()
-        verdict, job_id, validator = await self._judge_trial(session, offer)
-        if session.closed:
+        try:
+            async with asyncio.timeout(self.policy.timeout):
+                await session.welcomed.wait()
+            # A re-trial waits for the jobs still running there: the trial needs a free slot
+            # (no new job arrives while the model is held).
+            while session.active and not session.closed:
+                await asyncio.sleep(0.2)
+            outcome = None
+            for _ in range(TRIAL_ATTEMPTS):
+                if session.closed:
+                    return
+                outcome = await self._judge_trial(session, offer)
+                if outcome is not None:
+                    break
+                await asyncio.sleep(TRIAL_RETRY_S)
+            if session.closed:
+                return
+            if outcome is None:
+                # No answer to judge (errors, timeouts): not admitted, not punished.
+                session.refused.add(offer.name)
+                self.metrics.checks.labels("trial", "skipped").inc()
+                log.warning("miner %s could not complete its trial for %s",
+                            session.miner_id[:16], offer.name)
+                await self._close_if_refused(session, "could not complete its trial for "
+                                             f"{offer.name}")
+                return
+            await self._trial_verdict(session, offer, again, *outcome)
+        except TimeoutError:  # the session never got its welcome
             return
-        session.held.discard(offer.name)
+        finally:
+            session.held.discard(offer.name)
+            self.dispatcher.registry.notify()
+
+    async def _trial_verdict(self, session: MinerSession, offer: ModelOffer, again: bool,
+                             verdict: Verdict, job_id: str, validator: str | None) -> None:
         if verdict.passed:
             self.metrics.checks.labels("trial", "passed").inc()
             log.info("miner %s passed its trial for %s%s", session.miner_id[:16], offer.name,
@@ -141,22 +178,27 @@ class Verifier:
             if again:
                 score = self.dispatcher.scores.get(session.miner_id)
                 score.reputation = max(score.reputation, self.policy.reputation_floor)
-        else:
-            session.refused.add(offer.name)
-            self.metrics.checks.labels("trial", "failed").inc()
-            log.warning("miner %s failed its trial for %s: %s", session.miner_id[:16],
-                        offer.name, "; ".join(verdict.reasons))
-            await self.punish(Evidence(new_id("chk"), "trial", job_id, session.miner_id,
-                                       offer.sha256, verdict.as_dict(), None, validator))
-            if all(m.name in session.refused for m in session.hello.models):
-                await session.websocket.close(CLOSE_POLICY, f"failed its trial for "
-                                              f"{offer.name}"[:120])
-        self.dispatcher.registry.notify()
+            return
+        session.refused.add(offer.name)
+        self.metrics.checks.labels("trial", "failed").inc()
+        log.warning("miner %s failed its trial for %s: %s", session.miner_id[:16],
+                    offer.name, "; ".join(verdict.reasons))
+        await self.punish(Evidence(new_id("chk"), "trial", job_id, session.miner_id,
+                                   offer.sha256, verdict.as_dict(), None, validator))
+        await self._close_if_refused(session, f"failed its trial for {offer.name}")
+
+    @staticmethod
+    async def _close_if_refused(session: MinerSession, reason: str) -> None:
+        """Disconnect a miner all of whose models are refused (it has nothing to serve)."""
+        if all(m.name in session.refused for m in session.hello.models):
+            with contextlib.suppress(Exception):
+                await session.websocket.close(CLOSE_POLICY, reason[:120])
 
     async def _judge_trial(self, session: MinerSession, offer: ModelOffer
-                           ) -> tuple[Verdict, str, str | None]:
+                           ) -> tuple[Verdict, str, str | None] | None:
         """Run the trial prompts for ``offer`` on ``session``, stopping at the first
-        failure: (verdict, the last trial job's id, the validator's id if one judged)."""
+        failure: (verdict, the last trial job's id, the validator's id if one judged), or
+        None when the miner did not answer one (error, timeout, gone)."""
         verdict = Verdict()
         job_id, validator = "", None
         for messages, ref in self.trials.plan(offer.sha256):
@@ -167,8 +209,8 @@ class Verifier:
             try:
                 ids, text, done = await self._run(session, job)
             except CheckUnavailable as exc:
-                verdict.reasons.append(f"the trial did not complete: {exc}")
-                return verdict, job_id, None
+                log.info("trial of miner %s: %s", session.miner_id[:16], exc)
+                return None
             verdict.figures = {"prompt": messages[-1]["content"], "token_ids": ids[:64],
                                "finish": done.finish_reason}
             if ref is not None:
@@ -217,8 +259,11 @@ class Verifier:
                     elif not isinstance(item, Started | Progress):
                         raise CheckUnavailable("the miner broke the protocol")
         except TimeoutError:
+            session.send_soon(Cancel(job_id=job.job_id))
             raise CheckUnavailable(f"no answer within {self.policy.timeout:.0f} s") from None
-        except (OSError, RuntimeError) as exc:
+        except CheckUnavailable:
+            raise
+        except Exception as exc:  # the socket died under the send (any transport's error)
             raise CheckUnavailable("the miner's socket closed") from exc
         finally:
             session.jobs.pop(job.job_id, None)
@@ -251,8 +296,9 @@ class Verifier:
             async with asyncio.timeout(self.policy.timeout):
                 item = await queue.get()
         except TimeoutError:
+            session.send_soon(Cancel(job_id=check.job_id))  # free its slot for real
             raise CheckUnavailable("the validator did not answer in time") from None
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # the socket died under the send (any transport's error)
             raise CheckUnavailable("the validator's socket closed") from exc
         finally:
             session.jobs.pop(check.job_id, None)
@@ -260,6 +306,8 @@ class Verifier:
         if not isinstance(item, CheckReport):
             why = item.message if isinstance(item, JobError) else "it left"
             raise CheckUnavailable(f"the validator could not check: {why}")
+        if len(item.gaps) != len(token_ids) + item.eos_checked:
+            raise CheckUnavailable("the validator's report does not fit the answer")
         return item, session.miner_id
 
     def after_job(self, running: RunningJob, settlement: Awaitable[object]) -> None:
@@ -276,8 +324,9 @@ class Verifier:
             return
         if self._rng.random() >= self.policy.rate:
             return
-        sha = running.receipt[0].model_sha256 if running.receipt else job.model_sha256
-        pinned = job.model_copy(update={"model_sha256": sha})
+        if running.model_sha256 is None:
+            return
+        pinned = job.model_copy(update={"model_sha256": running.model_sha256})
         self._spawn(self._sampled(pinned, session.miner_id, running.token_ids, running.text,
                                   done.finish_reason, done.prompt_tokens, running.account,
                                   settlement))

@@ -72,7 +72,12 @@ def compare(ref: Reference, token_ids: Sequence[int], finish: str) -> str | None
 
 class TrialBook:
     """Reference answers by weights hash, from the bundled file and any ``extra`` files
-    (JSON: ``{sha256: [{"messages", "token_ids", "margins", "finish"}, …]}``)."""
+    (JSON: ``{sha256: [{"messages", "token_ids", "margins", "finish"}, …]}``).
+
+    Raises (from the constructor):
+        ValueError, KeyError, json.JSONDecodeError: a file is not such a reference file.
+        OSError: a file cannot be read.
+    """
 
     def __init__(self, extra: Sequence[Path] = (), bundled: bool = True) -> None:
         self.references: dict[str, list[Reference]] = {}
@@ -81,9 +86,14 @@ class TrialBook:
         texts += [Path(p).read_text() for p in extra]
         for text in texts:
             for sha, refs in json.loads(text).items():
-                self.references.setdefault(sha, []).extend(
-                    Reference(tuple(r["messages"]), tuple(r["token_ids"]),
-                              tuple(r["margins"]), r["finish"]) for r in refs)
+                for r in refs:
+                    ref = Reference(tuple(r["messages"]), tuple(r["token_ids"]),
+                                    tuple(r["margins"]), r["finish"])
+                    if len(ref.margins) < len(ref.token_ids) + (ref.finish == "stop"):
+                        raise ValueError(f"trial reference for {sha[:12]}… has "
+                                         f"{len(ref.margins)} margins for "
+                                         f"{len(ref.token_ids)} tokens")
+                    self.references.setdefault(sha, []).append(ref)
 
     def plan(self, sha256: str) -> list[tuple[tuple[dict[str, str], ...], Reference | None]]:
         """The trial prompts for weights ``sha256``, each with its reference answer: every

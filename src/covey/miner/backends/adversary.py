@@ -13,8 +13,8 @@ when it is set). Behaviours (``ENV=<name>[:<argument>]``):
 - ``inflate[:SHARE]`` — report SHARE (default 0.3) more prompt and completion tokens than
   were used.
 
-Each takes effect after the miner's first answer when ``COVEY_TEST_ADVERSARY_HONEST_FIRST``
-is set to a number of answers to give honestly first (to slip past a trial on join).
+With ``COVEY_TEST_ADVERSARY_HONEST_FIRST=N`` the miner answers its first N jobs honestly
+(to slip past the trial on join) and cheats from then on.
 """
 
 from __future__ import annotations

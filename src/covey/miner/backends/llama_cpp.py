@@ -203,7 +203,8 @@ class LlamaCppBackend(Backend):
         if not tokens or len(tokens) + len(forced) > llm.n_ctx():
             raise BackendError("context_length_exceeded",
                                "the prompt and answer do not fit this validator's context")
-        _prefill(llm, tokens, [], cancel, lambda n: None)
+        if not _prefill(llm, tokens, [], cancel, lambda n: None):
+            raise BackendError("cancelled", "the check was cancelled")
         rows = [_logits(llm, 1)]
         for i in range(0, len(forced), PREFILL_CHUNK):
             if cancel.is_set():

@@ -20,7 +20,7 @@ token-by-token decode), and on the bundled Q4_1 model the two differ by up to 0.
 some vocabulary entries (measured; the argmax moves far less), so a token at the edge of the
 set may sit past it on one side."""
 
-MASS_SLACK = 0.5
+MASS_SLACK = 0.2
 """Share of the probability mass outside the top-p set that a token's more likely rivals may
 also hold before it counts as outside: a token is inside while the mass of tokens more
 likely than it (by :data:`LOGIT_SLACK`) stays below ``top_p + MASS_SLACK·(1 − top_p)``.
