@@ -95,7 +95,8 @@ def test_judge_refuses_text_and_prompt_that_do_not_match():
 
 def test_poisson_tail():
     assert poisson_sf(0, 3.0) == 1.0
-    assert poisson_sf(1, 1.0) == pytest.approx(1 - np.exp(-1))
+    assert poisson_sf(2, 1.0) == pytest.approx(1 - 2 * np.exp(-1))
+    assert poisson_sf(1000, 20_000) == 1.0  # at or below the mean: no evidence at all
     assert poisson_sf(6, 0.5) == pytest.approx(1.4164e-5, rel=1e-3)
     assert 0 < poisson_sf(60, 0.5) < 1e-90  # no cancellation to zero
 
