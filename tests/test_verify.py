@@ -139,7 +139,7 @@ def test_a_miner_serving_other_weights_fails_its_trial(tmp_path: Path, impostor:
 def test_honest_miners_never_fail_a_check(tmp_path: Path):
     """1,000 jobs of the bundled model, greedy and sampled, every one re-checked."""
     jobs = 1000
-    net = Network(tmp_path, "--check-rate", "1")
+    net = Network(tmp_path, "--check-rate", "1", "--log-level", "info")
     try:
         headers = sign_up(net)
         net.add_miner("--ctx", "1024", wait=False)

@@ -54,6 +54,11 @@ TRIAL_ATTEMPTS = 3
 refused for the session, unpunished: a slow start is not cheating."""
 TRIAL_RETRY_S = 5.0
 
+MAX_PENDING_CHECKS = 16
+"""Re-checks that may wait for or run on validators at once; more are skipped (counted as
+``skipped``). Waiting checks share the model's request queue with users, so an unbounded
+backlog (validators slow or gone for a while) would fill it and turn users away."""
+
 VALIDATOR_ACCOUNT = "covey:validator"
 """The account re-checks queue under for a validator's slot (fair-queued like a user)."""
 
@@ -74,6 +79,7 @@ class Verifier:
         self.metrics = metrics
         self._rng = random.SystemRandom()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0
         dispatcher.registry.admission = self.admit
         dispatcher.scores.on_floor = (policy.reputation_floor, self.retrial)
 
@@ -282,8 +288,10 @@ class Verifier:
         d = self.dispatcher
         try:
             async with asyncio.timeout(self.policy.timeout):
+                # Ahead of new requests, like a failover: checks are bounded by
+                # MAX_PENDING_CHECKS, and new requests must not starve them.
                 session = await d.acquire(job.model, VALIDATOR_ACCOUNT, job.model_sha256,
-                                          frozenset(exclude))
+                                          frozenset(exclude), priority=True)
         except (ApiError, TimeoutError) as exc:
             raise CheckUnavailable(getattr(exc, "message", "no validator was free")) from None
         check = Check(job_id=new_id("chk"), job=job, token_ids=tuple(token_ids), text=text,
@@ -324,9 +332,13 @@ class Verifier:
             return
         if self._rng.random() >= self.policy.rate:
             return
+        if self._pending >= MAX_PENDING_CHECKS:
+            self.metrics.checks.labels("sampled", "skipped").inc()
+            return
         if running.model_sha256 is None:
             return
         pinned = job.model_copy(update={"model_sha256": running.model_sha256})
+        self._pending += 1  # released when the check ends
         self._spawn(self._sampled(pinned, session.miner_id, running.token_ids, running.text,
                                   done.finish_reason, done.prompt_tokens, running.account,
                                   settlement))
@@ -336,14 +348,15 @@ class Verifier:
                        settlement: Awaitable[object]) -> None:
         try:
             await settlement
-        except Exception:  # noqa: BLE001 - the settlement logs its own failure
-            return
-        try:
             report, validator = await self.recheck(job, ids, text, finish, [miner_id])
         except CheckUnavailable as exc:
             self.metrics.checks.labels("sampled", "skipped").inc()
             log.info("job %s not re-checked: %s", job.job_id, exc)
             return
+        except Exception:  # noqa: BLE001 - the settlement logs its own failure
+            return
+        finally:
+            self._pending -= 1
         verdict = judge(self.policy, job, report, prompt_tokens)
         self.metrics.checks.labels("sampled", "passed" if verdict.passed else "failed").inc()
         if verdict.passed:

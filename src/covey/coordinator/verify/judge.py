@@ -96,7 +96,7 @@ def likelihood_bound(report: CheckReport) -> float:
     bound on the lower tail of a sum of independent terms; 1.0 without data)."""
     logs = [c + lam * report.logq_sum for lam, c in zip(CHERNOFF_LAMBDAS, report.chernoff,
                                                        strict=False)]
-    return min(1.0, math.exp(min(logs))) if logs else 1.0
+    return math.exp(min(0.0, *logs)) if logs else 1.0
 
 
 def judge(policy: CheckPolicy, job: Job, report: CheckReport, prompt_tokens: int) -> Verdict:

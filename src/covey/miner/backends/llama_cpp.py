@@ -10,9 +10,11 @@ speed. Sampling follows OpenAI's meanings: no top-k, no min-p, no repeat penalty
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from covey.protocol import (
     Progress,
     Started,
 )
+
+log = logging.getLogger("covey.miner.llama_cpp")
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,11 @@ class LlamaCppBackend(Backend):
                            chernoff=stats.chernoff, eos_checked=eos)
 
     async def check(self, check: Check) -> CheckReport:
+        asked = time.monotonic()
         slot = await self._free.get()
+        waited = time.monotonic() - asked
+        if waited > 5:
+            log.warning("check %s waited %.1f s for a free slot", check.job_id, waited)
         cancel = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(
             slot.executor, self._check, slot.llm, check, cancel)
