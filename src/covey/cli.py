@@ -75,6 +75,9 @@ def coordinator(
     slash_bps: Annotated[int, typer.Option(
         min=0, max=10_000, help="Basis points of a miner's stake slashed per failed check."
     )] = 1000,
+    trial: Annotated[bool, typer.Option(
+        help="Hold each new miner until it passes a trial task (turn off only for networks "
+             "of trusted miners, or load tests).")] = True,
     trials: Annotated[list[Path] | None, typer.Option(
         help="Trial reference file (from 'covey trials record'; repeatable); the bundled "
              "model's is built in.")] = None,
@@ -128,7 +131,8 @@ def coordinator(
                                bank=BankPolicy(grant=grant, fee_bps=fee_bps,
                                                min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout),
-                               checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps),
+                               checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps,
+                                                  trials=trial),
                                trials=tuple(trials or ()))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,

@@ -144,8 +144,9 @@ class MinerRegistry:
         return [s for s in self.sessions.values() if not s.closed and s.offer(model)]
 
     def is_known(self, model: str) -> bool:
-        """In the catalog, or served by a live miner."""
-        return model in self.catalog or bool(self.serving(model))
+        """In the catalog, or offered by a live miner (even one still on trial)."""
+        return model in self.catalog or any(
+            not s.closed and s.claim(model) for s in self.sessions.values())
 
     def models(self) -> dict[str, tuple[int, int]]:
         """Known models: name → (live miners, context length in tokens).

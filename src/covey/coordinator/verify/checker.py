@@ -107,6 +107,8 @@ class Verifier:
         them (nothing could judge the answer; sampled re-checks start once a second one
         joins), and otherwise checked by such a miner as validator.
         """
+        if not self.policy.trials:
+            return
         for offer in session.hello.models:
             if not self._judgeable(offer, session.miner_id):
                 log.info("miner %s admitted for %s unverified: no reference answer for "
@@ -129,7 +131,7 @@ class Verifier:
     def retrial(self, miner_id: str) -> None:
         """The miner's reputation fell below the floor: hold it until it passes a trial."""
         session = self.dispatcher.registry.sessions.get(miner_id)
-        if session is None or session.closed:
+        if session is None or session.closed or not self.policy.trials:
             return
         log.warning("miner %s fell below the reputation floor; holding it for a trial",
                     miner_id[:16])

@@ -40,6 +40,8 @@ class CheckPolicy:
       ``validator_bps``: basis points of the slashed amount paid to the validator.
     - ``reputation_floor``: below it a miner gets no jobs until it passes a trial again.
     - ``timeout``: seconds a validator or a trial may take.
+    - ``trials``: hold each new miner until it passes a trial task (off only for networks of
+      trusted miners, or load tests of the coordinator itself).
     """
 
     rate: float = 0.05
@@ -52,6 +54,7 @@ class CheckPolicy:
     validator_bps: int = 5000
     reputation_floor: float = 0.3
     timeout: float = 60.0
+    trials: bool = True
 
 
 @dataclass
