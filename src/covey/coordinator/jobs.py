@@ -382,9 +382,10 @@ class RunningJob:
             return (f"reported {done.prompt_tokens} prompt tokens but started with "
                     f"{self._attempt_prompt}")
         offer = self.session.claim(self.job.model) if self.session else None
-        if done.prompt_tokens > prompt_token_bound(self.job):
+        bound = prompt_token_bound(self.job)
+        if done.prompt_tokens > bound:
             return (f"reported {done.prompt_tokens} prompt tokens, more than the prompt's "
-                    f"{prompt_token_bound(self.job)}-token bound")
+                    f"{bound}-token bound")
         cap = self.job.params.max_tokens
         total = len(self._ids)
         if (done.finish_reason == "length" and offer is not None

@@ -93,11 +93,6 @@ class Verifier:
         for task in self._tasks:
             task.cancel()
 
-    async def drain(self) -> None:
-        """Wait for the checks under way (at shutdown, and in tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
     # --- trials ------------------------------------------------------------------------
 
     def admit(self, session: MinerSession) -> None:
