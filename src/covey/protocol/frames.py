@@ -4,7 +4,11 @@ One WebSocket per miner carries JSON objects, each with a ``type`` field naming 
 The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``;
 a job is ``job`` → ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, with
 ``cancel`` from the coordinator; a re-check is ``check`` → ``check_report`` | ``error``;
-``heartbeat`` flows both ways.
+``heartbeat`` flows both ways. Watermark detection asks a miner for token ids: ``tokenize``
+→ ``tokens`` | ``error``.
+
+Sealed (end-to-end encrypted) jobs use the same frames: the job's content travels in
+``Job.sealed``, the answer in ``Delta.sealed`` (see :mod:`covey.protocol.sealing`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Annotated, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 MinerId = NewType("MinerId", str)
 """Hex Ed25519 public key of a miner (64 hex characters)."""
@@ -21,6 +25,9 @@ JobId = NewType("JobId", str)
 """Coordinator-assigned job id, unique per coordinator."""
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=2**26)]
+"""Standard base64 (RFC 4648 §4), the encoding of every ciphertext on the wire."""
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class _Frame(BaseModel):
@@ -49,6 +56,9 @@ class ModelOffer(_Frame):
     backend: str = Field(min_length=1, max_length=50)
     ask_prompt: int = Field(default=0, ge=0, le=10**15)
     ask_completion: int = Field(default=0, ge=0, le=10**15)
+    private: bool = False
+    """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
+    carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""
 
 
 class Challenge(_Frame):
@@ -75,6 +85,11 @@ class Hello(_Frame):
     models: tuple[ModelOffer, ...] = Field(min_length=1, max_length=64)
     slots: int = Field(ge=1, le=1024)
     version: str = Field(max_length=50)
+    box_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """The miner's X25519 public key (hex) that clients seal end-to-end encrypted jobs to."""
+    box_signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+    """The miner's Ed25519 signature of ``box_key``
+    (:func:`covey.protocol.sealing.sign_box_key`), which a client checks itself."""
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 
 
@@ -84,6 +99,9 @@ class Welcome(_Frame):
     type: Literal["welcome"] = "welcome"
     miner_id: str
     heartbeat_interval: float
+    watermark_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """The network's watermark key (hex, 32 bytes): the miner biases sampling with it when a
+    job asks for a watermark (:mod:`covey.protocol.watermark`)."""
 
 
 class Heartbeat(_Frame):
@@ -107,6 +125,9 @@ class SamplingParams(_Frame):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    watermark: bool = False
+    """Bias sampling towards the green list of the network's watermark key
+    (:mod:`covey.protocol.watermark`; Kirchenbauer et al., 2023)."""
 
 
 class ChatMessage(_Frame):
@@ -134,11 +155,20 @@ class Resume(_Frame):
 
 
 class Job(_Frame):
-    """Run one generation. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set.
+    """Run one generation. Exactly one of ``messages`` (chat), ``prompt`` (completion),
+    ``prompt_ids`` (token ids, chat template already applied: private models) or ``sealed``
+    is set.
 
     ``model_sha256`` pins the weights the job must run on; ``resume`` is set when the job
     continues one that failed on another miner (``params.max_tokens`` still counts from the
-    start, the resumed tokens included).
+    start, the resumed tokens included). ``stop_ids`` end the answer like the model's own
+    end-of-generation tokens (a private model's file cannot name them).
+
+    ``sealed`` is an end-to-end encrypted job (:func:`covey.protocol.sealing.seal_job`):
+    base64 of the client's ephemeral X25519 key and a box only the chosen miner can open,
+    holding the job's content (messages, prompt or prompt ids, sampling settings, resume
+    point). The coordinator sees only ``model``, ``model_sha256`` and ``params.max_tokens``
+    (which the miner enforces over anything inside the box: the escrow was sized by it).
     """
 
     type: Literal["job"] = "job"
@@ -147,8 +177,11 @@ class Job(_Frame):
     model_sha256: Sha256Hex | None = None
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    prompt_ids: tuple[TokenId, ...] | None = Field(default=None, max_length=2**24)
+    stop_ids: tuple[TokenId, ...] = Field(default=(), max_length=64)
     params: SamplingParams = SamplingParams()
     resume: Resume | None = None
+    sealed: Base64 | None = None
 
 
 class Started(_Frame):
@@ -175,12 +208,23 @@ class Delta(_Frame):
 
     ``text`` may lag ``token_ids``: bytes of a multi-byte character split across tokens, or a
     possible start of a stop string, are held back until they resolve.
+
+    For a sealed job ``text`` is empty, ``token_ids`` too, and ``sealed`` holds both,
+    encrypted under the job's session key (:func:`covey.protocol.sealing.seal_delta`);
+    ``sealed_tokens`` says how many token ids it holds (usage is public, content is not).
     """
 
     type: Literal["delta"] = "delta"
     job_id: str
     text: str
     token_ids: tuple[int, ...]
+    sealed: Base64 | None = None
+    sealed_tokens: int = Field(default=0, ge=0)
+
+    @property
+    def tokens(self) -> int:
+        """Token ids this delta carries, sealed or not."""
+        return self.sealed_tokens if self.sealed is not None else len(self.token_ids)
 
 
 class Receipt(_Frame):
@@ -251,6 +295,13 @@ class Check(_Frame):
     text: str
     finish_reason: Literal["stop", "length"]
     tail_q: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    sealed_key: Base64 | None = None
+    """For a sealed job: the job's session key, sealed by the client to this validator
+    (:func:`covey.protocol.sealing.seal_key`). ``job.sealed`` is then the box the miner got
+    and ``stream`` the miner's sealed deltas; ``token_ids`` and ``text`` are empty and the
+    validator decrypts both itself, so neither the coordinator nor the client can show it
+    anything but what the miner received and sent."""
+    stream: tuple[Base64, ...] = Field(default=(), max_length=2**20)
 
 
 class CheckReport(_Frame):
@@ -298,9 +349,27 @@ class CheckReport(_Frame):
     eos_checked: bool = False
 
 
+class Tokenize(_Frame):
+    """Ask a miner for the token ids of ``text`` under ``model``'s tokenizer (no special
+    tokens, no template): watermark detection scores token ids."""
+
+    type: Literal["tokenize"] = "tokenize"
+    job_id: str
+    model: str
+    text: str = Field(max_length=2**20)
+
+
+class Tokens(_Frame):
+    """The answer to ``tokenize``."""
+
+    type: Literal["tokens"] = "tokens"
+    job_id: str
+    token_ids: tuple[TokenId, ...] = Field(max_length=2**20)
+
+
 Frame = Annotated[
     Challenge | Hello | Welcome | Heartbeat | Job | Started | Progress | Delta | Done | JobError
-    | Cancel | Check | CheckReport,
+    | Cancel | Check | CheckReport | Tokenize | Tokens,
     Field(discriminator="type"),
 ]
 

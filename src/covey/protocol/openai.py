@@ -65,6 +65,12 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Covey's own fields (the openai SDK sends them with ``extra_body``).
+    watermark: bool = False
+    """Watermark the answer with the network's key (POST /v1/watermark/detect finds it)."""
+    check: bool = True
+    """False: this request is never sampled for a re-check by a validator (for sealed
+    requests, the validator is the only other party that would see the plaintext)."""
 
     @field_validator("stop")
     @classmethod
