@@ -3,7 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covey.miner.backends.text import DeltaBuffer, StreamDecoder
+from covey.miner.backends.text import DeltaBuffer
+from covey.protocol.text import StreamDecoder
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:

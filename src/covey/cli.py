@@ -81,6 +81,11 @@ def coordinator(
     trials: Annotated[list[Path] | None, typer.Option(
         help="Trial reference file (from 'covey trials record'; repeatable); the bundled "
              "model's is built in.")] = None,
+    watermark: Annotated[list[str] | None, typer.Option(
+        help="Watermark every answer of this model, asked for or not (repeatable).")] = None,
+    watermark_key: Annotated[Path | None, typer.Option(
+        help="File holding the network's watermark key (64 hex digits; default: derived "
+             "from the coordinator's identity key).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "json",
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log too (the request "
@@ -122,6 +127,7 @@ def coordinator(
                       "(µcr per 1M tokens, whole numbers)")
             raise typer.Exit(2) from None
         prices[model_name] = Price(prompt_p, completion_p)
+    wm_key = _watermark_key(watermark_key) if watermark_key else None
 
     config = CoordinatorConfig(data_dir=data_dir, miner_timeout=miner_timeout,
                                heartbeat_interval=min(2.0, miner_timeout / 3),
@@ -133,7 +139,8 @@ def coordinator(
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout),
                                checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps,
                                                   trials=trial),
-                               trials=tuple(trials or ()))
+                               trials=tuple(trials or ()), watermark_key=wm_key,
+                               watermark_models=frozenset(watermark or ()))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
@@ -265,6 +272,17 @@ def chat(
     sys.stdout.write("\n")
 
 
+def _watermark_key(path: Path) -> bytes:
+    """The watermark key in ``path`` (hex); exits with a message when it is not one."""
+    from covey.protocol.watermark import parse_key
+
+    try:
+        return parse_key(path.read_text())
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/red] --watermark-key {path}: {exc}")
+        raise typer.Exit(2) from None
+
+
 def _maybe_adversary(served: Backend) -> Backend:
     """TEST ONLY: wrap ``served`` in a cheating backend when the test harness asks for one
     (see :mod:`covey.miner.backends.adversary`)."""
@@ -288,17 +306,21 @@ def _maybe_adversary(served: Backend) -> Backend:
 
 
 def _register_up() -> None:
+    from covey.cli_model import model_app
     from covey.cli_money import ledger_app, signup, wallet
+    from covey.cli_proxy import proxy
     from covey.cli_receipts import receipts_app
     from covey.cli_trials import trials_app
     from covey.cli_up import up
 
     app.command()(up)
     app.command()(signup)
+    app.command()(proxy)
     app.add_typer(wallet, name="wallet")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(receipts_app, name="receipts")
     app.add_typer(trials_app, name="trials")
+    app.add_typer(model_app, name="model")
 
 
 _register_up()

@@ -17,7 +17,15 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from covey import __version__
-from covey.coordinator.api import accounts, chat, checks, models, receipts
+from covey.coordinator.api import (
+    accounts,
+    chat,
+    checks,
+    models,
+    receipts,
+    sealed,
+    watermark,
+)
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
@@ -34,6 +42,7 @@ from covey.coordinator.verify.checker import Verifier
 from covey.coordinator.verify.judge import CheckPolicy
 from covey.coordinator.verify.trials import TrialBook
 from covey.protocol.identity import load_or_create
+from covey.protocol.watermark import derive_key
 
 log = logging.getLogger("covey.coordinator")
 
@@ -72,6 +81,11 @@ class CoordinatorConfig:
     checks: CheckPolicy = CheckPolicy()
     trials: tuple[Path, ...] = ()
     """Reference files for trial tasks besides the bundled model's."""
+    watermark_key: bytes | None = None
+    """The network's watermark key (32 bytes); None derives it from the coordinator's
+    identity key (:func:`covey.protocol.watermark.derive_key`)."""
+    watermark_models: frozenset[str] = frozenset()
+    """Models every answer of which is watermarked, asked for or not."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -116,6 +130,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
                                 KeyLimits(config.key_limits), verifier.after_job)
     app.state.started_at = int(time.time())
     app.state.coordinator_key = ledger.public_key
+    watermark_key = config.watermark_key or derive_key(key.encode())
+    app.state.watermark_key = watermark_key
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.include_router(models.router)
@@ -123,6 +139,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(receipts.router)
     app.include_router(checks.router)
+    app.include_router(sealed.router)
+    app.include_router(watermark.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -130,7 +148,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
 
     @app.websocket("/v1/miners/connect")
     async def miners_connect(ws: WebSocket) -> None:
-        await serve_miner(ws, registry, config.heartbeat_interval, config.miner_timeout)
+        await serve_miner(ws, registry, config.heartbeat_interval, config.miner_timeout,
+                          watermark_key)
 
     web = resources.files("covey.coordinator.web")
     index_html = web.joinpath("index.html").read_text()

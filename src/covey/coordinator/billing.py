@@ -45,7 +45,12 @@ def prompt_token_bound(job: Job) -> int:
 
     Byte-level BPE and SentencePiece-with-byte-fallback tokenizers never use more tokens
     than UTF-8 bytes (each byte has its own token), plus the template's special tokens.
+    A sealed job carries its bound (the size of its sealed content, which holds the prompt).
     """
+    if job.prompt_bound is not None:
+        return job.prompt_bound
+    if job.prompt_ids is not None:  # token ids (private models): the count is exact
+        return len(job.prompt_ids)
     if job.messages is not None:
         return sum(len(m.content.encode()) + _TEMPLATE_TOKENS_PER_MESSAGE
                    for m in job.messages) + _TEMPLATE_TOKENS_PER_MESSAGE

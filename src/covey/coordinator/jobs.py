@@ -32,7 +32,8 @@ from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 log = logging.getLogger("covey.coordinator.jobs")
 
 # Miner error codes that describe the request, not the miner; they keep their 400.
-_CLIENT_ERROR_CODES = {"context_length_exceeded", "invalid_value", "invalid_prompt"}
+_CLIENT_ERROR_CODES = {"context_length_exceeded", "invalid_value", "invalid_prompt",
+                       "invalid_ciphertext"}
 
 
 def miner_error(frame: JobError) -> ApiError:
@@ -81,6 +82,11 @@ class FailoverPolicy:
     stall_timeout: float = 30.0
 
 
+Sealer = Callable[[MinerSession], Awaitable[Job]]
+"""Makes a sealed job's frame for the miner it was routed to (the client seals it); raises
+:class:`~covey.coordinator.errors.ApiError` when the client cannot."""
+
+
 class RunningJob:
     """A job on its way through one or more miners; iterate :meth:`frames` for its deltas
     and its done.
@@ -99,7 +105,8 @@ class RunningJob:
 
     def __init__(self, job: Job, dispatcher: Dispatcher, account: str, policy: FailoverPolicy,
                  on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
-                 on_failover: Callable[[str], None] | None = None) -> None:
+                 on_failover: Callable[[str], None] | None = None,
+                 sealer: Sealer | None = None) -> None:
         self.job = job
         self.account = account
         self.policy = policy
@@ -121,6 +128,16 @@ class RunningJob:
         consistently but within the bound is left to the validator's recount."""
         self.first_token_at: float | None = None
         """``time.monotonic()`` when the first delta arrived (None before)."""
+        self.checkable = True
+        """False when the client opted out of re-checks for this request."""
+        self.key_for: Callable[[MinerSession], Awaitable[str | None]] | None = None
+        """For a sealed job: asks the client to seal the session key to a validator (None
+        when the client declines or has gone)."""
+        self.sealed_stream: list[str] = []
+        """A sealed job's deltas as the finishing miner sent them (a validator opens them)."""
+        self._sealer = sealer
+        self._sent = job
+        self._count = 0
         self._ids: list[int] = []
         self._texts: list[str] = []
         self._chars = 0
@@ -146,8 +163,19 @@ class RunningJob:
         return self._sha256
 
     @property
+    def sealed(self) -> bool:
+        """Whether the job is end-to-end encrypted (its content is not the coordinator's
+        to see: ``token_ids`` and ``text`` stay empty)."""
+        return self._sealer is not None
+
+    @property
+    def sent(self) -> Job:
+        """The job as the current miner got it (a sealed job: the box sealed to it)."""
+        return self._sent
+
+    @property
     def token_ids(self) -> list[int]:
-        """The token ids handed to the client so far (all miners)."""
+        """The token ids handed to the client so far (all miners; none when sealed)."""
         return self._ids
 
     @property
@@ -157,8 +185,9 @@ class RunningJob:
 
     @property
     def delivered(self) -> int:
-        """Token ids handed to the client so far, over all miners."""
-        return len(self._ids)
+        """Token ids handed to the client so far, over all miners (sealed ones counted by
+        the miners' ``sealed_tokens``)."""
+        return self._count
 
     async def __aenter__(self) -> RunningJob:
         return self
@@ -240,10 +269,18 @@ class RunningJob:
             self._sha256 = offer.sha256
         self._queue = asyncio.Queue()
         session.jobs[self.job.job_id] = self._queue  # type: ignore[assignment]
-        job = self.job.model_copy(update={
-            "model_sha256": self._sha256,
-            "resume": Resume(token_ids=tuple(self._ids), text_chars=self._chars)
-            if self._ids else None})
+        if self._sealer is not None:
+            # The client seals the job to this miner (after a failover with the resume
+            # point it alone knows); the slot stays reserved meanwhile.
+            job = (await self._sealer(session)).model_copy(
+                update={"model_sha256": self._sha256})
+        else:
+            job = self.job.model_copy(update={
+                "model_sha256": self._sha256,
+                "resume": Resume(token_ids=tuple(self._ids), text_chars=self._chars)
+                if self._ids else None})
+        self._sent = job
+        self.sealed_stream = []
         self._attempt_ids = 0
         self._attempt_first = None
         self._attempt_start = time.monotonic()
@@ -271,7 +308,7 @@ class RunningJob:
             failed = self.session
             assert failed is not None
             log.warning("job %s: miner %s failed (%s) after %d tokens", self.job.job_id,
-                        failed.miner_id[:16], fault.reason, len(self._ids))
+                        failed.miner_id[:16], fault.reason, self._count)
             if fault.blame:
                 self._dispatcher.scores.failure(failed.miner_id)
             self._detach()
@@ -328,11 +365,14 @@ class RunningJob:
                     if self.first_token_at is None:
                         self.first_token_at = now
                 self._attempt_last = now
-                self._attempt_ids += len(frame.token_ids)
+                self._attempt_ids += frame.tokens
+                self._count += frame.tokens
                 self._ids.extend(frame.token_ids)
                 self._chars += len(frame.text)
                 self._texts.append(frame.text)
-                self._attempt_text.update(frame.text.encode())
+                if frame.sealed is not None:
+                    self.sealed_stream.append(frame.sealed)
+                self._attempt_text.update((frame.sealed or frame.text).encode())
                 yield frame
                 continue
             self._finished = True
@@ -343,7 +383,7 @@ class RunningJob:
                 self._dispatcher.scores.failure(self.session.miner_id)
             elif self.usage_fault is None:  # a false usage is the verifier's to punish
                 self._score_success()
-            resumed = len(self._ids) - self._attempt_ids
+            resumed = self._count - self._attempt_ids
             self.done = frame.model_copy(update={
                 "prompt_tokens": self.started.prompt_tokens if self.started else 0,
                 "completion_tokens": resumed + frame.completion_tokens})
@@ -363,7 +403,7 @@ class RunningJob:
             problem = "a receipt not signed by this miner"
         elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256,
               r.prompt_tokens, r.completion_tokens) != (
-                self.job.job_id, self._sha256, request_digest(self.job),
+                self.job.job_id, self._sha256, request_digest(self._sent),
                 self._attempt_text.hexdigest(), done.prompt_tokens, done.completion_tokens):
             problem = "a receipt that does not match the job"
         else:
@@ -387,7 +427,7 @@ class RunningJob:
             return (f"reported {done.prompt_tokens} prompt tokens, more than the prompt's "
                     f"{bound}-token bound")
         cap = self.job.params.max_tokens
-        total = len(self._ids)
+        total = self._count
         if (done.finish_reason == "length" and offer is not None
                 and (cap is None or total < cap)
                 and self._attempt_prompt + total < offer.context_length):
@@ -433,17 +473,19 @@ def encode_job(job: Job) -> str:
 
 async def start_job(dispatcher: Dispatcher, job: Job, account: str, policy: FailoverPolicy,
                     on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
-                    on_failover: Callable[[str], None] | None = None) -> RunningJob:
+                    on_failover: Callable[[str], None] | None = None,
+                    sealer: Sealer | None = None) -> RunningJob:
     """Reserve a miner for ``job``, send it, and wait until a miner has started it.
 
     ``on_close`` is called once when the job ends, however it ends (see
     :attr:`RunningJob.done`, ``failed``, ``started`` and ``delivered``); ``on_failover`` with
-    a reason each time the job moves to another miner.
+    a reason each time the job moves to another miner; ``sealer`` makes the frame of a
+    sealed job for each miner it is routed to.
 
     Raises:
         ApiError: see :meth:`RunningJob.start`.
     """
-    running = RunningJob(job, dispatcher, account, policy, on_close, on_failover)
+    running = RunningJob(job, dispatcher, account, policy, on_close, on_failover, sealer)
     try:
         await running.start()
     except BaseException:

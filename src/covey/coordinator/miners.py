@@ -30,12 +30,14 @@ from covey.protocol import (
     ModelOffer,
     Progress,
     Started,
+    Tokens,
     Welcome,
     decode_frame,
     encode_frame,
     verify_hello,
 )
 from covey.protocol.frames import _Frame
+from covey.protocol.sealing import SealingError, verify_route
 
 log = logging.getLogger("covey.coordinator.miners")
 
@@ -48,7 +50,7 @@ CLOSE_BAD_DATA = 1003
 CLOSE_REPLACED = 4001
 """Private-use close code: a newer session of the same miner key took this one's place."""
 
-JobFrame = Started | Progress | Delta | Done | JobError | CheckReport
+JobFrame = Started | Progress | Delta | Done | JobError | CheckReport | Tokens
 
 
 @dataclass(eq=False)
@@ -207,6 +209,13 @@ async def _handshake(ws: WebSocket, timeout: float) -> Hello | None:
         log.warning("refused miner %s: bad hello signature", hello.public_key[:16])
         await _close(ws, CLOSE_POLICY, "bad hello signature")
         return None
+    if hello.box_key is not None:
+        try:
+            verify_route(hello.public_key, hello.box_key, hello.box_signature or "")
+        except SealingError:
+            log.warning("refused miner %s: box key not signed by it", hello.public_key[:16])
+            await _close(ws, CLOSE_POLICY, "box key not signed by the miner's identity")
+            return None
     return hello
 
 
@@ -216,9 +225,11 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 
 async def serve_miner(
-    ws: WebSocket, registry: MinerRegistry, heartbeat_interval: float, miner_timeout: float
+    ws: WebSocket, registry: MinerRegistry, heartbeat_interval: float, miner_timeout: float,
+    watermark_key: bytes | None = None,
 ) -> None:
-    """Run one miner's WebSocket from handshake to goodbye.
+    """Run one miner's WebSocket from handshake to goodbye; the ``welcome`` hands the
+    miner ``watermark_key`` (the network's, :mod:`covey.protocol.watermark`).
 
     A miner that sends a frame that does not parse, or a frame of a kind it may not send, is
     disconnected; its open jobs fail with :data:`MINER_GONE`.
@@ -240,7 +251,8 @@ async def serve_miner(
     pinger = asyncio.create_task(_heartbeats(session, heartbeat_interval, miner_timeout, registry))
     try:
         await session.send(Welcome(miner_id=session.miner_id,
-                                   heartbeat_interval=heartbeat_interval))
+                                   heartbeat_interval=heartbeat_interval,
+                                   watermark_key=watermark_key.hex() if watermark_key else None))
         session.welcomed.set()
         while True:
             message = await ws.receive()
@@ -257,7 +269,8 @@ async def serve_miner(
                 return
             if isinstance(frame, Heartbeat):
                 continue
-            if isinstance(frame, Started | Progress | Delta | Done | JobError | CheckReport):
+            if isinstance(frame, Started | Progress | Delta | Done | JobError | CheckReport
+                          | Tokens):
                 queue = session.jobs.get(frame.job_id)
                 if queue is not None:  # late frames of a cancelled job are dropped
                     queue.put_nowait(frame)

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import websockets
+from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
@@ -33,6 +35,9 @@ from covey.protocol import (
     Hello,
     Job,
     JobError,
+    Started,
+    Tokenize,
+    Tokens,
     Welcome,
     decode_frame,
     encode_frame,
@@ -40,11 +45,24 @@ from covey.protocol import (
 )
 from covey.protocol.frames import Receipt, _Frame
 from covey.protocol.receipts import request_digest, sign_receipt
+from covey.protocol.sealing import (
+    SealedContent,
+    SealingError,
+    open_delta,
+    open_job,
+    open_job_with,
+    open_key,
+    seal_delta,
+    sign_box_key,
+)
 
 log = logging.getLogger("covey.miner")
+T = TypeVar("T")
 
 MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
+MAX_TOKENIZE_IDS = 2**20
+"""Most token ids a ``tokens`` frame may carry (its field's bound)."""
 
 # Close codes after which retrying cannot help: our hello was refused.
 _FATAL_CLOSE = {1008}
@@ -89,6 +107,10 @@ class MinerAgent:
         self.backend = backend
         self.backoff = backoff
         self.miner_id = key.verify_key.encode().hex()
+        # A fresh box key per process: a sealed job can be opened only by the process it was
+        # sealed to, and a stolen key file reveals no past traffic.
+        self.box = PrivateKey.generate()
+        self.box_signature = sign_box_key(key, self.box.public_key)
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -105,6 +127,7 @@ class MinerAgent:
         body = Hello(
             public_key=self.miner_id, nonce=nonce, hardware=detect_hardware(),
             models=(self.backend.offer,), slots=self.backend.slots, version=__version__,
+            box_key=bytes(self.box.public_key).hex(), box_signature=self.box_signature,
             signature="0" * 128,
         ).model_dump(mode="json")
         body["signature"] = sign_hello(self.key, body)
@@ -165,14 +188,17 @@ class MinerAgent:
         welcome = decode_frame(await ws.recv())
         if not isinstance(welcome, Welcome):
             raise HelloRefused(f"expected a welcome, got {welcome.type}")
+        self.backend.set_watermark_key(
+            bytes.fromhex(welcome.watermark_key) if welcome.watermark_key else None)
         log.info("connected to %s as %s", self.url, self.miner_id[:16])
         beat = asyncio.create_task(self._heartbeat(ws, welcome.heartbeat_interval))
         try:
             async for raw in ws:
                 frame = decode_frame(raw)
-                if isinstance(frame, Job | Check):
-                    work = self._run_job(ws, frame) if isinstance(frame, Job) else \
-                        self._run_check(ws, frame)
+                if isinstance(frame, Job | Check | Tokenize):
+                    work = (self._run_job(ws, frame) if isinstance(frame, Job) else
+                            self._run_check(ws, frame) if isinstance(frame, Check) else
+                            self._tokenize(ws, frame))
                     task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
                     self._jobs[frame.job_id] = task
                     task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
@@ -217,22 +243,60 @@ class MinerAgent:
 
     async def _run_job(self, ws: ClientConnection, job: Job) -> None:
         self._serves(job)
-        gen = self.backend.generate(job)
+        key: bytes | None = None
+        run = job
+        if job.sealed is not None:
+            content, key = self._open(lambda: open_job(self.box, job.sealed or ""))
+            run = unsealed(job, content)
+        gen = self.backend.generate(run)
         sent = hashlib.sha256()
         try:
             async for frame in gen:
                 if isinstance(frame, Delta):
-                    sent.update(frame.text.encode())
+                    if key is not None:
+                        frame = Delta(job_id=frame.job_id, text="", token_ids=(),
+                                      sealed=seal_delta(key, frame.text, frame.token_ids),
+                                      sealed_tokens=len(frame.token_ids))
+                    sent.update((frame.sealed or frame.text).encode())
                 elif isinstance(frame, Done):
                     frame = self._signed(job, frame, sent.hexdigest())
+                elif isinstance(frame, Started) and run.prompt_bound is not None \
+                        and frame.prompt_tokens > run.prompt_bound:
+                    raise BackendError("invalid_prompt", f"The sealed prompt has "
+                                       f"{frame.prompt_tokens} tokens, more than the "
+                                       f"{run.prompt_bound} its request declared.", "messages")
                 await self._send(ws, frame)
         finally:
             await gen.aclose()
 
+    @staticmethod
+    def _open(opener: Callable[[], T]) -> T:
+        """Run a :mod:`~covey.protocol.sealing` opener; its failure is the request's fault
+        (``invalid_ciphertext``, a 400 for the client), never the miner's."""
+        try:
+            return opener()
+        except SealingError as exc:
+            raise BackendError("invalid_ciphertext", str(exc), "sealed") from None
+
     async def _run_check(self, ws: ClientConnection, check: Check) -> None:
-        """Act as validator for ``check``: report the backend's measurements."""
+        """Act as validator for ``check``: report the backend's measurements. A sealed
+        job's check is opened here with the session key the client sealed to us."""
         self._serves(check.job)
+        if check.sealed_key is not None and check.job.sealed is not None:
+            check = self._open(lambda: unsealed_check(self.box, check))
         await self._send(ws, await self.backend.check(check))
+
+    async def _tokenize(self, ws: ClientConnection, frame: Tokenize) -> None:
+        """Answer ``tokenize`` (watermark detection) with the backend's token ids; off the
+        event loop, as a long text takes a while."""
+        if frame.model != self.backend.offer.name:
+            raise BackendError("model_not_found", f"this miner does not serve {frame.model!r}",
+                               "model")
+        ids = await asyncio.to_thread(self.backend.tokenize, frame.text)
+        if len(ids) > MAX_TOKENIZE_IDS:
+            raise BackendError("invalid_value", f"the text has {len(ids)} tokens; at most "
+                               f"{MAX_TOKENIZE_IDS} can be returned", "text")
+        await self._send(ws, Tokens(job_id=frame.job_id, token_ids=tuple(ids)))
 
     def _signed(self, job: Job, done: Done, output_sha256: str) -> Done:
         """``done`` with this miner's signed receipt for ``job``."""
@@ -249,3 +313,32 @@ class MinerAgent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def unsealed(job: Job, content: SealedContent) -> Job:
+    """The plain job a sealed ``job`` stands for: its public settings (model, weights pin,
+    sampling settings, prompt bound) and the content from inside its box."""
+    params = job.params.model_copy(update={"stop": content.stop})
+    return job.model_copy(update={
+        "sealed": None, "messages": content.messages, "prompt": content.prompt,
+        "prompt_ids": content.prompt_ids, "stop_ids": content.stop_ids,
+        "resume": content.resume, "params": params})
+
+
+def unsealed_check(box: PrivateKey, check: Check) -> Check:
+    """A validator's plain view of a sealed job's check: the job and the miner's answer,
+    opened from the coordinator's copies with the session key the client sealed to us.
+
+    Raises:
+        SealingError: the key does not open the job or a delta (the client's fault).
+    """
+    key = open_key(box, check.sealed_key or "")
+    job = unsealed(check.job, open_job_with(key, check.job.sealed or ""))
+    texts: list[str] = []
+    ids: list[int] = []
+    for sealed in check.stream:
+        text, token_ids = open_delta(key, sealed)
+        texts.append(text)
+        ids.extend(token_ids)
+    return check.model_copy(update={"job": job, "token_ids": tuple(ids), "text": "".join(texts),
+                                    "sealed_key": None, "stream": ()})

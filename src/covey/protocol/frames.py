@@ -167,8 +167,10 @@ class Job(_Frame):
     ``sealed`` is an end-to-end encrypted job (:func:`covey.protocol.sealing.seal_job`):
     base64 of the client's ephemeral X25519 key and a box only the chosen miner can open,
     holding the job's content (messages, prompt or prompt ids, sampling settings, resume
-    point). The coordinator sees only ``model``, ``model_sha256`` and ``params.max_tokens``
-    (which the miner enforces over anything inside the box: the escrow was sized by it).
+    point, stop strings: :class:`~covey.protocol.sealing.SealedContent`). The coordinator
+    sees ``model``, ``model_sha256``, ``params`` (sampling settings: it sizes the escrow by
+    ``max_tokens`` and judges re-checks by ``temperature`` and ``top_p``; ``params.stop``
+    is empty, stop strings travel inside) and ``prompt_bound``.
     """
 
     type: Literal["job"] = "job"
@@ -182,6 +184,9 @@ class Job(_Frame):
     params: SamplingParams = SamplingParams()
     resume: Resume | None = None
     sealed: Base64 | None = None
+    prompt_bound: int | None = Field(default=None, ge=1)
+    """For a sealed job: the most prompt tokens the escrow was sized for (the coordinator
+    cannot count them); the miner refuses a longer prompt."""
 
 
 class Started(_Frame):

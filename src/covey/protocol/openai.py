@@ -217,3 +217,28 @@ class ErrorResponse(BaseModel):
     """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
 
     error: ErrorBody
+
+
+class WatermarkDetectRequest(_Request):
+    """``POST /v1/watermark/detect`` body (Covey's own endpoint): score ``text`` for the
+    network's watermark, tokenized by ``model``'s tokenizer."""
+
+    model: str = Field(min_length=1)
+    text: str = Field(max_length=2**20)
+
+
+class WatermarkDetection(BaseModel):
+    """``POST /v1/watermark/detect`` answer: ``tokens_scored`` (distinct pairs of a token and
+    the one before it), ``green_tokens`` (of those, how many are green), ``z_score``,
+    one-sided ``p_value``, ``watermarked`` (z above ``threshold``) and ``gamma`` (the green
+    share); see :mod:`covey.protocol.watermark`."""
+
+    object: Literal["watermark.detection"] = "watermark.detection"
+    model: str
+    tokens_scored: int
+    green_tokens: int
+    z_score: float
+    p_value: float
+    watermarked: bool
+    threshold: float
+    gamma: float

@@ -26,8 +26,14 @@ _COUNTER_DOMAIN = b"covey-countersign-v1\n"
 
 def request_digest(job: Job) -> str:
     """SHA-256 (hex) of what was asked: model, messages or prompt, and sampling settings
-    (not the job id, weights pin or resume point, so every miner of a job agrees)."""
+    (not the job id, weights pin or resume point, so every miner of a job agrees); prompt
+    and stop ids, the sealed box and its prompt bound when set (a sealed job's digest
+    binds the ciphertext the miner got, never the plaintext)."""
     body = job.model_dump(mode="json", include={"model", "messages", "prompt", "params"})
+    for field in ("prompt_ids", "stop_ids", "sealed", "prompt_bound"):
+        value = getattr(job, field)
+        if value:
+            body[field] = list(value) if isinstance(value, tuple) else value
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from covey.coordinator.api.accounts import Account
-from covey.coordinator.api.requests import chat_job, completion_job
+from covey.coordinator.api.requests import chat_job, completion_job, watermarked
 from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
 from covey.coordinator.metrics import RequestRecord
 from covey.protocol import Job
@@ -44,14 +44,15 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
 
 
 async def _respond(request: Request, account: str, job: Job, chat: bool, stream: bool,
-                   include_usage: bool) -> Response:
+                   include_usage: bool, checkable: bool) -> Response:
     serving: Serving = request.app.state.serving
+    job = watermarked(job, request.app.state.config.watermark_models)
     record = RequestRecord(job.job_id, job.model, account, stream)
     request.state.logged = True  # from here on the record logs and counts the request
     serving.admit(record)
 
     async def work() -> Response:
-        running, fmt = await serving.start(job, chat, record)
+        running, fmt = await serving.start(job, chat, record, checkable=checkable)
         if stream:
             return StreamingResponse(serving.stream(running, fmt, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -66,7 +67,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, accoun
                            ) -> Response:
     """OpenAI Chat Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, account, chat_job(body), True, body.stream, include_usage)
+    return await _respond(request, account, chat_job(body), True, body.stream, include_usage,
+                          body.check)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -75,4 +77,4 @@ async def completions(body: CompletionRequest, request: Request, account: Accoun
     """OpenAI (legacy) Completions."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, account, completion_job(body), False, body.stream,
-                          include_usage)
+                          include_usage, body.check)

@@ -8,155 +8,29 @@ event and ``data: [DONE]``.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import FailoverPolicy, RunningJob, encode_job, start_job
+from covey.coordinator.jobs import FailoverPolicy, RunningJob, Sealer, encode_job, start_job
 from covey.coordinator.ledger.pricing import Price
 from covey.coordinator.metrics import Metrics, RequestRecord
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Done, Job
+from covey.protocol import Delta, Job
 from covey.protocol.openai import (
-    ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    ChatMessageOut,
     Completion,
-    CompletionChoice,
-    Usage,
 )
-
-
-def _usage(done: Done) -> Usage:
-    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                 total_tokens=done.prompt_tokens + done.completion_tokens)
-
-
-def _finish(done: Done) -> str:
-    return "stop" if done.finish_reason == "cancelled" else done.finish_reason
-
-
-_MARK = "COVEY_DELTA_TEXT_b41e"
-
-
-class _DeltaTemplate:
-    """A delta chunk rendered once per request with a marker where the text goes.
-
-    Each token then costs one ``json.dumps`` of its text instead of building and serializing
-    a pydantic model: on a small machine the coordinator shares the CPU with the decode.
-    """
-
-    def __init__(self, rendered: str) -> None:
-        self._head, found, self._tail = rendered.rpartition(f'"{_MARK}"')
-        assert found, "the template must contain the marker"
-
-    def render(self, text: str) -> str:
-        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
-
-
-@dataclass
-class _Meta:
-    id: str
-    created: int
-    model: str
-    fingerprint: str
-
-
-class ChatFormatter:
-    """Chat completion shapes (``chat.completion`` / ``chat.completion.chunk``)."""
-
-    def __init__(self, meta: _Meta) -> None:
-        self.m = meta
-        self._delta = _DeltaTemplate(self._chunk(ChatDelta(content=_MARK)))
-
-    def reroute(self, fingerprint: str) -> None:
-        """The job moved to another miner: later chunks name it."""
-        self.m.fingerprint = fingerprint
-        self._delta = _DeltaTemplate(self._chunk(ChatDelta(content=_MARK)))
-
-    def _chunk(self, delta: ChatDelta, finish: str | None = None) -> str:
-        return ChatCompletionChunk(
-            id=self.m.id, created=self.m.created, model=self.m.model,
-            system_fingerprint=self.m.fingerprint,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
-        ).model_dump_json()
-
-    def first(self) -> str | None:
-        return self._chunk(ChatDelta(role="assistant", content=""))
-
-    def delta(self, text: str) -> str:
-        return self._delta.render(text)
-
-    def last(self, done: Done) -> str:
-        return self._chunk(ChatDelta(), _finish(done))
-
-    def usage(self, done: Done) -> str:
-        return ChatCompletionChunk(
-            id=self.m.id, created=self.m.created, model=self.m.model, choices=[],
-            system_fingerprint=self.m.fingerprint, usage=_usage(done),
-        ).model_dump_json()
-
-    def whole(self, text: str, done: Done) -> ChatCompletion:
-        return ChatCompletion(
-            id=self.m.id, created=self.m.created, model=self.m.model,
-            system_fingerprint=self.m.fingerprint, usage=_usage(done),
-            choices=[ChatChoice(message=ChatMessageOut(content=text),
-                                finish_reason=_finish(done))],
-        )
-
-
-class CompletionFormatter:
-    """Legacy completion shapes (``text_completion``, same shape for chunks)."""
-
-    def __init__(self, meta: _Meta) -> None:
-        self.m = meta
-        self._delta = _DeltaTemplate(self._make(_MARK, None).model_dump_json())
-
-    def reroute(self, fingerprint: str) -> None:
-        """The job moved to another miner: later chunks name it."""
-        self.m.fingerprint = fingerprint
-        self._delta = _DeltaTemplate(self._make(_MARK, None).model_dump_json())
-
-    def _make(self, text: str, finish: str | None, usage: Usage | None = None,
-              choices: bool = True) -> Completion:
-        return Completion(
-            id=self.m.id, created=self.m.created, model=self.m.model,
-            system_fingerprint=self.m.fingerprint, usage=usage,
-            choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else [],
-        )
-
-    def first(self) -> str | None:
-        return None
-
-    def delta(self, text: str) -> str:
-        return self._delta.render(text)
-
-    def last(self, done: Done) -> str:
-        return self._make("", _finish(done)).model_dump_json()
-
-    def usage(self, done: Done) -> str:
-        return self._make("", None, _usage(done), choices=False).model_dump_json()
-
-    def whole(self, text: str, done: Done) -> Completion:
-        return self._make(text, _finish(done), _usage(done))
-
-
-Formatter = ChatFormatter | CompletionFormatter
-
-
-def sse(data: str) -> bytes:
-    """One server-sent event carrying ``data``."""
-    return f"data: {data}\n\n".encode()
-
-
-SSE_DONE = sse("[DONE]")
+from covey.protocol.openai_stream import (
+    SSE_DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    Formatter,
+    Meta,
+    sse,
+)
 
 CLIENT_CLOSED = 499
 """Status logged for a request whose client left before the answer (nginx's convention)."""
@@ -273,15 +147,19 @@ class Serving:
                                       record.prompt_tokens, record.completion_tokens, offer)
         return close
 
-    async def start(self, job: Job, chat: bool, record: RequestRecord
+    async def start(self, job: Job, chat: bool, record: RequestRecord, *,
+                    sealer: Sealer | None = None, checkable: bool = True
                     ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
         402, 429, a miner's 400 …) before any byte is sent to the client.
         ``record.stream``: the answer goes out token by token (a client that leaves then
         pays for what it got). The record is finished here on an error, or when the job
-        closes."""
+        closes. ``sealer`` makes a sealed job's frame for each miner it is routed to;
+        ``checkable`` False keeps the answer from being re-checked."""
         try:
-            return await self._start(job, chat, record)
+            running, fmt = await self._start(job, chat, record, sealer)
+            running.checkable = checkable
+            return running, fmt
         except ApiError as exc:
             self.finish(record, exc.status, exc.code)
             raise
@@ -289,8 +167,8 @@ class Serving:
             self.finish(record, CLIENT_CLOSED)
             raise
 
-    async def _start(self, job: Job, chat: bool, record: RequestRecord
-                     ) -> tuple[RunningJob, Formatter]:
+    async def _start(self, job: Job, chat: bool, record: RequestRecord,
+                     sealer: Sealer | None) -> tuple[RunningJob, Formatter]:
         account = record.account
         encode_job(job)  # text JSON cannot carry is a 400 here, before any credit moves
         _, _, max_cost, _ = self.quote(job)
@@ -305,7 +183,7 @@ class Serving:
             running = await start_job(
                 self.dispatcher, job, account, self.policy,
                 self._on_close(record, record.stream),
-                lambda reason: self.metrics.failovers.labels(job.model, reason).inc())
+                lambda reason: self.metrics.failovers.labels(job.model, reason).inc(), sealer)
         except ApiError:
             await self.billing.close(job.job_id, account, None, job.model, 0, 0)
             raise
@@ -313,7 +191,7 @@ class Serving:
             self.billing.close(job.job_id, account, None, job.model, 0, 0)
             raise
         assert running.session is not None
-        meta = _Meta(id=job.job_id, created=int(time.time()), model=job.model,
+        meta = Meta(id=job.job_id, created=int(time.time()), model=job.model,
                      fingerprint=fingerprint(running))
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
         return running, fmt

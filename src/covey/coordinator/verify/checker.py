@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from covey.coordinator.api.requests import new_id
 from covey.coordinator.billing import Billing
@@ -63,6 +64,17 @@ VALIDATOR_ACCOUNT = "covey:validator"
 """The account re-checks queue under for a validator's slot (fair-queued like a user)."""
 
 
+@dataclass(frozen=True)
+class SealedAnswer:
+    """What a validator needs to re-check a sealed job: the miner's sealed deltas
+    (``stream``), how many token ids they hold (``tokens``), and ``key_for``, which asks
+    the client to seal the session key to a validator's session (None: declined)."""
+
+    stream: tuple[str, ...]
+    tokens: int
+    key_for: Callable[[MinerSession], Awaitable[str | None]]
+
+
 class CheckUnavailable(Exception):
     """No validator could give a verdict (none online, busy, or it failed)."""
 
@@ -100,11 +112,18 @@ class Verifier:
 
         Weights with no reference answer are admitted at once while no other miner serves
         them (nothing could judge the answer; sampled re-checks start once a second one
-        joins), and otherwise checked by such a miner as validator.
+        joins), and otherwise checked by such a miner as validator. Private models are
+        admitted untried: trial prompts are text, which their miners cannot read (sampled
+        re-checks of their jobs still run).
         """
         if not self.policy.trials:
             return
         for offer in session.hello.models:
+            if offer.private:
+                log.info("miner %s admitted for private model %s without a trial (trial "
+                         "prompts are text)", session.miner_id[:16], offer.name)
+                self.metrics.checks.labels("trial", "skipped").inc()
+                continue
             if not self._judgeable(offer, session.miner_id):
                 log.info("miner %s admitted for %s unverified: no reference answer for "
                          "weights %s and no other miner serving them", session.miner_id[:16],
@@ -131,6 +150,10 @@ class Verifier:
         log.warning("miner %s fell below the reputation floor; holding it for a trial",
                     miner_id[:16])
         for offer in session.hello.models:
+            if offer.private:  # no text trial can run; its sampled re-checks go on
+                log.warning("miner %s keeps serving private model %s untried",
+                            miner_id[:16], offer.name)
+                continue
             if offer.name not in session.held and offer.name not in session.refused:
                 session.held.add(offer.name)
                 self._spawn(self._trial(session, offer, again=True))
@@ -274,9 +297,13 @@ class Verifier:
     # --- sampled re-checks -------------------------------------------------------------
 
     async def recheck(self, job: Job, token_ids: Sequence[int], text: str, finish: str,
-                      exclude: Sequence[str]) -> tuple[CheckReport, str]:
+                      exclude: Sequence[str], sealed: SealedAnswer | None = None
+                      ) -> tuple[CheckReport, str]:
         """Have a validator (a live miner with the job's weights, not in ``exclude``)
-        measure an answer; returns its report and its miner id.
+        measure an answer; returns its report and its miner id. For a sealed job,
+        ``sealed`` holds the miner's sealed deltas, their token count, and how to get the
+        session key sealed to the validator (``job`` is then the box the miner got, and
+        ``token_ids`` / ``text`` are empty).
 
         Raises:
             CheckUnavailable: no validator is online or free within the timeout, or it
@@ -294,6 +321,17 @@ class Verifier:
         check = Check(job_id=new_id("chk"), job=job, token_ids=tuple(token_ids), text=text,
                       finish_reason="stop" if finish == "stop" else "length",
                       tail_q=self.policy.tail_q)
+        tokens = len(token_ids)
+        if sealed is not None:
+            try:
+                key = await sealed.key_for(session)
+            except Exception:  # noqa: BLE001 - the client's channel failed under us
+                key = None
+            if key is None:
+                d.release(session, VALIDATOR_ACCOUNT)
+                raise CheckUnavailable("the client did not seal the key to a validator")
+            check = check.model_copy(update={"sealed_key": key, "stream": sealed.stream})
+            tokens = sealed.tokens
         queue: asyncio.Queue[object] = asyncio.Queue()
         session.jobs[check.job_id] = queue  # type: ignore[assignment]
         try:
@@ -311,7 +349,7 @@ class Verifier:
         if not isinstance(item, CheckReport):
             why = item.message if isinstance(item, JobError) else "it left"
             raise CheckUnavailable(f"the validator could not check: {why}")
-        if len(item.gaps) != len(token_ids) + item.eos_checked:
+        if len(item.gaps) != tokens + item.eos_checked:
             raise CheckUnavailable("the validator's report does not fit the answer")
         return item, session.miner_id
 
@@ -319,6 +357,8 @@ class Verifier:
         """A job finished and is settling: maybe re-check it (share ``policy.rate``)."""
         done, session, job = running.done, running.session, running.job
         if done is None or session is None or done.finish_reason == "cancelled":
+            return
+        if not running.checkable:
             return
         if running.usage_fault is not None:
             self._spawn(self._usage(running, settlement))
@@ -334,18 +374,26 @@ class Verifier:
             return
         if running.model_sha256 is None:
             return
-        pinned = job.model_copy(update={"model_sha256": running.model_sha256})
+        sealed = None
+        if running.sealed:
+            if running.key_for is None:
+                return
+            sealed = SealedAnswer(tuple(running.sealed_stream), running.delivered,
+                                  running.key_for)
+        pinned = (running.sent if sealed else job).model_copy(
+            update={"model_sha256": running.model_sha256})
         self._pending += 1  # released when the check ends
         self._spawn(self._sampled(pinned, session.miner_id, running.token_ids, running.text,
                                   done.finish_reason, done.prompt_tokens, running.account,
-                                  settlement))
+                                  settlement, sealed))
 
     async def _sampled(self, job: Job, miner_id: str, ids: list[int], text: str,
                        finish: str, prompt_tokens: int, account: str,
-                       settlement: Awaitable[object]) -> None:
+                       settlement: Awaitable[object], sealed: SealedAnswer | None) -> None:
         try:
             await settlement
-            report, validator = await self.recheck(job, ids, text, finish, [miner_id])
+            report, validator = await self.recheck(job, ids, text, finish, [miner_id],
+                                                   sealed)
         except CheckUnavailable as exc:
             self.metrics.checks.labels("sampled", "skipped").inc()
             log.info("job %s not re-checked: %s", job.job_id, exc)

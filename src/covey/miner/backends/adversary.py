@@ -69,6 +69,13 @@ class AdversaryBackend(Backend):
     async def check(self, check: Check) -> CheckReport:
         return await self.inner.check(check)
 
+    def set_watermark_key(self, key: bytes | None) -> None:
+        self.watermark_key = key
+        self.inner.set_watermark_key(key)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
     def close(self) -> None:
         self.inner.close()
 

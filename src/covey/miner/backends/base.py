@@ -52,5 +52,25 @@ class Backend(ABC):
         """
         raise BackendError("check_unsupported", "this backend cannot re-check answers")
 
+    watermark_key: bytes | None = None
+    """The network's watermark key (32 bytes) from the coordinator's ``welcome``, or None
+    when it sent none: jobs with ``params.watermark`` bias sampling with it
+    (:mod:`covey.protocol.watermark`)."""
+
+    def set_watermark_key(self, key: bytes | None) -> None:
+        """Use ``key`` for watermarked jobs and re-checks from now on (the agent calls this
+        on every ``welcome``)."""
+        self.watermark_key = key
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the model's tokenizer: no BOS, no template, special
+        tokens' text read as plain text (watermark detection scores these ids). May be
+        called from any thread.
+
+        Raises:
+            BackendError: ``tokenize_unsupported`` when this backend has no tokenizer.
+        """
+        raise BackendError("tokenize_unsupported", "this backend cannot tokenize text")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model's memory and threads."""

@@ -25,7 +25,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from covey.miner.backends.base import Backend, BackendError
 from covey.miner.backends.scoring import token_stats
-from covey.miner.backends.text import DeltaBuffer, StreamDecoder
+from covey.miner.backends.text import DeltaBuffer
+from covey.miner.backends.watermark import GreenList, green_list
 from covey.miner.models import ModelFile
 from covey.protocol import (
     Check,
@@ -37,6 +38,7 @@ from covey.protocol import (
     Progress,
     Started,
 )
+from covey.protocol.text import StreamDecoder
 
 log = logging.getLogger("covey.miner.llama_cpp")
 
@@ -89,12 +91,15 @@ class LlamaCppBackend(Backend):
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
         for slot in self._slots:
             self._free.put_nowait(slot)
-        self._formatter = _chat_formatter(first)
+        # A private model's dummy vocabulary aborts the process (a GGML_ASSERT, not an
+        # exception) on any call that reads token text: such calls are never made for it.
+        self._private = _vocabulary_less(first)
+        self._formatter = None if self._private else _chat_formatter(first)
         self._pieces: dict[int, bytes] = {}
         self._eog: np.ndarray | None = None
         self.offer = ModelOffer(name=model.name, sha256=sha256, context_length=first.n_ctx(),
                                 backend="llama.cpp", ask_prompt=config.ask_prompt,
-                                ask_completion=config.ask_completion)
+                                ask_completion=config.ask_completion, private=self._private)
 
     def close(self) -> None:
         for slot in self._slots:
@@ -102,11 +107,24 @@ class LlamaCppBackend(Backend):
             slot.llm.close()
 
     def tokenize_job(self, llm: llama_cpp.Llama, job: Job) -> list[int]:
-        """Prompt token ids: the chat template from the GGUF for chat, raw text otherwise.
+        """Prompt token ids: ``job.prompt_ids`` as given (any model), else the chat template
+        from the GGUF for chat, raw text otherwise.
 
         Raises:
-            BackendError: the template rejects the messages (``invalid_value``).
+            BackendError: the template rejects the messages, an id is outside the
+                vocabulary, or text was sent to a private model (all ``invalid_value``).
         """
+        if job.prompt_ids is not None:
+            n_vocab = llm.n_vocab()
+            bad = next((t for t in job.prompt_ids if t >= n_vocab), None)
+            if bad is not None:  # llama.cpp would refuse the batch with an opaque error
+                raise BackendError("invalid_value", f"prompt_ids holds token id {bad}, outside "
+                                   f"this model's vocabulary of {n_vocab}", "prompt_ids")
+            return list(job.prompt_ids)
+        if self._private:
+            param = "messages" if job.messages is not None else "prompt"
+            raise BackendError("invalid_value", f"{self.offer.name} is a private model: send "
+                               "token ids (prompt_ids) made with its key, not text", param)
         if job.messages is not None:
             if self._formatter is None:
                 raise BackendError("invalid_value", "this model has no chat template; "
@@ -121,6 +139,10 @@ class LlamaCppBackend(Backend):
         return llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
 
     def _piece(self, llm: llama_cpp.Llama, token: int) -> bytes:
+        """The bytes of ``token`` (cached); always empty for a private model, whose answers
+        are token ids only (its dummy tokens have no text, and detokenizing one aborts)."""
+        if self._private:
+            return b""
         piece = self._pieces.get(token)
         if piece is None:
             piece = self._pieces[token] = llm.detokenize([token])
@@ -131,7 +153,8 @@ class LlamaCppBackend(Backend):
         """The whole generation, on the slot's own thread; frames go out through ``emit``."""
         try:
             tokens = self.tokenize_job(llm, job)
-            param = "messages" if job.messages is not None else "prompt"
+            param = ("prompt_ids" if job.prompt_ids is not None
+                     else "messages" if job.messages is not None else "prompt")
             if not tokens:
                 raise BackendError("invalid_prompt", f"The {param} is empty.", param)
             n_ctx = llm.n_ctx()
@@ -142,6 +165,7 @@ class LlamaCppBackend(Backend):
                     f"{param} resulted in {len(tokens)} tokens. Please reduce the length.",
                     param)
             resumed = list(job.resume.token_ids) if job.resume else []
+            marker = self._green_list(llm, job)
             emit(Started(job_id=job.job_id, prompt_tokens=len(tokens)))
             p = job.params
             budget = n_ctx - len(tokens) - len(resumed)
@@ -152,12 +176,13 @@ class LlamaCppBackend(Backend):
                 emit(Done(job_id=job.job_id, finish_reason="cancelled",
                           prompt_tokens=len(tokens), completion_tokens=0))
                 return
-            decoder = StreamDecoder(p.stop)
+            decoder = self._decoder(job)
             if job.resume:
                 decoder.replay((self._piece(llm, t) for t in resumed), job.resume.text_chars)
             out = DeltaBuffer(self._stream_interval, lambda text, ids: emit(
                 Delta(job_id=job.job_id, text=text, token_ids=ids)))
             vocab = llm._model.vocab
+            stop_ids = frozenset(job.stop_ids)
             generated = 0
             # A resumed job whose stop string was already complete has nothing more to say.
             finish = "stop" if decoder.stopped else "length"
@@ -165,11 +190,13 @@ class LlamaCppBackend(Backend):
                 tokens + resumed, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
                 temp=p.temperature, repeat_penalty=1.0, reset=True,
                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                # first in llama.cpp's chain: top-p and temperature act on biased logits
+                logits_processor=llama_cpp.LogitsProcessorList([marker]) if marker else None,
             ):
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
                 generated += 1
@@ -187,8 +214,35 @@ class LlamaCppBackend(Backend):
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
             emit(exc)
 
+    def _green_list(self, llm: llama_cpp.Llama, job: Job) -> GreenList | None:
+        """The watermark bias of ``job`` (None when it asks for none).
+
+        Raises:
+            BackendError: the job asks for a watermark and the coordinator gave this miner
+                no key (``invalid_value``, param ``watermark``).
+        """
+        if not job.params.watermark:
+            return None
+        if self.watermark_key is None:
+            raise BackendError("invalid_value", "This miner cannot watermark: its coordinator "
+                               "sent no watermark key.", "watermark")
+        return green_list(self.watermark_key, llm.n_vocab())
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.offer.private:
+            raise BackendError("tokenize_unsupported", "a private model's file has no "
+                               "vocabulary to tokenize text with", "model")
+        # llama.cpp's tokenizer only reads the vocabulary: safe beside a running slot
+        return self._slots[0].llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def _decoder(self, job: Job) -> StreamDecoder:
+        """The job's text decoder. A private model's miner sees no text, so the client
+        applies stop strings (:class:`covey.client.private.PrivateDecoder`), not the miner."""
+        return StreamDecoder(() if self._private else job.params.stop)
+
     def _end_tokens(self, llm: llama_cpp.Llama) -> np.ndarray:
-        """Ids of every end-of-generation token of the vocabulary (cached)."""
+        """Ids of every end-of-generation token of the vocabulary (cached; none for a
+        private model, whose file cannot name them: its jobs carry ``stop_ids``)."""
         if self._eog is None:
             vocab = llm._model.vocab
             self._eog = np.array([t for t in range(llm.n_vocab())
@@ -200,7 +254,7 @@ class LlamaCppBackend(Backend):
         """The validator's side of a re-check, on the slot's own thread."""
         job, ids = check.job, list(check.token_ids)
         tokens = self.tokenize_job(llm, job)
-        decoder = StreamDecoder(job.params.stop)
+        decoder = self._decoder(job)
         text = "".join(decoder.feed(self._piece(llm, t)) for t in ids) + decoder.finish()
         eos = check.finish_reason == "stop" and not decoder.stopped
         forced = ids if eos else ids[:-1]
@@ -215,9 +269,20 @@ class LlamaCppBackend(Backend):
                 raise BackendError("cancelled", "the check was cancelled")
             rows.append(_eval_logits(llm, forced[i: i + PREFILL_CHUNK]))
         logits = np.vstack(rows)
+        marker = self._green_list(llm, job)
+        if marker is not None:  # the miner sampled from biased logits: score against those
+            # row i was sampled after the token before target i (the last prompt token first)
+            logits = marker.bias_rows(logits, np.asarray([tokens[-1], *ids][: len(logits)]))
         targets = list(ids)
         if eos:  # the most likely end token after the answer stands for "stop here"
-            ends = self._end_tokens(llm)
+            # the job's stop ids end an answer too (they are the only ends a private
+            # model has)
+            stops = [t for t in job.stop_ids if t < llm.n_vocab()]
+            ends = np.union1d(self._end_tokens(llm), np.asarray(stops, dtype=np.int64))
+            if not len(ends):
+                raise BackendError("invalid_value", "the answer claims to have stopped, but "
+                                   "the model has no end-of-generation token and the job no "
+                                   "stop_ids", "stop_ids")
             targets.append(int(ends[np.argmax(logits[-1, ends])]))
         p = job.params
         stats = token_stats(logits, np.asarray(targets, dtype=np.int64), p.temperature,
@@ -349,6 +414,14 @@ def _llama_seed(seed: int | None) -> int:
     if seed is None:
         return random.getrandbits(31)
     return seed % 0xFFFFFFFF
+
+
+def _vocabulary_less(llm: llama_cpp.Llama) -> bool:
+    """Whether the GGUF has no vocabulary (``tokenizer.ggml.model = "none"``, loaded as
+    llama.cpp's ``LLAMA_VOCAB_TYPE_NONE`` with dummy tokens): a private model made by
+    ``covey model private``, which also marks it ``covey.private = true``."""
+    return (llama_cpp.llama_vocab_type(llm._model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE
+            or llm.metadata.get("covey.private") == "true")
 
 
 def _chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:

@@ -4,8 +4,9 @@ It lets one machine stand in for a large network (a thousand miners in one proce
 measures the coordinator alone. Its output is not language: token *i* of an answer is a word
 chosen by a hash of the request and *i*, so the same request always gives the same answer and
 a failed-over job resumes exactly. Sampling settings other than ``max_tokens`` and ``stop``
-are ignored. The model it announces is named ``synthetic`` by default and its "weights
-hash" is the SHA-256 of :data:`SYNTHETIC_WEIGHTS`, so it can never pass for a real model.
+are ignored (``watermark`` too: its text carries none). The model it announces is named
+``synthetic`` by default and its "weights hash" is the SHA-256 of :data:`SYNTHETIC_WEIGHTS`,
+so it can never pass for a real model.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import time
 from collections.abc import AsyncIterator
 
 from covey.miner.backends.base import Backend, BackendError
-from covey.miner.backends.text import StreamDecoder
 from covey.protocol import Check, CheckReport, Delta, Done, Job, ModelOffer, Started
+from covey.protocol.text import StreamDecoder
 
 SYNTHETIC_WEIGHTS = b"covey synthetic backend v1"
 """Bytes whose SHA-256 stands for the synthetic model's weights hash."""
@@ -113,6 +114,13 @@ class SyntheticBackend(Backend):
                 await asyncio.sleep(max(self._interval, 1 / self._rate if self._rate else 0))
         yield Done(job_id=job.job_id, finish_reason=finish, prompt_tokens=n_prompt,
                    completion_tokens=i - start)
+
+    def tokenize(self, text: str) -> list[int]:
+        """One token per whitespace-separated word: a vocabulary word's id, any other word
+        a stable id from its hash (so text of any kind gets a score)."""
+        return [_WORDS.index(w) if w in _WORDS else
+                int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest()) % VOCAB
+                for w in text.split()]
 
     async def check(self, check: Check) -> CheckReport:
         """Re-check by recomputing the answer: every token has one right value, so a wrong

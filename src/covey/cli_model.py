@@ -1,0 +1,71 @@
+"""``covey model``: prepare model files (today: private, permuted-vocabulary copies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+model_app = typer.Typer(help="Prepare model files.", no_args_is_help=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@model_app.command("private")
+def private_cmd(
+    source: Annotated[Path, typer.Argument(help="The plain GGUF (a path, or a bundled model "
+                                                "name such as smollm2-135m-instruct).")],
+    target: Annotated[Path, typer.Argument(help="Where to write the private GGUF.")],
+    key: Annotated[Path, typer.Option("--key", help="Permutation key file (32 random bytes "
+                                      "as hex, mode 0600); made if missing.")],
+) -> None:
+    """Write a private copy of SOURCE for miners: token ids permuted by KEY, every
+    vocabulary string removed. Keep KEY and SOURCE on the client (covey proxy); give miners
+    only TARGET."""
+    from covey.miner.models import ModelNotFound, resolve_model, weights_sha256
+    from covey.protocol.permutation import KeyFileError, load_or_create_key, permutation
+
+    try:
+        plain = resolve_model(str(source)).path
+        secret, created = load_or_create_key(key)
+    except (ModelNotFound, KeyFileError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if created:
+        err.print(f"created a new key in {key} (mode 0600): keep it secret and back it up; "
+                  "without it the private model's answers cannot be read")
+    if target.resolve() == plain.resolve():
+        err.print("[red]error:[/red] TARGET must differ from SOURCE")
+        raise typer.Exit(2)
+    try:
+        import gguf  # noqa: F401 - imported lazily below; fail here with the fix
+
+        from covey.client.private_model import write_private_gguf
+    except ImportError as exc:
+        err.print("[red]error:[/red] writing GGUF files needs: pip install 'covey\\[llama]'")
+        raise typer.Exit(2) from exc
+    try:
+        n_vocab = _vocab_size(plain)
+        done = write_private_gguf(plain, target, permutation(secret, n_vocab))
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    sha = weights_sha256(target)
+    err.print(f"wrote {target}: {done.n_vocab} tokens permuted in {', '.join(done.permuted)}; "
+              f"{len(done.dropped)} vocabulary keys removed; sha256 {sha[:16]}…")
+    err.print(f"serve it with: covey miner --model {target} --name NAME")
+
+
+def _vocab_size(path: Path) -> int:
+    """Rows of ``token_embd.weight`` (= llama.cpp's ``n_vocab`` for any loadable file).
+
+    Raises:
+        ValueError: the file has no such tensor.
+    """
+    import gguf
+
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        if tensor.name == "token_embd.weight":
+            return int(tensor.data.shape[0])
+    raise ValueError(f"{path} has no token_embd.weight tensor")

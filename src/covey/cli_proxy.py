@@ -1,0 +1,65 @@
+"""``covey proxy``: serve the OpenAI API on loopback, every request end-to-end encrypted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _private_models(specs: list[str]) -> dict[str, object]:
+    """``NAME=KEYFILE:PLAIN.gguf`` specs → codecs; exits with a message on a bad one."""
+    if not specs:
+        return {}
+    from covey.client.private import PrivateModel, load_key
+
+    out: dict[str, object] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        key_file, _, plain = rest.partition(":")
+        if not name or not key_file or not plain:
+            err.print(f"[red]error:[/red] --private {spec!r}: expected NAME=KEYFILE:PLAIN.gguf")
+            raise typer.Exit(2)
+        try:
+            out[name] = PrivateModel(load_key(Path(key_file)), Path(plain))
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]error:[/red] --private {spec!r}: {exc}")
+            raise typer.Exit(2) from None
+    return out
+
+
+def proxy(
+    coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")
+                           ] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY",
+                                                help="API key (default: .covey/api_key).")
+                       ] = None,
+    host: Annotated[str, typer.Option(help="Address to serve on; keep it loopback: the "
+                                      "proxy spends its key for anyone who reaches it.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8787,
+    private: Annotated[list[str], typer.Option(
+        help="A private model: NAME=KEYFILE:PLAIN.gguf (the key it was made with and the "
+             "original GGUF, whose tokenizer runs here). Repeatable.")] = [],  # noqa: B006
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve OpenAI's API on HOST:PORT; each request is sealed to the miner the coordinator
+    routes it to, so the coordinator never sees prompts or answers. Point any OpenAI client
+    at http://HOST:PORT/v1."""
+    import uvicorn
+
+    from covey.cli_money import resolve_key
+    from covey.client.proxy import create_proxy_app
+
+    key = resolve_key(api_key)
+    if key is None:
+        err.print("[red]error:[/red] no API key: pass --api-key, set COVEY_API_KEY, or run "
+                  "`covey up` (which writes a development key)")
+        raise typer.Exit(2)
+    app = create_proxy_app(coordinator, key, _private_models(private))  # type: ignore[arg-type]
+    err.print(f"covey proxy: http://{host}:{port}/v1 → {coordinator} (end-to-end encrypted)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
