@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -23,6 +24,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from conftest import MODEL, Network, Proc, free_port, ledger_verify
+from covey.cli_audit import find_traces
 from covey.client.proxy import LocalProxy
 from covey.protocol.e2e import SERVER_MESSAGE, Route, RouteRequest, SealedJob
 from covey.protocol.frames import SamplingParams
@@ -71,14 +73,9 @@ def proxy(sealed_net: Network) -> Iterator[str]:
     proc.stop()
 
 
-def coordinator_traces(net: Network) -> str:
-    """Everything the coordinator stored: every row of every table, and its log."""
-    db = sqlite3.connect(net.tmp / "coordinator" / "covey.db")
-    rows = []
-    for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
-        rows += [repr(r) for r in db.execute(f'SELECT * FROM "{table}"')]  # noqa: S608
-    db.close()
-    return "\n".join(rows) + net.coordinator.output()
+def traces(net: Network, *words: str) -> dict[str, int]:
+    """Where ``words`` occur in the coordinator's database rows and its log."""
+    return find_traces(list(words), net.tmp / "coordinator", logs=[net.coordinator.log])
 
 
 def test_chat_through_the_proxy_never_shows_the_coordinator_the_words(sealed_net, proxy):
@@ -107,16 +104,22 @@ def test_chat_through_the_proxy_never_shows_the_coordinator_the_words(sealed_net
     assert completion.choices[0].text
 
     time.sleep(1.0)  # let settlements and re-checks land
-    traces = coordinator_traces(sealed_net)
-    assert "covey.coordinator" in traces  # the log is there, at debug level
+    # The search reaches the rows and log lines of these very requests...
+    assert traces(sealed_net, whole.id), "the audit must see the request's own records"
+    assert any(k.startswith("log") for k in traces(sealed_net, "covey.coordinator"))
     # Billed by the miners' signed usage, like any request.
     usage = httpx.get(f"{sealed_net.url}/v1/account", headers=sealed_net.headers,
                       timeout=10).json()["usage"][MODEL]
     assert usage["requests"] == 3
     assert usage["completion_tokens"] == 2 * whole.usage.completion_tokens \
         + completion.usage.completion_tokens
-    for secret in (SECRET, "Zorpadoodle", "Vantablue", answer[:24], answer[-24:], streamed):
-        assert secret not in traces, f"the coordinator stored {secret!r}"
+    # ...and finds none of their words.
+    assert traces(sealed_net, SECRET, "Zorpadoodle", "Vantablue", answer[:24],
+                  answer[-24:]) == {}
+    audit = subprocess.run([sys.executable, "-m", "covey", "audit", SECRET, "Zorpadoodle",
+                            "--data-dir", str(sealed_net.tmp / "coordinator"), "--log",
+                            str(sealed_net.coordinator.log)], capture_output=True, text=True)
+    assert audit.returncode == 0 and "not found" in audit.stdout, audit.stdout + audit.stderr
     # The right answer: the same greedy request in the clear gets the same text.
     clear = plain.chat.completions.create(model=MODEL, temperature=0, max_tokens=40,
                                           messages=[{"role": "user", "content": QUESTION}])
@@ -180,7 +183,7 @@ def test_failover_mid_stream_reseals_to_the_next_miner(sealed_net, proxy):
     assert killed
     assert "".join(pieces) == expected  # re-sealed with the resume point: no gap, no repeat
     killed[0].popen.send_signal(signal.SIGCONT)
-    assert SECRET not in coordinator_traces(sealed_net)
+    assert traces(sealed_net, SECRET, expected[:24]) == {}
     assert ledger_verify(sealed_net.tmp / "coordinator").returncode == 0
 
 

@@ -307,6 +307,7 @@ def _maybe_adversary(served: Backend) -> Backend:
 
 def _register_up() -> None:
     from covey.cli_model import model_app
+    from covey.cli_audit import audit
     from covey.cli_money import ledger_app, signup, wallet
     from covey.cli_proxy import proxy
     from covey.cli_receipts import receipts_app
@@ -316,6 +317,7 @@ def _register_up() -> None:
     app.command()(up)
     app.command()(signup)
     app.command()(proxy)
+    app.command()(audit)
     app.add_typer(wallet, name="wallet")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(receipts_app, name="receipts")
