@@ -248,6 +248,9 @@ def chat(
     api_key: Annotated[str | None, typer.Option(envvar="COVEY_API_KEY",
                                                 help="API key (default: .covey/api_key).")
                        ] = None,
+    sealed: Annotated[bool, typer.Option(help="Encrypt end to end: only the serving miner "
+                                         "(and a validator, if it is re-checked) sees it.")
+                      ] = False,
 ) -> None:
     """Ask a model and stream the answer to the terminal."""
     import httpx
@@ -258,6 +261,11 @@ def chat(
     api_key = resolve_key(api_key)
     messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": prompt})
+    if sealed:
+        from covey.cli_proxy import sealed_chat
+
+        sealed_chat(url, api_key, model, messages, max_tokens, temperature)
+        return
     try:
         for piece in stream_chat(url, model, messages, api_key=api_key, max_tokens=max_tokens,
                                  temperature=temperature):
@@ -306,8 +314,8 @@ def _maybe_adversary(served: Backend) -> Backend:
 
 
 def _register_up() -> None:
-    from covey.cli_model import model_app
     from covey.cli_audit import audit
+    from covey.cli_model import model_app
     from covey.cli_money import ledger_app, signup, wallet
     from covey.cli_proxy import proxy
     from covey.cli_receipts import receipts_app

@@ -63,3 +63,39 @@ def proxy(
     app = create_proxy_app(coordinator, key, _private_models(private))  # type: ignore[arg-type]
     err.print(f"covey proxy: http://{host}:{port}/v1 → {coordinator} (end-to-end encrypted)")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def sealed_chat(url: str, api_key: str | None, model: str, messages: list[dict[str, str]],
+                max_tokens: int, temperature: float | None) -> None:
+    """``covey chat --sealed``: stream one end-to-end encrypted answer to stdout."""
+    import asyncio
+    import sys
+
+    from covey.client.sealed import SealedChannel
+    from covey.protocol.errors import ApiError
+    from covey.protocol.frames import ChatMessage, Job, SamplingParams
+
+    if api_key is None:
+        err.print("[red]error:[/red] no API key: pass --api-key or set COVEY_API_KEY")
+        raise typer.Exit(2)
+    job = Job(job_id="", model=model,
+              messages=tuple(ChatMessage(role=m["role"], content=m["content"])
+                             for m in messages),
+              params=SamplingParams(max_tokens=max_tokens,
+                                    temperature=1.0 if temperature is None else temperature))
+
+    async def run() -> None:
+        channel = SealedChannel(url, api_key)
+        try:
+            async for piece in channel.stream(job):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            await channel.close()
+
+    try:
+        asyncio.run(run())
+    except ApiError as exc:
+        err.print(f"\n[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    sys.stdout.write("\n")

@@ -15,7 +15,7 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from covey.coordinator.api.requests import new_id
+from covey.coordinator.api.requests import new_id, watermarked
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.errors import ApiError
 from covey.coordinator.jobs import RunningJob
@@ -163,6 +163,8 @@ class SealedChannel:
         job = Job(job_id=new_id("chatcmpl" if request.chat else "cmpl"), model=request.model,
                   params=request.params.model_copy(update={"stop": ()}),
                   prompt_bound=request.size)
+        # --watermark MODEL: the flag is public, the miner applies it inside the box
+        job = watermarked(job, self.ws.app.state.config.watermark_models)
         record = RequestRecord(job.job_id, job.model, self.account, stream=True)
         try:
             self.serving.admit(record)
