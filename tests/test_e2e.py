@@ -9,6 +9,7 @@ through the real ``openai`` client, streamed or whole, across a failover too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -276,3 +277,49 @@ def test_a_route_signed_by_the_wrong_key_is_refused(tmp_path):
     assert body["error"]["code"] == "route_signature_invalid"
     assert "not signed by miner" in body["error"]["message"]
     assert not sealed_seen  # nothing was sealed to the impostor's key
+
+
+def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net, tmp_path):
+    """A private (permuted-vocabulary) copy served by a real miner: the proxy tokenizes
+    locally, the miner sees permuted ids only, and the user gets the plain model's answer."""
+    key = tmp_path / "private.key"
+    private_file = tmp_path / "private.gguf"
+    made = subprocess.run([sys.executable, "-m", "covey", "model", "private", "--key",
+                           str(key), MODEL, str(private_file)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    miner = sealed_net.add_miner("--model", str(private_file), "--name", "secret-smol",
+                                 "--ctx", "1024", wait=False)
+    sealed_net.wait_miners(1, model="secret-smol")
+    port = free_port()
+    proc = Proc(["proxy", "--coordinator", sealed_net.url, "--api-key", sealed_net.api_key,
+                 "--port", str(port), "--private", f"secret-smol={key}:{MODEL}"],
+                tmp_path / "proxy.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        ask = {"temperature": 0, "max_tokens": 30,
+               "messages": [{"role": "user", "content": QUESTION}]}
+        plain = client.chat.completions.create(model=MODEL, **ask)
+        private = client.chat.completions.create(model="secret-smol", **ask)
+        assert private.choices[0].message.content == plain.choices[0].message.content
+        assert private.usage.completion_tokens == plain.usage.completion_tokens
+        streamed = client.chat.completions.create(model="secret-smol", stream=True, **ask)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == plain.choices[0].message.content
+        # A stop string is found by the proxy in the decoded text (the miner sees ids only).
+        cut = plain.choices[0].message.content.split()[2]
+        stopped = client.chat.completions.create(model="secret-smol", stop=[cut], **ask)
+        assert stopped.choices[0].message.content == \
+            plain.choices[0].message.content.split(cut)[0]
+        assert stopped.choices[0].finish_reason == "stop"
+    finally:
+        proc.stop()
+        miner.stop()
+    assert "Zorpadoodle" not in miner.output()  # its log holds no word of the request
+    assert traces(sealed_net, SECRET, "Zorpadoodle") == {}

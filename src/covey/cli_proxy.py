@@ -15,7 +15,9 @@ def _private_models(specs: list[str]) -> dict[str, object]:
     """``NAME=KEYFILE:PLAIN.gguf`` specs → codecs; exits with a message on a bad one."""
     if not specs:
         return {}
-    from covey.client.private import PrivateModel, load_key
+    from covey.client.private import PrivateModel
+    from covey.miner.models import ModelNotFound, resolve_model
+    from covey.protocol.permutation import KeyFileError
 
     out: dict[str, object] = {}
     for spec in specs:
@@ -25,8 +27,9 @@ def _private_models(specs: list[str]) -> dict[str, object]:
             err.print(f"[red]error:[/red] --private {spec!r}: expected NAME=KEYFILE:PLAIN.gguf")
             raise typer.Exit(2)
         try:
-            out[name] = PrivateModel(load_key(Path(key_file)), Path(plain))
-        except (OSError, ValueError) as exc:
+            # PLAIN may be a bundled model's name, as for `covey model private`.
+            out[name] = PrivateModel.from_key_file(Path(key_file), resolve_model(plain).path)
+        except (OSError, ValueError, KeyFileError, ModelNotFound) as exc:
             err.print(f"[red]error:[/red] --private {spec!r}: {exc}")
             raise typer.Exit(2) from None
     return out
