@@ -10,10 +10,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from pydantic_core import PydanticSerializationError
-
 from covey.coordinator.billing import prompt_token_bound
 from covey.coordinator.errors import ApiError
+from covey.coordinator.job_faults import MinerFault, encode_job, gone, miner_error, protocol
 from covey.coordinator.miners import MINER_GONE, MinerSession
 from covey.coordinator.router import Dispatcher
 from covey.protocol import (
@@ -25,52 +24,10 @@ from covey.protocol import (
     Progress,
     Resume,
     Started,
-    encode_frame,
 )
 from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.jobs")
-
-# Miner error codes that describe the request, not the miner; they keep their 400.
-_CLIENT_ERROR_CODES = {"context_length_exceeded", "invalid_value", "invalid_prompt",
-                       "invalid_ciphertext"}
-
-
-def miner_error(frame: JobError) -> ApiError:
-    """Map a miner's ``error`` frame to the API error the client sees."""
-    if frame.code in _CLIENT_ERROR_CODES:
-        return ApiError(400, frame.message, code=frame.code, param=frame.param)
-    return ApiError(502, f"The miner failed: {frame.message}", code=frame.code,
-                    type="server_error")
-
-
-class MinerFault(Exception):
-    """The miner, not the request, failed: another miner may finish the job.
-
-    ``reason`` is a metrics label (``disconnected``, ``stalled``, ``miner_error``,
-    ``protocol``, ``context_length``); ``error`` is what the client sees if no other miner
-    can take over.
-    """
-
-    def __init__(self, reason: str, error: ApiError, blame: bool = True) -> None:
-        super().__init__(error.message)
-        self.reason = reason
-        self.error = error
-        self.blame = blame
-        """False when the miner did nothing wrong (its context is just too short): its
-        reputation is left alone."""
-
-
-def _gone() -> MinerFault:
-    return MinerFault("disconnected", ApiError(
-        502, "The miner serving this request disconnected before it finished; please retry.",
-        code="miner_disconnected", type="server_error"))
-
-
-def _protocol(what: str) -> MinerFault:
-    return MinerFault("protocol", ApiError(502, f"The miner broke the protocol ({what}).",
-                                           code="miner_protocol_error", type="server_error"))
-
 
 @dataclass(frozen=True)
 class FailoverPolicy:
@@ -219,7 +176,7 @@ class RunningJob:
             if not isinstance(item, Progress):
                 break
         if item is MINER_GONE:
-            raise _gone()
+            raise gone()
         if isinstance(item, JobError):
             error = miner_error(item)
             if error.status == 400:
@@ -230,7 +187,7 @@ class RunningJob:
                 raise error
             raise MinerFault("miner_error", error)
         if not isinstance(item, Started | Delta | Done):
-            raise _protocol(f"a {getattr(item, 'type', 'stray')} frame in a job")
+            raise protocol(f"a {getattr(item, 'type', 'stray')} frame in a job")
         return item
 
     def _larger_context(self) -> bool:
@@ -290,10 +247,10 @@ class RunningJob:
         except ApiError:
             raise
         except Exception as exc:  # the socket died between choice and send
-            raise _gone() from exc
+            raise gone() from exc
         frame = await self._next()
         if not isinstance(frame, Started):
-            raise _protocol("no 'started' frame")
+            raise protocol("no 'started' frame")
         self._attempt_prompt = frame.prompt_tokens
         if self.started is None:
             self.started = frame
@@ -354,7 +311,7 @@ class RunningJob:
             try:
                 frame = await self._next()
                 if isinstance(frame, Started):
-                    raise _protocol("second 'started'")
+                    raise protocol("second 'started'")
             except MinerFault as fault:
                 await self._fail_over(fault)
                 continue
@@ -456,19 +413,6 @@ class RunningJob:
         self._detach()
         if self._on_close is not None:
             self.settlement = self._on_close(self)
-
-
-def encode_job(job: Job) -> str:
-    """The job's frame as JSON text.
-
-    Raises:
-        ApiError: 400 when the request holds text JSON cannot carry (a lone surrogate).
-    """
-    try:
-        return encode_frame(job)
-    except PydanticSerializationError as exc:
-        raise ApiError(400, "The request holds text that is not valid Unicode "
-                       f"({exc}).", code="invalid_value") from None
 
 
 async def start_job(dispatcher: Dispatcher, job: Job, account: str, policy: FailoverPolicy,
