@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 
@@ -22,6 +23,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+_BEARER = re.compile(r"(?i)\bbearer\s+[^\s'\"]+")
+
+
+def redact_secrets(record: logging.LogRecord) -> bool:
+    """Logging filter: replace ``Bearer <key>`` in a record's message by ``Bearer
+    [redacted]``. uvicorn logs every WebSocket handshake header at debug level, API keys in
+    ``Authorization`` among them, and a key must never reach a log."""
+    message = record.getMessage()
+    if _BEARER.search(message):
+        record.msg, record.args = _BEARER.sub("Bearer [redacted]", message), None
+    return True
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Configure the root logger; ``fmt`` is ``json`` or ``text``.
 
@@ -31,6 +45,7 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be json or text, not {fmt!r}")
     handler = logging.StreamHandler()
+    handler.addFilter(redact_secrets)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -33,8 +33,9 @@ from covey.protocol.openai_stream import (
     Formatter,
     Meta,
     sse,
+    unless_client_leaves,
 )
-from covey.protocol.requests import chat_job, completion_job
+from covey.protocol.requests import MAX_BODY_BYTES, chat_job, completion_job, too_large
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -45,7 +46,14 @@ def _error(exc: ApiError) -> JSONResponse:
 
 async def _parse(request: Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
                  ) -> Any:
-    body = await request.body()
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large()
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large()
     if not body:
         raise ApiError(400, "The request has no body; send a JSON object.",
                        code="missing_body")
@@ -86,8 +94,16 @@ def create_proxy_app(coordinator: str, api_key: str,
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc)
 
-    async def answer(job: Job, chat: bool, stream: bool, include_usage: bool, check: bool
-                     ) -> Response:
+    async def answer(request: Request, job: Job, chat: bool, stream: bool,
+                     include_usage: bool, check: bool) -> Response:
+        # A client that hangs up before the answer (or its first piece) cancels the job,
+        # as on the coordinator.
+        stayed, response = await unless_client_leaves(
+            request.receive, _answer(job, chat, stream, include_usage, check))
+        return response if stayed and response is not None else Response(status_code=499)
+
+    async def _answer(job: Job, chat: bool, stream: bool, include_usage: bool, check: bool
+                      ) -> Response:
         state = Answer()
         pieces = channel.stream(job, chat, check, state)
         # The first piece (or the error) comes before any byte is sent, so a refused
@@ -123,13 +139,14 @@ def create_proxy_app(coordinator: str, api_key: str,
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await answer(chat_job(body), True, body.stream, usage, body.check)
+        return await answer(request, chat_job(body), True, body.stream, usage, body.check)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await answer(completion_job(body), False, body.stream, usage, body.check)
+        return await answer(request, completion_job(body), False, body.stream, usage,
+                            body.check)
 
     @app.get("/v1/models", response_model=None)
     async def models() -> Response:

@@ -38,6 +38,7 @@ from covey.protocol.e2e import (
 )
 from covey.protocol.errors import ApiError
 from covey.protocol.frames import Job, Resume
+from covey.protocol.requests import MAX_BODY_BYTES, too_large
 from covey.protocol.sealing import (
     SealedContent,
     SealingError,
@@ -49,6 +50,9 @@ from covey.protocol.sealing import (
 
 log = logging.getLogger("covey.client.sealed")
 
+IDLE_TIMEOUT = 600.0
+"""Seconds a request may hear nothing from the coordinator before it fails (504): longer
+than any queue wait or stall the coordinator itself allows."""
 KEY_TTL = 300.0
 """Seconds a finished request's session key is kept to answer a re-check's key request
 (the coordinator asks within a minute; then the key is dropped)."""
@@ -226,6 +230,8 @@ class SealedChannel:
         queue: asyncio.Queue[_Msg | None] = asyncio.Queue()
         self._inbox[request_id] = queue
         size = len(content.model_dump_json(exclude_defaults=True).encode())
+        if size > MAX_BODY_BYTES:  # the coordinator's cap on request bodies, for both
+            raise too_large()
         finished = False
         try:
             await self._send(RouteRequest(id=request_id, model=job.model,
@@ -233,7 +239,12 @@ class SealedChannel:
                                           size=max(size, 1), chat=chat, check=check))
             key = b""
             while True:
-                message = await queue.get()
+                try:
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        message = await queue.get()
+                except TimeoutError:
+                    raise ApiError(504, f"The coordinator sent nothing for {IDLE_TIMEOUT:.0f} s.",
+                                   code="coordinator_timeout", type="server_error") from None
                 if message is None:
                     raise self._failure or _lost()
                 if isinstance(message, Route):

@@ -230,7 +230,7 @@ class RunningJob:
             # The client seals the job to this miner (after a failover with the resume
             # point it alone knows); the slot stays reserved meanwhile.
             job = (await self._sealer(session)).model_copy(
-                update={"model_sha256": self._sha256})
+                update={"model_sha256": self._sha256, "resume_tokens": self._count})
         else:
             job = self.job.model_copy(update={
                 "model_sha256": self._sha256,

@@ -7,9 +7,9 @@ import json
 from typing import Any
 
 from covey.coordinator.errors import ApiError
+from covey.protocol.requests import MAX_BODY_BYTES, too_large
 
-MAX_BODY_BYTES = 8 * 2**20
-"""8 MiB: far above any prompt that fits a context window, far below the miner's frame cap."""
+__all__ = ["MAX_BODY_BYTES", "BodyLimit"]
 
 
 class BodyLimit:
@@ -20,8 +20,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _error(self) -> ApiError:
-        return ApiError(413, f"Request body is larger than {self.max_bytes} bytes.",
-                        code="request_too_large")
+        return too_large(self.max_bytes)
 
     async def _send_error(self, send: Any) -> None:
         err = self._error()

@@ -317,7 +317,16 @@ class MinerAgent:
 
 def unsealed(job: Job, content: SealedContent) -> Job:
     """The plain job a sealed ``job`` stands for: its public settings (model, weights pin,
-    sampling settings, prompt bound) and the content from inside its box."""
+    sampling settings, prompt bound) and the content from inside its box.
+
+    Raises:
+        BackendError: ``invalid_value`` when the box's resume point does not hold the
+            ``job.resume_tokens`` tokens the coordinator delivered.
+    """
+    resumed = len(content.resume.token_ids) if content.resume else 0
+    if resumed != job.resume_tokens:
+        raise BackendError("invalid_value", f"The sealed job resumes after {resumed} tokens, "
+                           f"but {job.resume_tokens} were delivered.", "resume")
     params = job.params.model_copy(update={"stop": content.stop})
     return job.model_copy(update={
         "sealed": None, "messages": content.messages, "prompt": content.prompt,

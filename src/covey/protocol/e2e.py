@@ -74,7 +74,7 @@ class RouteStarted(_Msg):
 
     type: Literal["started"] = "started"
     id: RequestId
-    prompt_tokens: int
+    prompt_tokens: int = Field(ge=0)
 
 
 class SealedDelta(_Msg):
@@ -83,7 +83,7 @@ class SealedDelta(_Msg):
     type: Literal["delta"] = "delta"
     id: RequestId
     sealed: Base64
-    tokens: int
+    tokens: int = Field(ge=0)
 
 
 class RouteDone(_Msg):
@@ -92,8 +92,8 @@ class RouteDone(_Msg):
     type: Literal["done"] = "done"
     id: RequestId
     finish_reason: Literal["stop", "length", "cancelled"]
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
 
 
 class RouteError(_Msg):
@@ -101,7 +101,7 @@ class RouteError(_Msg):
 
     type: Literal["error"] = "error"
     id: RequestId
-    status: int
+    status: int = Field(ge=400, le=599)
     error: ErrorBody
 
 

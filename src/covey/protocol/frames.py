@@ -187,6 +187,11 @@ class Job(_Frame):
     prompt_bound: int | None = Field(default=None, ge=1)
     """For a sealed job: the most prompt tokens the escrow was sized for (the coordinator
     cannot count them); the miner refuses a longer prompt."""
+    resume_tokens: int = Field(default=0, ge=0)
+    """For a sealed job: the answer tokens earlier miners delivered (the coordinator counts
+    them); the miner refuses a box whose resume point holds any other number, so a client
+    cannot pass a prompt off as a free resume or make an honest miner look like it stopped
+    early."""
 
 
 class Started(_Frame):

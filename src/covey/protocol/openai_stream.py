@@ -6,8 +6,12 @@ Shared by the coordinator and the local privacy proxy, which answer alike.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from covey.protocol.frames import Done
 from covey.protocol.openai import (
@@ -22,7 +26,10 @@ from covey.protocol.openai import (
     Usage,
 )
 
-__all__ = ["SSE_DONE", "ChatFormatter", "CompletionFormatter", "Formatter", "Meta", "sse"]
+__all__ = ["SSE_DONE", "ChatFormatter", "CompletionFormatter", "Formatter", "Meta", "sse",
+           "unless_client_leaves"]
+
+T = TypeVar("T")
 
 
 def _usage(done: Done) -> Usage:
@@ -151,3 +158,28 @@ def sse(data: str) -> bytes:
 
 
 SSE_DONE = sse("[DONE]")
+
+
+async def unless_client_leaves(receive: Callable[[], Awaitable[dict[str, Any]]],
+                               work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work`` while watching the ASGI ``receive`` channel of its HTTP request:
+    ``(True, result)``, or ``(False, None)`` once the client hung up first, after cancelling
+    ``work`` (which cancels the job on the miner, or leaves the queue) instead of computing
+    an answer nobody will read."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False, None

@@ -14,6 +14,9 @@ from covey.protocol.errors import ApiError
 from covey.protocol.frames import ChatMessage
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 
+MAX_BODY_BYTES = 8 * 2**20
+"""8 MiB: far above any prompt that fits a context window, far below the miner's frame cap."""
+
 _PREFIX = secrets.token_hex(8)
 _COUNTER = itertools.count(1)
 
@@ -25,6 +28,12 @@ def new_id(kind: str) -> str:
     bytes per request cost more CPU than any other single step of a short request.
     """
     return f"{kind}-{_PREFIX}{next(_COUNTER):08x}"
+
+
+def too_large(limit: int = MAX_BODY_BYTES) -> ApiError:
+    """The 413 for a request body over ``limit`` bytes."""
+    return ApiError(413, f"Request body is larger than {limit} bytes.",
+                    code="request_too_large")
 
 
 def _unsupported(param: str, what: str) -> ApiError:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
@@ -15,6 +13,7 @@ from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
 from covey.coordinator.metrics import RequestRecord
 from covey.protocol import Job
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
+from covey.protocol.openai_stream import unless_client_leaves
 
 router = APIRouter()
 
@@ -22,25 +21,10 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work``; if the client hangs up first, cancel it (which cancels the job on the
-    miner, or leaves the queue) instead of computing an answer nobody will read."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return Response(status_code=CLIENT_CLOSED)
+    """Run ``work``; if the client hangs up first, cancel it (see
+    :func:`~covey.protocol.openai_stream.unless_client_leaves`)."""
+    stayed, response = await unless_client_leaves(request.receive, work)
+    return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
 
 
 async def _respond(request: Request, account: str, job: Job, chat: bool, stream: bool,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -36,6 +37,7 @@ from covey.protocol.e2e import (
     SealedJob,
     _Msg,
 )
+from covey.protocol.errors import from_validation_errors
 
 log = logging.getLogger("covey.coordinator.sealed")
 router = APIRouter()
@@ -47,6 +49,11 @@ CLOSE_UNAUTHORIZED = 4401
 """Close code for a channel opened without a valid API key (4000 + HTTP 401)."""
 CLOSE_BAD_MESSAGE = 4400
 """Close code for a message that does not parse (4000 + HTTP 400)."""
+
+
+def _client_gone() -> ApiError:
+    return ApiError(499, "The client closed its sealed channel.", code="client_closed",
+                    type="invalid_request_error")
 
 
 class SealedChannel:
@@ -70,18 +77,27 @@ class SealedChannel:
                 await self.ws.send_text(message.model_dump_json())
 
     async def serve(self) -> None:
-        """Read client messages until the client leaves; then cancel its requests."""
+        """Read client messages until the client leaves; then cancel its requests.
+
+        A request whose fields are out of range gets its own ``error`` (400 naming the
+        field); a message that is not one of the protocol's closes the channel (4400).
+        """
         try:
             while True:
-                raw = await self.ws.receive_text()
+                event = await self.ws.receive()
+                if event["type"] == "websocket.disconnect":
+                    return
+                raw = event.get("text") or event.get("bytes") or b""
                 try:
                     message = CLIENT_MESSAGE.validate_json(raw)
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    where = ".".join(str(p) for p in err["loc"])
-                    await self.ws.close(CLOSE_BAD_MESSAGE, f"bad message: {where}: "
-                                        f"{err['msg']}"[:120])
-                    return
+                    if not self._refuse_request(raw, exc):
+                        err = exc.errors()[0]
+                        where = ".".join(str(p) for p in err["loc"])
+                        await self.ws.close(CLOSE_BAD_MESSAGE, f"bad message: {where}: "
+                                            f"{err['msg']}"[:120])
+                        return
+                    continue
                 self._receive(message)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -90,7 +106,28 @@ class SealedChannel:
             for task in self._tasks.values():
                 task.cancel()
             for future in self._waiting.values():
-                future.cancel()
+                if not future.done():  # the sealer or key_for sees the client gone
+                    future.set_exception(_client_gone())
+
+    def _refuse_request(self, raw: str | bytes, exc: ValidationError) -> bool:
+        """Answer a ``request`` with a bad field by an ``error`` for its id; False when the
+        message is not a request with a usable id."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return False
+        if not isinstance(body, dict) or body.get("type") != "request":
+            return False
+        request_id = body.get("id")
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 64 \
+                or request_id in self._tasks:
+            return False
+        # Drop the union's tag ("request") from each location: ``param`` names the field.
+        error = from_validation_errors([{**e, "loc": tuple(e["loc"])[1:]}
+                                        for e in exc.errors()])
+        asyncio.ensure_future(self.send(RouteError(id=request_id, status=error.status,
+                                                   error=error.body().error)))
+        return True
 
     def _receive(self, message: _Msg) -> None:
         if isinstance(message, RouteRequest):
@@ -127,7 +164,8 @@ class SealedChannel:
                 return await future
         except TimeoutError:
             raise ApiError(408, f"The client did not seal the request within "
-                           f"{SEAL_TIMEOUT:.0f} s of its route.", code="seal_timeout") from None
+                           f"{SEAL_TIMEOUT:.0f} s of its route.", code="seal_timeout",
+                           type="invalid_request_error") from None
         finally:
             self._waiting.pop((kind, request_id), None)
 
@@ -176,12 +214,18 @@ class SealedChannel:
         except ApiError as exc:
             await self.send(RouteError(id=request.id, status=exc.status,
                                        error=exc.body().error))
+        except asyncio.CancelledError:
+            # The client's cancel (or its leaving): say so, with what it pays for.
+            await asyncio.shield(self.send(RouteDone(
+                id=request.id, finish_reason="cancelled", prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens)))
+            raise
 
     async def _stream(self, request_id: str, running: RunningJob) -> None:
         assert running.started is not None
-        await self.send(RouteStarted(id=request_id,
-                                     prompt_tokens=running.started.prompt_tokens))
-        async with running:
+        async with running:  # first: a cancel from here on must close the job
+            await self.send(RouteStarted(id=request_id,
+                                         prompt_tokens=running.started.prompt_tokens))
             async for frame in running.frames():
                 if isinstance(frame, Delta):
                     if frame.sealed is None:

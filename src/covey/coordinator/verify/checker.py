@@ -325,6 +325,9 @@ class Verifier:
         if sealed is not None:
             try:
                 key = await sealed.key_for(session)
+            except asyncio.CancelledError:
+                d.release(session, VALIDATOR_ACCOUNT)
+                raise
             except Exception:  # noqa: BLE001 - the client's channel failed under us
                 key = None
             if key is None:

@@ -165,6 +165,7 @@ class LlamaCppBackend(Backend):
                     f"{param} resulted in {len(tokens)} tokens. Please reduce the length.",
                     param)
             resumed = list(job.resume.token_ids) if job.resume else []
+            _check_resume(resumed, len(tokens), llm.n_vocab(), n_ctx, job.params.max_tokens)
             marker = self._green_list(llm, job)
             emit(Started(job_id=job.job_id, prompt_tokens=len(tokens)))
             p = job.params
@@ -333,6 +334,27 @@ class LlamaCppBackend(Backend):
                     return
         finally:
             cancel.set()
+
+
+def _check_resume(resumed: list[int], prompt: int, n_vocab: int, n_ctx: int,
+                  max_tokens: int | None) -> None:
+    """Refuse a resume point that cannot come from this model's own answer.
+
+    Raises:
+        BackendError: ``invalid_value``: an id outside the vocabulary, more tokens than
+            ``max_tokens``, or prompt + resume over the context.
+    """
+    bad = next((t for t in resumed if t >= n_vocab), None)
+    if bad is not None:
+        raise BackendError("invalid_value", f"The resume point holds token id {bad}, outside "
+                           f"this model's vocabulary of {n_vocab}.", "resume")
+    if max_tokens is not None and len(resumed) > max_tokens:
+        raise BackendError("invalid_value", f"The resume point holds {len(resumed)} tokens, "
+                           f"more than max_tokens ({max_tokens}).", "resume")
+    if prompt + len(resumed) >= n_ctx:
+        raise BackendError("context_length_exceeded", f"The prompt ({prompt} tokens) and the "
+                           f"resumed answer ({len(resumed)}) fill the {n_ctx}-token context.",
+                           "resume")
 
 
 PREFILL_CHUNK = 128
