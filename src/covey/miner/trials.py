@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from covey.miner.backends.llama_cpp import PREFILL_CHUNK, LlamaCppBackend, _eval_logits
+from covey.miner.backends.llama_cpp import LlamaCppBackend
+from covey.miner.backends.llama_eval import PREFILL_CHUNK, eval_logits
 from covey.protocol import Delta, Done, Job, SamplingParams
 from covey.protocol.frames import ChatMessage
 
@@ -44,9 +45,9 @@ async def record(backend: LlamaCppBackend, prompts: Sequence[Sequence[dict[str, 
         prompt = backend.tokenize_job(llm, job)
         forced = ids if finish == "stop" else ids[:-1]
         llm.reset()
-        rows = [_eval_logits(llm, prompt[s: s + PREFILL_CHUNK])[-1:]
+        rows = [eval_logits(llm, prompt[s: s + PREFILL_CHUNK])[-1:]
                 for s in range(0, len(prompt), PREFILL_CHUNK)][-1:]
-        rows += [_eval_logits(llm, forced[s: s + PREFILL_CHUNK])
+        rows += [eval_logits(llm, forced[s: s + PREFILL_CHUNK])
                  for s in range(0, len(forced), PREFILL_CHUNK)]
         margins = _margins(np.vstack(rows))
         out.append({"messages": [dict(m) for m in messages], "token_ids": ids,
