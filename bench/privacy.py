@@ -77,6 +77,26 @@ class Net:
             _stop(p)
 
 
+def crypto_cost(rounds: int = 2000) -> dict[str, float]:
+    """CPU time (µs, median) of the sealing one short request needs: seal and open the job
+    (X25519 + XSalsa20-Poly1305), and seal and open 8 deltas of one token each."""
+    from nacl.public import PrivateKey
+
+    from covey.protocol.sealing import SealedContent, open_delta, open_job, seal_delta, seal_job
+
+    miner = PrivateKey.generate()
+    content = SealedContent(prompt="Write a haiku about pigeons." * 4)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sealed, key = seal_job(miner.public_key, content)
+        _, opened = open_job(miner, sealed)
+        for i in range(8):
+            open_delta(key, seal_delta(opened, " word", (i,)))
+        times.append(time.perf_counter() - t0)
+    return {"us_per_request": round(1e6 * statistics.median(times), 1)}
+
+
 def e2e_latency(tmp: Path, requests: int) -> dict[str, object]:
     """Phase 1: p50 per-request latency (ms) straight and sealed, alternating."""
     net = Net(tmp, ["--backend", "synthetic", "--name", MODEL, "--tokens-per-second", "0",
@@ -152,16 +172,18 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="also print tables")
     parser.add_argument("--skip-private", action="store_true",
                         help="only the E2E phases")
+    parser.add_argument("--speed-rounds", type=int, default=5,
+                        help="alternating decode runs per model, permuted vs plain")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, object] = {
+            "e2e_crypto": crypto_cost(),
             "e2e_latency": e2e_latency(Path(tmp) / "latency", args.requests),
             "e2e_decode": e2e_decode(Path(tmp) / "decode", args.runs, args.tokens)}
     if not args.skip_private:
         import privacy_attack
 
-        result["private_decode"] = privacy_attack.decode_speed()
-        result["attack"] = privacy_attack.attack_table()
+        result["private"] = privacy_attack.run(args.speed_rounds)
     if args.markdown:
         lat, dec = result["e2e_latency"], result["e2e_decode"]
         print("| E2E | straight | sealed (covey proxy) | added |\n| --- | --- | --- | --- |")
@@ -170,6 +192,8 @@ def main() -> None:
         print(f"| decode tokens/s | {dec['direct_tokens_per_s']} | "  # type: ignore[index]
               f"{dec['sealed_tokens_per_s']} | "  # type: ignore[index]
               f"{100 * (dec['sealed_vs_direct'] - 1):+.1f}% |\n")  # type: ignore[index]
+        print(f"sealing CPU per request (seal + open the job and 8 deltas): "
+              f"{result['e2e_crypto']['us_per_request']} µs\n")  # type: ignore[index]
     print(json.dumps(result))
 
 

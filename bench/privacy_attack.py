@@ -350,11 +350,10 @@ def markdown(result: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--speed-rounds", type=int, default=3,
-                        help="alternating decode runs per model (0: skip the speed test)")
-    args = parser.parse_args()
+def run(speed_rounds: int = 3) -> dict[str, object]:
+    """Everything this bench measures, as one dict (``rank`` / ``bigram``: the attack
+    table, ``corpus``, ``embedding_match``, ``decode_speed`` unless ``speed_rounds`` is 0,
+    ``seconds``); the attack table also goes to stderr as markdown."""
     started = time.perf_counter()
     plain = bundled_path(BUNDLED_MODEL)
     data = corpus(plain)
@@ -370,11 +369,18 @@ def main() -> None:
         private = Path(tmp) / "private.gguf"
         write_private_gguf(plain, private, permutation(_key("file"), data.n_vocab))
         result["embedding_match"] = embedding_match(plain, private)
-        if args.speed_rounds:
-            result["decode_speed"] = decode_speed(plain, private, _key("file"),
-                                                  args.speed_rounds)
+        if speed_rounds:
+            result["decode_speed"] = decode_speed(plain, private, _key("file"), speed_rounds)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--speed-rounds", type=int, default=3,
+                        help="alternating decode runs per model (0: skip the speed test)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.speed_rounds)))
 
 
 if __name__ == "__main__":
