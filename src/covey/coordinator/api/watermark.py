@@ -66,8 +66,9 @@ async def tokenize(registry: MinerRegistry, model: str, text: str) -> list[int]:
     :data:`TOKENIZE_TRIES` miners (in random order) while they fail.
 
     Raises:
-        ApiError: 404 unknown model, 503 no live miner (or none could tokenize), 504 a
-            miner did not answer within :data:`TOKENIZE_TIMEOUT`.
+        ApiError: 404 unknown model, 400 a private model (no tokenizer), 503 no live
+            miner (or none could tokenize), 504 a miner did not answer within
+            :data:`TOKENIZE_TIMEOUT`.
     """
     sessions = [s for s in registry.serving(model) if s.welcomed.is_set()]
     if not sessions:
@@ -77,6 +78,10 @@ async def tokenize(registry: MinerRegistry, model: str, text: str) -> list[int]:
                            param="model")
         raise _no_miner(f"No miner is serving '{model}' right now to tokenize the text; "
                         "try again later.")
+    if all((o := s.offer(model)) is not None and o.private for s in sessions):
+        raise ApiError(400, f"'{model}' is a private model: its miners have no tokenizer. "
+                       "Watermarks of private models are not detectable here.",
+                       code="invalid_value", param="model")
     random.shuffle(sessions)
     why = ""
     for session in sessions[:TOKENIZE_TRIES]:
