@@ -318,6 +318,10 @@ def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net
         assert stopped.choices[0].message.content == \
             plain.choices[0].message.content.split(cut)[0]
         assert stopped.choices[0].finish_reason == "stop"
+        # Its miners hold no tokenizer: watermark detection says so.
+        r = httpx.post(f"{sealed_net.url}/v1/watermark/detect", headers=sealed_net.headers,
+                       json={"model": "secret-smol", "text": "any text at all"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
     finally:
         proc.stop()
         miner.stop()
