@@ -40,8 +40,9 @@ QUESTION = (f"My name is {SECRET} Vantablue and my cat is called Zorpadoodle. "
 def sealed_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     """A coordinator logging at debug level, re-checking every answer, and two miners that
     send every token in its own frame; failovers after 2 s of silence."""
-    net = Network(tmp_path_factory.mktemp("sealed"), "--log-level", "debug",
-                  "--check-rate", "1", "--stall-timeout", "2")
+    tmp = tmp_path_factory.mktemp("sealed")
+    net = Network(tmp, "--log-level", "debug", "--check-rate", "1", "--stall-timeout", "2",
+                  "--record-traffic", str(tmp / "traffic.log"))
     try:
         for _ in range(2):
             net.add_miner("--ctx", "1024", "--stream-interval", "0", wait=False)
@@ -74,9 +75,11 @@ def proxy(sealed_net: Network) -> Iterator[str]:
     proc.stop()
 
 
-def traces(net: Network, *words: str) -> dict[str, int]:
-    """Where ``words`` occur in the coordinator's database rows and its log."""
-    return find_traces(list(words), net.tmp / "coordinator", logs=[net.coordinator.log])
+def traces(net: Network, *words: str) -> dict[tuple[str, str], int]:
+    """Where ``words`` occur in the coordinator's database rows, its log, and everything it
+    received and sent (``--record-traffic``)."""
+    return find_traces(list(words), net.tmp / "coordinator",
+                       logs=[net.coordinator.log, net.tmp / "traffic.log"])
 
 
 def test_chat_through_the_proxy_never_shows_the_coordinator_the_words(sealed_net, proxy):
@@ -105,26 +108,39 @@ def test_chat_through_the_proxy_never_shows_the_coordinator_the_words(sealed_net
     assert completion.choices[0].text
 
     time.sleep(1.0)  # let settlements and re-checks land
-    # The search reaches the rows and log lines of these very requests...
+    # The search reaches the rows, log lines and traffic of these very requests...
     assert traces(sealed_net, whole.id), "the audit must see the request's own records"
-    assert any(k.startswith("log") for k in traces(sealed_net, "covey.coordinator"))
+    assert any(place.endswith("coordinator.log")
+               for _, place in traces(sealed_net, "covey.coordinator"))
     # Billed by the miners' signed usage, like any request.
     usage = httpx.get(f"{sealed_net.url}/v1/account", headers=sealed_net.headers,
                       timeout=10).json()["usage"][MODEL]
     assert usage["requests"] == 3
     assert usage["completion_tokens"] == 2 * whole.usage.completion_tokens \
         + completion.usage.completion_tokens
-    # ...and finds none of their words.
-    assert traces(sealed_net, SECRET, "Zorpadoodle", "Vantablue", answer[:24],
-                  answer[-24:]) == {}
-    audit = subprocess.run([sys.executable, "-m", "covey", "audit", SECRET, "Zorpadoodle",
-                            "--data-dir", str(sealed_net.tmp / "coordinator"), "--log",
-                            str(sealed_net.coordinator.log)], capture_output=True, text=True)
+    # ...and finds none of their words (the answer's lines as they are, and as JSON writes
+    # them in frames and bodies).
+    lines = [line for line in answer.splitlines() if len(line) >= 10]
+    assert lines
+    assert traces(sealed_net, SECRET, "Zorpadoodle", "Vantablue", *lines,
+                  *(json.dumps(line)[1:-1] for line in lines)) == {}
+    audit_args = [sys.executable, "-m", "covey", "audit", "--data-dir",
+                  str(sealed_net.tmp / "coordinator"), "--log", str(sealed_net.coordinator.log),
+                  "--log", str(sealed_net.tmp / "traffic.log")]
+    audit = subprocess.run([*audit_args, SECRET, "Zorpadoodle"], capture_output=True,
+                           text=True)
     assert audit.returncode == 0 and "not found" in audit.stdout, audit.stdout + audit.stderr
     # The right answer: the same greedy request in the clear gets the same text.
     clear = plain.chat.completions.create(model=MODEL, temperature=0, max_tokens=40,
                                           messages=[{"role": "user", "content": QUESTION}])
     assert clear.choices[0].message.content == answer
+    # Sent in the clear, the same words are in what the coordinator received: the audit
+    # would have found them.
+    found = traces(sealed_net, SECRET, lines[0])
+    assert {word for word, _ in found} == {SECRET, lines[0]}, found
+    assert all(place.endswith("traffic.log") for _, place in found), found
+    audit = subprocess.run([*audit_args, SECRET], capture_output=True, text=True)
+    assert audit.returncode == 1 and "found 'Quimbleworth'" in audit.stdout, audit.stdout
 
 
 def test_sealed_answers_are_rechecked_by_a_validator_unless_the_user_opts_out(sealed_net,
@@ -162,7 +178,7 @@ def test_sealed_answers_are_rechecked_by_a_validator_unless_the_user_opts_out(se
 
 def test_failover_mid_stream_reseals_to_the_next_miner(sealed_net, proxy):
     client = openai.OpenAI(base_url=proxy, api_key="unused", max_retries=0)
-    story = [{"role": "user", "content": f"Write a long story about {SECRET} the lighthouse "
+    story = [{"role": "user", "content": "Write a long story about Brindlewomp the lighthouse "
                                          "keeper and a storm."}]
     reference = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=120,
                                                messages=story)
@@ -184,7 +200,7 @@ def test_failover_mid_stream_reseals_to_the_next_miner(sealed_net, proxy):
     assert killed
     assert "".join(pieces) == expected  # re-sealed with the resume point: no gap, no repeat
     killed[0].popen.send_signal(signal.SIGCONT)
-    assert traces(sealed_net, SECRET, expected[:24]) == {}
+    assert traces(sealed_net, "Brindlewomp", *expected.splitlines()[:1]) == {}
     assert ledger_verify(sealed_net.tmp / "coordinator").returncode == 0
 
 
@@ -303,8 +319,8 @@ def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net
                     break
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        ask = {"temperature": 0, "max_tokens": 30,
-               "messages": [{"role": "user", "content": QUESTION}]}
+        ask = {"temperature": 0, "max_tokens": 30, "messages": [{"role": "user", "content":
+               "My dog Fennimorglet likes to run. Write a short poem about my dog."}]}
         plain = client.chat.completions.create(model=MODEL, **ask)
         private = client.chat.completions.create(model="secret-smol", **ask)
         assert private.choices[0].message.content == plain.choices[0].message.content
@@ -325,5 +341,5 @@ def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net
     finally:
         proc.stop()
         miner.stop()
-    assert "Zorpadoodle" not in miner.output()  # its log holds no word of the request
-    assert traces(sealed_net, SECRET, "Zorpadoodle") == {}
+    assert "Fennimorglet" not in miner.output()  # its log holds no word of the request
+    assert traces(sealed_net, "Fennimorglet") == {}

@@ -86,6 +86,9 @@ def coordinator(
     watermark_key: Annotated[Path | None, typer.Option(
         help="File holding the network's watermark key (64 hex digits; default: derived "
              "from the coordinator's identity key).")] = None,
+    record_traffic: Annotated[Path | None, typer.Option(
+        help="Append every request body and WebSocket message received and sent to this "
+             "file, for `covey audit` (test networks: it holds every plain prompt).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "json",
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log too (the request "
@@ -140,7 +143,8 @@ def coordinator(
                                checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps,
                                                   trials=trial),
                                trials=tuple(trials or ()), watermark_key=wm_key,
-                               watermark_models=frozenset(watermark or ()))
+                               watermark_models=frozenset(watermark or ()),
+                               record_traffic=record_traffic)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little

@@ -94,6 +94,9 @@ def up(
     model: Annotated[str, typer.Option(help="Bundled model name or GGUF path.")] = BUNDLED_MODEL,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
+    record_traffic: Annotated[bool, typer.Option(
+        help="Record everything the coordinator receives and sends in DATA_DIR/traffic.log "
+             "(for `covey audit`).")] = False,
 ) -> None:
     """Start a local network (a coordinator and miners with the bundled model); Ctrl-C stops it."""
     try:
@@ -108,8 +111,9 @@ def up(
     data_dir.mkdir(parents=True, exist_ok=True)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     threads = max(1, (os.cpu_count() or 1) // (miners * slots))
+    traffic = ["--record-traffic", str(data_dir / "traffic.log")] if record_traffic else []
     coord = _spawn(["coordinator", "--host", host, "--port", str(port),
-                    "--data-dir", str(data_dir)], data_dir / "coordinator.log")
+                    "--data-dir", str(data_dir), *traffic], data_dir / "coordinator.log")
     procs = [coord]
     for i in range(miners):
         mdir = data_dir / f"miner-{i}"

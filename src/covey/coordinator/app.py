@@ -38,6 +38,7 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.router import Dispatcher, QueuePolicy
+from covey.coordinator.traffic import TrafficRecorder
 from covey.coordinator.verify.checker import Verifier
 from covey.coordinator.verify.judge import CheckPolicy
 from covey.coordinator.verify.trials import TrialBook
@@ -86,6 +87,8 @@ class CoordinatorConfig:
     identity key (:func:`covey.protocol.watermark.derive_key`)."""
     watermark_models: frozenset[str] = frozenset()
     """Models every answer of which is watermarked, asked for or not."""
+    record_traffic: Path | None = None
+    """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -134,6 +137,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.watermark_key = watermark_key
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    if config.record_traffic is not None:
+        app.add_middleware(TrafficRecorder, path=config.record_traffic)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(accounts.router)
