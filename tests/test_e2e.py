@@ -295,9 +295,11 @@ def test_a_route_signed_by_the_wrong_key_is_refused(tmp_path):
     assert not sealed_seen  # nothing was sealed to the impostor's key
 
 
-def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net, tmp_path):
+def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net, proxy,
+                                                                      tmp_path):
     """A private (permuted-vocabulary) copy served by a real miner: the proxy tokenizes
     locally, the miner sees permuted ids only, and the user gets the plain model's answer."""
+    plain_proxy = proxy
     key = tmp_path / "private.key"
     private_file = tmp_path / "private.gguf"
     made = subprocess.run([sys.executable, "-m", "covey", "model", "private", "--key",
@@ -334,6 +336,20 @@ def test_private_model_through_the_proxy_answers_like_the_plain_model(sealed_net
         assert stopped.choices[0].message.content == \
             plain.choices[0].message.content.split(cut)[0]
         assert stopped.choices[0].finish_reason == "stop"
+        # Text never reaches a private model's miner, sealed or not; nor a watermark.
+        hello = {**ask, "messages": [{"role": "user", "content": "hello"}]}
+        with pytest.raises(openai.BadRequestError) as text:
+            openai.OpenAI(base_url=f"{sealed_net.url}/v1", api_key=sealed_net.api_key,
+                          max_retries=0).chat.completions.create(model="secret-smol", **hello)
+        assert text.value.body["param"] == "model" and "covey proxy" in str(text.value)
+        with pytest.raises(openai.BadRequestError) as text:
+            openai.OpenAI(base_url=plain_proxy, api_key="unused", max_retries=0
+                          ).chat.completions.create(model="secret-smol", **hello)
+        assert text.value.body["param"] == "model"
+        with pytest.raises(openai.BadRequestError) as marked:
+            client.chat.completions.create(model="secret-smol", extra_body={"watermark": True},
+                                           **ask)
+        assert marked.value.body["param"] == "watermark"
         # Its miners hold no tokenizer: watermark detection says so.
         r = httpx.post(f"{sealed_net.url}/v1/watermark/detect", headers=sealed_net.headers,
                        json={"model": "secret-smol", "text": "any text at all"}, timeout=10)

@@ -236,7 +236,8 @@ class SealedChannel:
         try:
             await self._send(RouteRequest(id=request_id, model=job.model,
                                           params=job.params.model_copy(update={"stop": ()}),
-                                          size=max(size, 1), chat=chat, check=check))
+                                          size=max(size, 1), chat=chat, check=check,
+                                          token_ids=decoder is not None))
             key = b""
             while True:
                 try:

@@ -39,7 +39,9 @@ class RouteRequest(_Msg):
     """Start a sealed request. ``size`` bounds the prompt in tokens: the byte length of the
     content the client will seal (:class:`~covey.protocol.sealing.SealedContent` as JSON)
     bounds it, since no tokenizer spends more than a token per byte. ``chat`` picks the
-    response id's prefix; ``check`` False keeps the answer from being re-checked."""
+    response id's prefix; ``check`` False keeps the answer from being re-checked;
+    ``token_ids`` says the prompt inside is token ids (a private model's: a private model
+    refuses text before any miner sees it)."""
 
     type: Literal["request"] = "request"
     id: RequestId
@@ -48,6 +50,8 @@ class RouteRequest(_Msg):
     size: int = Field(ge=1, le=2**26)
     chat: bool = True
     check: bool = True
+    token_ids: bool = False
+    """The sealed prompt is token ids (a private model's), not text."""
 
 
 class Route(_Msg):

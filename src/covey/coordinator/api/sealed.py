@@ -208,7 +208,8 @@ class SealedChannel:
             self.serving.admit(record)
             running, _ = await self.serving.start(job, request.chat, record,
                                                   sealer=self._sealer(request, job),
-                                                  checkable=request.check)
+                                                  checkable=request.check,
+                                                  text=not request.token_ids)
             running.key_for = self._key_for(request.id)
             await self._stream(request.id, running)
         except ApiError as exc:

@@ -81,6 +81,28 @@ class Serving:
         prompt, completion, max_cost = self.billing.quote(job, context, offers)
         return prompt, completion, max_cost, self.billing.price(job.model, offers)
 
+    def refuse_unservable(self, job: Job, text: bool) -> None:
+        """Refuse, before any miner sees it, what a model's miners cannot serve: text
+        (``text``) or a watermark for a private model, whose miners take token ids made with
+        its key and know no vocabulary.
+
+        Raises:
+            ApiError: 400 ``invalid_value`` naming ``model`` or ``watermark``.
+        """
+        offers = [o for s in self.dispatcher.registry.serving(job.model)
+                  if (o := s.offer(job.model)) is not None]
+        if not offers or not all(o.private for o in offers):
+            return
+        if text:
+            raise ApiError(400, f"'{job.model}' is a private model: its miners take token "
+                           "ids made with its key, never text. Send requests through `covey "
+                           f"proxy --private {job.model}=KEYFILE:PLAIN.gguf`.",
+                           code="invalid_value", param="model")
+        if job.params.watermark:
+            raise ApiError(400, f"'{job.model}' is a private model: its answers cannot be "
+                           "watermarked (detection needs its vocabulary).",
+                           code="invalid_value", param="watermark")
+
     def admit(self, record: RequestRecord) -> None:
         """Apply the account's limits to a new request.
 
@@ -148,15 +170,17 @@ class Serving:
         return close
 
     async def start(self, job: Job, chat: bool, record: RequestRecord, *,
-                    sealer: Sealer | None = None, checkable: bool = True
+                    sealer: Sealer | None = None, checkable: bool = True, text: bool = True
                     ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
         402, 429, a miner's 400 …) before any byte is sent to the client.
         ``record.stream``: the answer goes out token by token (a client that leaves then
         pays for what it got). The record is finished here on an error, or when the job
         closes. ``sealer`` makes a sealed job's frame for each miner it is routed to;
-        ``checkable`` False keeps the answer from being re-checked."""
+        ``checkable`` False keeps the answer from being re-checked; ``text`` False says the
+        (sealed) prompt is token ids, as a private model needs."""
         try:
+            self.refuse_unservable(job, text)
             running, fmt = await self._start(job, chat, record, sealer)
             running.checkable = checkable
             return running, fmt
