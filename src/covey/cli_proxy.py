@@ -63,8 +63,10 @@ def proxy(
         err.print("[red]error:[/red] no API key: pass --api-key, set COVEY_API_KEY, or run "
                   "`covey up` (which writes a development key)")
         raise typer.Exit(2)
-    app = create_proxy_app(coordinator, key, _private_models(private))  # type: ignore[arg-type]
-    err.print(f"covey proxy: http://{host}:{port}/v1 → {coordinator} (end-to-end encrypted)")
+    codecs = _private_models(private)
+    app = create_proxy_app(coordinator, key, codecs)  # type: ignore[arg-type]
+    err.print(f"covey proxy: http://{host}:{port}/v1 → {coordinator} (end-to-end encrypted)"
+              + (f"; private models: {', '.join(sorted(codecs))}" if codecs else ""))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

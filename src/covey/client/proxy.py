@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covey.client.sealed import Answer, SealedChannel, TokenCodec
 from covey.protocol.errors import ApiError, from_validation_errors
@@ -93,6 +94,13 @@ def create_proxy_app(coordinator: str, api_key: str,
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = (f"The privacy proxy serves POST /v1/chat/completions, POST /v1/completions "
+                   f"and GET /v1/models; {exc.detail}." if exc.status_code in (404, 405)
+                   else str(exc.detail))
+        return _error(ApiError(exc.status_code, message, headers=exc.headers))
 
     async def answer(request: Request, job: Job, chat: bool, stream: bool,
                      include_usage: bool, check: bool) -> Response:
