@@ -146,6 +146,7 @@ class SealedChannel:
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 raise ApiError(502, f"Cannot reach the coordinator at {self.url}: {exc}",
                                code="coordinator_unreachable", type="server_error") from None
+            self._failure = None
             self._reader = asyncio.create_task(self._read(self._ws))
             return self._ws
 

@@ -18,7 +18,7 @@ from covey.coordinator.ledger.pricing import Price
 from covey.coordinator.metrics import Metrics, RequestRecord
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Job
+from covey.protocol import Delta, Job, ModelOffer
 from covey.protocol.openai import (
     ChatCompletion,
     Completion,
@@ -66,31 +66,35 @@ class Serving:
         self.metrics = metrics
         self.limits = limits
 
-    def quote(self, job: Job) -> tuple[int, int, int, Price]:
+    def quote(self, job: Job, offers: list[ModelOffer] | None = None
+              ) -> tuple[int, int, int, Price]:
         """(prompt token bound, completion token cap, maximum cost in µcr, price) of
-        ``job`` among the live miners serving its model: the largest context any offers
-        and the highest ask bound what it may cost.
+        ``job`` among the live miners serving its model (``offers``, when the caller has
+        them): the largest context any offers and the highest ask bound what it may cost.
 
         Raises:
             ApiError: 404 unknown model, 503 no live miner (with the minimum stake).
         """
-        self.dispatcher.check(job.model)
-        offers = [o for s in self.dispatcher.registry.serving(job.model)
-                  if (o := s.offer(job.model)) is not None]
+        if offers is None:
+            self.dispatcher.check(job.model)
+            offers = self._offers(job.model)
         context = max(o.context_length for o in offers)
         prompt, completion, max_cost = self.billing.quote(job, context, offers)
         return prompt, completion, max_cost, self.billing.price(job.model, offers)
 
-    def refuse_unservable(self, job: Job, text: bool) -> None:
-        """Refuse, before any miner sees it, what a model's miners cannot serve: text
-        (``text``) or a watermark for a private model, whose miners take token ids made with
-        its key and know no vocabulary.
+    def _offers(self, model: str) -> list[ModelOffer]:
+        return [o for s in self.dispatcher.registry.serving(model)
+                if (o := s.offer(model)) is not None]
+
+    @staticmethod
+    def refuse_unservable(job: Job, offers: list[ModelOffer], text: bool) -> None:
+        """Refuse, before any miner sees it, what a model's miners (``offers``) cannot
+        serve: text (``text``) or a watermark for a private model, whose miners take token
+        ids made with its key and know no vocabulary.
 
         Raises:
             ApiError: 400 ``invalid_value`` naming ``model`` or ``watermark``.
         """
-        offers = [o for s in self.dispatcher.registry.serving(job.model)
-                  if (o := s.offer(job.model)) is not None]
         if not offers or not all(o.private for o in offers):
             return
         if text:
@@ -180,8 +184,7 @@ class Serving:
         ``checkable`` False keeps the answer from being re-checked; ``text`` False says the
         (sealed) prompt is token ids, as a private model needs."""
         try:
-            self.refuse_unservable(job, text)
-            running, fmt = await self._start(job, chat, record, sealer)
+            running, fmt = await self._start(job, chat, record, sealer, text)
             running.checkable = checkable
             return running, fmt
         except ApiError as exc:
@@ -192,10 +195,13 @@ class Serving:
             raise
 
     async def _start(self, job: Job, chat: bool, record: RequestRecord,
-                     sealer: Sealer | None) -> tuple[RunningJob, Formatter]:
+                     sealer: Sealer | None, text: bool) -> tuple[RunningJob, Formatter]:
         account = record.account
         encode_job(job)  # text JSON cannot carry is a 400 here, before any credit moves
-        _, _, max_cost, _ = self.quote(job)
+        self.dispatcher.check(job.model)
+        offers = self._offers(job.model)
+        self.refuse_unservable(job, offers, text)
+        _, _, max_cost, _ = self.quote(job, offers)
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
         try:
             await asyncio.shield(hold)
