@@ -171,15 +171,20 @@ def test_private_model_refuses_text(files: tuple[Path, Path, str]):
         async for frame in private.generate(job):
             return frame
 
-    try:
+    async def refusals() -> None:
+        # One event loop for every call: a backend's free-slot queue belongs to the loop
+        # it first ran on, and a slot freed after asyncio.run closed its loop is lost.
         for field, value in (("messages", (ChatMessage(role="user", content="hi"),)),
                              ("prompt", "hi")):
             with pytest.raises(BackendError) as caught:
-                asyncio.run(first(Job(job_id="t", model="m", **{field: value})))
+                await first(Job(job_id="t", model="m", **{field: value}))
             assert caught.value.code == "invalid_value" and caught.value.param == field
             assert "smollm2-private is a private model: send token ids" in caught.value.message
         with pytest.raises(BackendError, match="outside this model's vocabulary"):
-            asyncio.run(first(Job(job_id="t", model="m", prompt_ids=(1, 49152))))
+            await first(Job(job_id="t", model="m", prompt_ids=(1, 49152)))
+
+    try:
+        asyncio.run(refusals())
         with pytest.raises(BackendError, match="tokenize"):
             private.tokenize("hi")
     finally:
