@@ -207,15 +207,4 @@ class LocalProxy:
         self._thread.join(timeout=10)
 
 
-def sealed_openai(coordinator: str, api_key: str, private: Mapping[str, TokenCodec] | None
-                  = None, **kwargs: Any) -> tuple[Any, LocalProxy]:
-    """An ``openai.OpenAI`` client whose requests are all end-to-end encrypted, and the
-    :class:`LocalProxy` behind it (call its ``__exit__`` when done). Needs the ``openai``
-    package."""
-    import openai  # the SDK is optional: only this helper needs it
-
-    proxy = LocalProxy(coordinator, api_key, private).__enter__()
-    return openai.OpenAI(base_url=proxy.base_url, api_key="sealed", **kwargs), proxy
-
-
-__all__ = ["LocalProxy", "create_proxy_app", "sealed_openai"]
+__all__ = ["LocalProxy", "create_proxy_app"]
