@@ -24,7 +24,7 @@ import websockets
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from conftest import MODEL, Network, Proc, free_port, ledger_verify
+from conftest import MODEL, Network, Proc, free_port, ledger_verify, metric
 from covey.cli_audit import find_traces
 from covey.client.proxy import LocalProxy
 from covey.protocol.e2e import SERVER_MESSAGE, Route, RouteRequest, SealedJob
@@ -152,28 +152,32 @@ def test_sealed_answers_are_rechecked_by_a_validator_unless_the_user_opts_out(se
         return [c for m in miners for c in
                 httpx.get(f"{sealed_net.url}/v1/miners/{m}/checks", timeout=5).json()["data"]]
 
-    before = len(checks())
+    def sampled(result: str) -> float:
+        return metric(sealed_net, f'covey_checks_total{{kind="sampled",result="{result}"}}')
+
+    def settled() -> tuple[float, float, float]:
+        """The sampled-check counters once earlier requests' checks are over."""
+        assert sealed_net.wait_idle(60)
+        time.sleep(0.5)
+        return sampled("passed"), sampled("failed"), sampled("skipped")
+
+    passed, failed, skipped = settled()
     client.chat.completions.create(model=MODEL, temperature=0.8, max_tokens=24,
                                    messages=[{"role": "user", "content": QUESTION}])
     deadline = time.monotonic() + 60
-    while len(checks()) == before and time.monotonic() < deadline:
+    while sampled("passed") == passed and time.monotonic() < deadline:
         time.sleep(0.2)
-    metrics = httpx.get(f"{sealed_net.url}/metrics").text
-    passed = [line for line in metrics.splitlines()
-              if line.startswith('covey_checks_total{kind="sampled",result="passed"}')]
-    assert passed and float(passed[0].rsplit(" ", 1)[1]) >= 1, metrics[-2000:]
-    assert not [c for c in checks() if not c.get("passed", True)]
+    # This sealed answer (every answer is sampled here) was opened and passed by a validator.
+    assert settled() == (passed + 1, failed, skipped)
+    assert checks() == []  # no failed check on any miner
 
     # Opted out: no validator sees it, so no check is counted for it.
-    counted = float(passed[0].rsplit(" ", 1)[1])
+    counted = settled()
     client.chat.completions.create(model=MODEL, temperature=0.8, max_tokens=16,
                                    messages=[{"role": "user", "content": QUESTION}],
                                    extra_body={"check": False})
     time.sleep(3)
-    metrics = httpx.get(f"{sealed_net.url}/metrics").text
-    after = [line for line in metrics.splitlines()
-             if line.startswith('covey_checks_total{kind="sampled"')]
-    assert sum(float(x.rsplit(" ", 1)[1]) for x in after) == counted
+    assert settled() == counted
 
 
 def test_failover_mid_stream_reseals_to_the_next_miner(sealed_net, proxy):
