@@ -4,6 +4,7 @@ typer and rich stay in the CLI."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import covey.protocol
@@ -47,3 +48,21 @@ def test_import_arrows_point_down():
 def test_protocol_exports_exist():
     for name in covey.protocol.__all__:
         assert hasattr(covey.protocol, name), name
+
+
+_MINER_SOCKET = re.compile(r"\.jobs[\[.]|\bsend_soon\(|\.websocket\.send|session\.send\(|"
+                           r"fail_open_jobs\(")
+_LINK_OWNERS = {"link.py", "miners.py"}
+
+
+def test_only_the_link_touches_a_miner_socket():
+    """DESIGN.md, Miner link: jobs, trials, re-checks, tokenize and embeddings reach a miner
+    through ``MinerLink.call``; nothing else writes to its socket or its reply mailbox."""
+    problems = []
+    for path in (SRC / "coordinator").rglob("*.py"):
+        if path.name in _LINK_OWNERS and path.parent.name == "coordinator":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if _MINER_SOCKET.search(line):
+                problems.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
+    assert not problems, problems

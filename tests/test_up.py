@@ -52,6 +52,14 @@ def test_up_prints_working_curl_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
         answer = json.loads(pasted.stdout)
         assert answer["choices"][0]["message"]["content"].strip()
         assert answer["usage"]["completion_tokens"] > 0
+
+        # The bundled embedding model is served from the same miners.
+        curl_embed = next(x.strip() for x in lines if "/v1/embeddings" in x)
+        pasted = subprocess.run(curl_embed, shell=True, capture_output=True, text=True,
+                                timeout=60)
+        vectors = json.loads(pasted.stdout)
+        assert [len(d["embedding"]) for d in vectors["data"]] == [384, 384]
+        assert vectors["usage"]["prompt_tokens"] > 0
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=20)

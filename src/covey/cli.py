@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 
 from covey.logs import setup_logging
-from covey.miner.backends.base import Backend
+from covey.miner.backends.base import Backend, EmbeddingBackend
+from covey.miner.backends.registry import ModelSettings
 from covey.miner.models import BUNDLED_MODEL
 
 app = typer.Typer(help="Covey: an open network for decentralized AI inference.",
@@ -99,7 +100,7 @@ def coordinator(
     import uvicorn
 
     from covey.coordinator.app import CoordinatorConfig, create_app
-    from covey.coordinator.jobs import FailoverPolicy
+    from covey.coordinator.failover import FailoverPolicy
     from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
     from covey.coordinator.verify.judge import CheckPolicy
@@ -155,10 +156,14 @@ def coordinator(
 def miner(
     coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")] = (
         "http://127.0.0.1:8000"),
-    model: Annotated[str, typer.Option(help="A bundled model name or a path to a .gguf file.")
-                     ] = BUNDLED_MODEL,
-    slots: Annotated[int, typer.Option(min=1, max=1024, help="Jobs run at once.")] = 1,
-    name: Annotated[str | None, typer.Option(help="Name to serve a GGUF path under.")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="A bundled model name, a path to a .gguf file or a model folder, or a Hugging "
+             "Face reference (hf:ORG/REPO/FILE.gguf, hf:ORG/REPO). Repeat to serve several "
+             f"models from one process. Default: {BUNDLED_MODEL}.")] = None,
+    slots: Annotated[int, typer.Option(min=1, max=1024, help="Jobs run at once, per model.")
+                     ] = 1,
+    name: Annotated[str | None, typer.Option(help="Name to serve a path under (one --model "
+                                             "only).")] = None,
     key: Annotated[Path | None, typer.Option(help="Identity key file (default: "
                                              "DATA_DIR/miner.key, made on first run).")] = None,
     data_dir: DataDir = Path(".covey"),
@@ -174,58 +179,52 @@ def miner(
     ask_completion: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M "
                                                 "completion tokens.")] = 0,
     backend: Annotated[str, typer.Option(
-        help="llama.cpp, or synthetic: deterministic filler text with no model, for load "
-             "tests only (served as --name, default 'synthetic').")] = "llama.cpp",
+        help="auto (llama.cpp for a GGUF file, sentence-transformers for an embedding "
+             "model folder), or synthetic: deterministic filler text with no model, for load "
+             "tests only (served as --name, default 'synthetic').")] = "auto",
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Synthetic backend: tokens per second per job (0: unthrottled).")] = 50.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "text",
 ) -> None:
-    """Run a miner: serve a model to a coordinator, connecting out (works behind NAT)."""
+    """Run a miner: serve models to a coordinator, connecting out (works behind NAT)."""
     from covey.miner.agent import HelloRefused, MinerAgent
-    from covey.miner.models import ModelNotFound, resolve_model, weights_sha256
+    from covey.miner.backends.registry import BUILDERS, BackendUnavailable, ModelSettings
+    from covey.miner.models import ModelNotFound
     from covey.protocol.identity import IdentityError, load_or_create
 
     _logging(log_level, log_format)
-    if backend not in ("llama.cpp", "synthetic"):
-        err.print(f"[red]error:[/red] --backend {backend!r}: expected llama.cpp or synthetic")
+    if backend != "auto" and backend not in BUILDERS:
+        err.print(f"[red]error:[/red] --backend {backend!r}: expected auto or one of "
+                  f"{', '.join(BUILDERS)}")
         raise typer.Exit(2)
+    specs = model or ([] if backend == "synthetic" else [BUNDLED_MODEL])
+    if name is not None and len(specs) > 1:
+        err.print("[red]error:[/red] --name names one model; serve several models under "
+                  "their own names")
+        raise typer.Exit(2)
+    base = ModelSettings(name or "synthetic", slots=slots, ctx=ctx, threads=threads,
+                         gpu_layers=gpu_layers, stream_interval=stream_interval,
+                         ask_prompt=ask_prompt, ask_completion=ask_completion,
+                         tokens_per_second=tokens_per_second)
+    served: list[Backend] = []
     try:
         signing_key = load_or_create(key or data_dir / "miner.key")
-        model_file = resolve_model(model, name) if backend == "llama.cpp" else None
-    except (IdentityError, ModelNotFound) as exc:
+        if backend == "synthetic":
+            served.append(_build("synthetic", base))
+        for spec in specs if backend != "synthetic" else []:
+            served.append(_serve(spec, name, backend, base, data_dir))
+        agent = MinerAgent(coordinator, signing_key, served)
+    except (IdentityError, ModelNotFound, BackendUnavailable, ValueError) as exc:
+        for b in served:
+            b.close()
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    served: Backend
-    if model_file is None:
-        from covey.miner.backends.synthetic import SyntheticBackend
+    for b in served:
+        err.print(f"miner {agent.miner_id[:16]}… serving {b.offer.name} ({b.offer.kind}) via "
+                  f"{b.offer.backend} ({b.offer.sha256[:12]}…, {b.slots} slot(s)) to "
+                  f"{coordinator}")
 
-        served = SyntheticBackend(name or "synthetic", slots, tokens_per_second, ctx,
-                                  stream_interval)
-    else:
-        try:
-            from covey.miner.backends.llama_cpp import LlamaCppBackend, LlamaCppConfig
-        except ImportError as exc:
-            err.print("[red]error:[/red] the llama.cpp backend needs: "
-                      "pip install 'covey[llama]'")
-            raise typer.Exit(2) from exc
-        from covey.miner.backends import adversary
-
-        sha = weights_sha256(model_file.path, data_dir)
-        fake = adversary.claimed_path()
-        if fake is not None:  # TEST ONLY: other weights under the claimed name and hash
-            model_file = model_file.__class__(model_file.name, fake)
-        served = LlamaCppBackend(model_file, sha, slots,
-                                 LlamaCppConfig(n_ctx=ctx, n_threads=threads,
-                                                n_gpu_layers=gpu_layers,
-                                                stream_interval=stream_interval,
-                                                ask_prompt=ask_prompt,
-                                                ask_completion=ask_completion))
-    served = _maybe_adversary(served)
-    agent = MinerAgent(coordinator, signing_key, served)
-    offer = served.offer
-    err.print(f"miner {agent.miner_id[:16]}… serving {offer.name} via {offer.backend} "
-              f"({offer.sha256[:12]}…, {slots} slot(s)) to {coordinator}")
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -238,7 +237,39 @@ def miner(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:
-        served.close()
+        for b in served:
+            b.close()
+
+
+def _serve(spec: str, name: str | None, backend: str, base: ModelSettings, data_dir: Path
+           ) -> Backend:
+    """Resolve one ``--model`` and build its backend (the test-only adversary wrapping it
+    when asked).
+
+    Raises:
+        ModelNotFound, BackendUnavailable, ValueError: see :func:`_build`.
+    """
+    from dataclasses import replace
+
+    from covey.miner.backends import adversary
+    from covey.miner.backends.registry import backend_for
+    from covey.miner.models import resolve_model, weights_sha256
+
+    model_file = resolve_model(spec, name)
+    kind = backend_for(model_file.path) if backend == "auto" else backend
+    sha = weights_sha256(model_file.path, data_dir)
+    path = model_file.path
+    fake = adversary.claimed_path()
+    if fake is not None:  # TEST ONLY: other weights under the same name and digest
+        path = fake
+    return _maybe_adversary(_build(kind, replace(base, name=model_file.name, path=path,
+                                                 sha256=sha)))
+
+
+def _build(kind: str, settings: ModelSettings) -> Backend:
+    from covey.miner.backends.registry import build
+
+    return build(kind, settings)
 
 
 @app.command()
@@ -308,6 +339,8 @@ def _maybe_adversary(served: Backend) -> Backend:
         adversary.ENV, ":".join(mode))
     if mode[0] == "wrong-model":
         return served
+    if isinstance(served, EmbeddingBackend):
+        return adversary.AdversaryEmbedding(served, mode[0])
     from covey.miner.backends.llama_cpp import LlamaCppBackend
 
     if not isinstance(served, LlamaCppBackend):

@@ -78,12 +78,12 @@ def sealed_chat(url: str, api_key: str | None, model: str, messages: list[dict[s
 
     from covey.client.sealed import SealedChannel
     from covey.protocol.errors import ApiError
-    from covey.protocol.frames import ChatMessage, Job, SamplingParams
+    from covey.protocol.frames import ChatMessage, Generate, SamplingParams
 
     if api_key is None:
         err.print("[red]error:[/red] no API key: pass --api-key or set COVEY_API_KEY")
         raise typer.Exit(2)
-    job = Job(job_id="", model=model,
+    job = Generate(job_id="", model=model,
               messages=tuple(ChatMessage(role=m["role"], content=m["content"])
                              for m in messages),
               params=SamplingParams(max_tokens=max_tokens,

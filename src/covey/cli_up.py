@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,7 +17,12 @@ import httpx
 import typer
 from rich.console import Console
 
-from covey.miner.models import BUNDLED_MODEL, ModelNotFound, resolve_model
+from covey.miner.models import (
+    BUNDLED_EMBEDDING_MODEL,
+    BUNDLED_MODEL,
+    ModelNotFound,
+    resolve_model,
+)
 
 out = Console()
 
@@ -53,9 +59,9 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
             p.wait()
 
 
-def _wait_ready(base: str, model: str, miners: int, procs: list[subprocess.Popen[bytes]],
-                timeout: float) -> str | None:
-    """None once ``miners`` miners serve ``model``; else why not."""
+def _wait_ready(base: str, models: list[str], miners: int,
+                procs: list[subprocess.Popen[bytes]], timeout: float) -> str | None:
+    """None once ``miners`` miners serve each of ``models``; else why not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -63,7 +69,8 @@ def _wait_ready(base: str, model: str, miners: int, procs: list[subprocess.Popen
                 return f"a child process exited with code {p.returncode}"
         try:
             data = httpx.get(f"{base}/v1/models", timeout=2).json()["data"]
-            if any(m["id"] == model and m["miners"] >= miners for m in data):
+            live = {m["id"]: m["miners"] for m in data}
+            if all(live.get(model, 0) >= miners for model in models):
                 return None
         except (httpx.HTTPError, KeyError, ValueError):
             pass
@@ -91,7 +98,11 @@ def up(
     miners: Annotated[int, typer.Option(min=1, max=32, help="How many miners to start.")] = 1,
     host: Annotated[str, typer.Option(help="Coordinator interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Coordinator port.")] = 8000,
-    model: Annotated[str, typer.Option(help="Bundled model name or GGUF path.")] = BUNDLED_MODEL,
+    model: Annotated[str, typer.Option(help="Chat model: a bundled name, a GGUF path or an "
+                                       "hf: reference.")] = BUNDLED_MODEL,
+    embeddings: Annotated[bool, typer.Option(
+        help=f"Also serve the bundled embedding model ({BUNDLED_EMBEDDING_MODEL}) from the "
+             "same miners (needs covey[embed]).")] = True,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
     record_traffic: Annotated[bool, typer.Option(
@@ -101,6 +112,10 @@ def up(
     """Start a local network (a coordinator and miners with the bundled model); Ctrl-C stops it."""
     try:
         served = resolve_model(model).name
+        models = [model]
+        if embeddings and importlib.util.find_spec("sentence_transformers") is not None:
+            resolve_model(BUNDLED_EMBEDDING_MODEL)
+            models.append(BUNDLED_EMBEDDING_MODEL)
     except ModelNotFound as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -118,7 +133,8 @@ def up(
     for i in range(miners):
         mdir = data_dir / f"miner-{i}"
         mdir.mkdir(exist_ok=True)
-        procs.append(_spawn(["miner", "--coordinator", base, "--model", model,
+        procs.append(_spawn(["miner", "--coordinator", base,
+                             *(arg for m in models for arg in ("--model", m)),
                              "--slots", str(slots), "--threads", str(threads),
                              "--data-dir", str(mdir)], data_dir / f"miner-{i}.log"))
     stop = False
@@ -130,7 +146,8 @@ def up(
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     out.print(f"starting a coordinator and {miners} miner(s); logs in {data_dir}/")
-    problem = _wait_ready(base, served, miners, procs, 180)
+    names = [served, *models[1:]]
+    problem = _wait_ready(base, names, miners, procs, 180)
     if problem is not None and not stop:
         out.print(f"[red]covey up failed:[/red] {problem}; see the logs in {data_dir}/")
         _stop(list(reversed(procs)))
@@ -147,8 +164,15 @@ def up(
         out.print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
                   f"-H 'Authorization: Bearer {api_key}' -d '{body}'", soft_wrap=True,
                   highlight=False, markup=False)
-        out.print(f"  covey chat --url {base} \"What is the capital of France?\"\n",
+        out.print(f"  covey chat --url {base} \"What is the capital of France?\"",
                   highlight=False, markup=False)
+        if len(models) > 1:
+            emb = json.dumps({"model": BUNDLED_EMBEDDING_MODEL,
+                              "input": ["A cat sat on the mat.", "A dog lay on the rug."]})
+            out.print(f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
+                      f"-H 'Authorization: Bearer {api_key}' -d '{emb}'", soft_wrap=True,
+                      highlight=False, markup=False)
+        out.print("")
         out.print("Press Ctrl-C to stop.")
     while not stop:
         if any(p.poll() is not None for p in procs):

@@ -5,8 +5,8 @@ and permuted embedding rows. The client keeps the plain GGUF (only its vocabular
 and the key, and does everything a miner would do with text:
 
     >>> pm = PrivateModel(key, Path("SmolLM2-135M-Instruct.Q4_1.gguf"))
-    >>> job_ids = pm.chat_ids([{"role": "user", "content": "Hi"}])   # → Job.prompt_ids
-    >>> stop = pm.stop_ids                                             # → Job.stop_ids
+    >>> job_ids = pm.chat_ids([{"role": "user", "content": "Hi"}])   # → Generate.prompt_ids
+    >>> stop = pm.stop_ids                                             # → Generate.stop_ids
     >>> dec = pm.decoder(stop=["\\n\\n"])
     >>> text = "".join(dec.feed(delta.token_ids) for delta in deltas) + dec.finish()
 
@@ -37,7 +37,7 @@ class PrivateModel:
     ``plain_gguf`` is the original (non-private) GGUF the private file was made from; only
     its vocabulary and metadata are loaded (``vocab_only``: ~0.1 s, a few MB). Attributes:
     ``n_vocab`` (tokens), ``stop_ids`` (the private ids of the plain model's
-    end-of-generation tokens, for ``Job.stop_ids``). Safe to share between asyncio tasks;
+    end-of-generation tokens, for ``Generate.stop_ids``). Safe to share between asyncio tasks;
     each call is short CPU work. Call :meth:`close` (or use ``with``) when done.
 
     Raises (from the constructor):

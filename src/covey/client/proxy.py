@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covey.client.sealed import Answer, SealedChannel, TokenCodec
 from covey.protocol.errors import ApiError, from_validation_errors
-from covey.protocol.frames import Done, Job
+from covey.protocol.frames import Done, Generate
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 from covey.protocol.openai_stream import (
     SSE_DONE,
@@ -102,7 +102,7 @@ def create_proxy_app(coordinator: str, api_key: str,
                    else str(exc.detail))
         return _error(ApiError(exc.status_code, message, headers=exc.headers))
 
-    async def answer(request: Request, job: Job, chat: bool, stream: bool,
+    async def answer(request: Request, job: Generate, chat: bool, stream: bool,
                      include_usage: bool, check: bool) -> Response:
         # A client that hangs up before the answer (or its first piece) cancels the job,
         # as on the coordinator.
@@ -110,7 +110,7 @@ def create_proxy_app(coordinator: str, api_key: str,
             request.receive, _answer(job, chat, stream, include_usage, check))
         return response if stayed and response is not None else Response(status_code=499)
 
-    async def _answer(job: Job, chat: bool, stream: bool, include_usage: bool, check: bool
+    async def _answer(job: Generate, chat: bool, stream: bool, include_usage: bool, check: bool
                       ) -> Response:
         state = Answer()
         pieces = channel.stream(job, chat, check, state)

@@ -37,7 +37,7 @@ from covey.protocol.e2e import (
     _Msg,
 )
 from covey.protocol.errors import ApiError
-from covey.protocol.frames import Job, Resume
+from covey.protocol.frames import Generate, Resume
 from covey.protocol.requests import MAX_BODY_BYTES, too_large
 from covey.protocol.sealing import (
     SealedContent,
@@ -201,7 +201,7 @@ class SealedChannel:
         with contextlib.suppress(ApiError):
             await self._send(CheckKey(id=route.id, sealed_key=sealed))
 
-    def _content(self, job: Job) -> tuple[SealedContent, PrivateDecoder | None]:
+    def _content(self, job: Generate) -> tuple[SealedContent, PrivateDecoder | None]:
         codec = self.private.get(job.model)
         if codec is None:
             return SealedContent(messages=job.messages, prompt=job.prompt,
@@ -214,7 +214,7 @@ class SealedChannel:
         return (SealedContent(prompt_ids=tuple(ids), stop_ids=tuple(codec.stop_ids)),
                 codec.decoder(job.params.stop))
 
-    async def stream(self, job: Job, chat: bool = True, check: bool = True,
+    async def stream(self, job: Generate, chat: bool = True, check: bool = True,
                      answer: Answer | None = None) -> AsyncIterator[str]:
         """Run ``job`` (its ``messages`` or ``prompt`` and ``params``) sealed, yielding the
         answer's text as it arrives; ``answer`` (if given) is filled in as it runs.

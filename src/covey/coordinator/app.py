@@ -21,6 +21,7 @@ from covey.coordinator.api import (
     accounts,
     chat,
     checks,
+    embeddings,
     models,
     receipts,
     sealed,
@@ -29,7 +30,7 @@ from covey.coordinator.api import (
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
-from covey.coordinator.jobs import FailoverPolicy
+from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy
 from covey.coordinator.ledger.pricing import Price
@@ -141,6 +142,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         app.add_middleware(TrafficRecorder, path=config.record_traffic)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(embeddings.router)
     app.include_router(accounts.router)
     app.include_router(receipts.router)
     app.include_router(checks.router)

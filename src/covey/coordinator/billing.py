@@ -18,10 +18,10 @@ from fastapi import Request
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger import InsufficientFunds
-from covey.coordinator.ledger.bank import Bank, UsageRecord
+from covey.coordinator.ledger.bank import Bank
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.protocol import Job, ModelOffer
-from covey.protocol.receipts import Receipt
+from covey.coordinator.outcome import LedgerOp, Outcome, Refund, settle
+from covey.protocol import Generate, ModelOffer
 
 log = logging.getLogger("covey.coordinator.billing")
 
@@ -40,7 +40,7 @@ ledger commits up to 256 operations together."""
 T = TypeVar("T")
 
 
-def prompt_token_bound(job: Job) -> int:
+def prompt_token_bound(job: Generate) -> int:
     """An upper bound on the prompt's tokens, known before any miner tokenizes it.
 
     Byte-level BPE and SentencePiece-with-byte-fallback tokenizers never use more tokens
@@ -84,7 +84,7 @@ class Billing:
         return Price(max([floor.prompt, *(o.ask_prompt for o in offers)]),
                      max([floor.completion, *(o.ask_completion for o in offers)]))
 
-    def quote(self, job: Job, context_length: int, offers: Sequence[ModelOffer] = ()
+    def quote(self, job: Generate, context_length: int, offers: Sequence[ModelOffer] = ()
               ) -> tuple[int, int, int]:
         """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``, at
         the highest price any of ``offers`` may charge."""
@@ -130,26 +130,32 @@ class Billing:
                 f"cost ({exc.needed} µcr). Lower max_tokens or add credits.",
                 code="insufficient_quota", type="insufficient_quota") from None
 
-    def close(self, job_id: str, account: str, miner_id: str | None, model: str,
-              prompt_tokens: int, completion_tokens: int, offer: ModelOffer | None = None,
-              receipt: tuple[Receipt, str] | None = None) -> asyncio.Future[object]:
-        """Settle ``job_id`` for the tokens given (miner paid, fee, the rest refunded; the
-        miner's ``receipt`` stored, countersigned), or refund it whole when ``miner_id`` is
-        None. Runs on its own; await to wait for it."""
-        if miner_id is None:
-            work: Callable[[], object] = lambda: self.bank.refund(job_id, account)  # noqa: E731
+    def apply(self, op: LedgerOp) -> asyncio.Future[object]:
+        """Carry out a settlement (:func:`~covey.coordinator.outcome.settle`): a charge
+        pays the miner, takes the fee and refunds the rest, storing the miner's receipt
+        countersigned; a refund returns the whole escrow. Runs on its own; await to wait
+        for it."""
+        if isinstance(op, Refund):
+            work: Callable[[], object] = lambda: self.bank.refund(  # noqa: E731
+                op.job_id, op.account)
         else:
-            charge = cost(self.price(model, [offer] if offer else []), prompt_tokens,
-                          completion_tokens)
-            record = UsageRecord(model, prompt_tokens, completion_tokens)
-            work = lambda: self.bank.settle(job_id, account, miner_id, charge,  # noqa: E731
-                                            record, receipt)
-        future = asyncio.ensure_future(self._logged(self.ledger_call(work), job_id))
+            work = lambda: self.bank.settle(op.job_id, op.account, op.miner_id,  # noqa: E731
+                                            op.amount, op.usage, op.receipt)
+        future = asyncio.ensure_future(self._logged(self.ledger_call(work), op.job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         # Shielded: a caller cancelled while awaiting (the client left) must not cancel the
         # settlement, or the escrow would stay open.
         return asyncio.shield(future)
+
+    def settle(self, outcome: Outcome) -> asyncio.Future[object]:
+        """Settle ``outcome`` at the price of its model and finishing miner's offer."""
+        price = self.price(outcome.model, [outcome.offer] if outcome.offer else [])
+        return self.apply(settle(outcome, price))
+
+    def refund(self, job_id: str, account: str) -> asyncio.Future[object]:
+        """Return ``job_id``'s whole escrow to ``account`` (see :meth:`apply`)."""
+        return self.apply(Refund(job_id, account))
 
     def refund_after(self, hold: Awaitable[object], job_id: str, account: str) -> None:
         """Once ``hold`` has finished (landed or failed), refund the job's escrow, if any."""
@@ -157,7 +163,7 @@ class Billing:
         async def later() -> object:
             with contextlib.suppress(Exception):
                 await hold
-            return await self.close(job_id, account, None, "", 0, 0)
+            return await self.refund(job_id, account)
 
         future = asyncio.ensure_future(later())
         self._tasks.add(future)

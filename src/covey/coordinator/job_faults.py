@@ -1,11 +1,9 @@
-"""How a job can fail on a miner, as the client sees it, and the job frame's encoding."""
+"""How a job can fail on a miner, as the client sees it."""
 
 from __future__ import annotations
 
-from pydantic_core import PydanticSerializationError
-
 from covey.coordinator.errors import ApiError
-from covey.protocol import Job, JobError, encode_frame
+from covey.protocol import JobError
 
 # Miner error codes that describe the request, not the miner; they keep their 400.
 _CLIENT_ERROR_CODES = {"context_length_exceeded", "invalid_value", "invalid_prompt",
@@ -48,16 +46,3 @@ def protocol(what: str) -> MinerFault:
     """The miner sent a frame it may not send now (``what`` says which)."""
     return MinerFault("protocol", ApiError(502, f"The miner broke the protocol ({what}).",
                                            code="miner_protocol_error", type="server_error"))
-
-
-def encode_job(job: Job) -> str:
-    """The job's frame as JSON text.
-
-    Raises:
-        ApiError: 400 when the request holds text JSON cannot carry (a lone surrogate).
-    """
-    try:
-        return encode_frame(job)
-    except PydanticSerializationError as exc:
-        raise ApiError(400, "The request holds text that is not valid Unicode "
-                       f"({exc}).", code="invalid_value") from None

@@ -8,20 +8,20 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 from covey.coordinator.billing import prompt_token_bound
 from covey.coordinator.errors import ApiError
-from covey.coordinator.job_faults import MinerFault, encode_job, gone, miner_error, protocol
-from covey.coordinator.miners import MINER_GONE, MinerSession
+from covey.coordinator.failover import FailoverPolicy, may_retry, no_takeover
+from covey.coordinator.job_faults import MinerFault, miner_error, protocol
+from covey.coordinator.link import Call, MinerLink, TaskRefused
+from covey.coordinator.miners import MinerSession
+from covey.coordinator.outcome import Outcome, TextAnswer
 from covey.coordinator.router import Dispatcher
 from covey.protocol import (
-    Cancel,
     Delta,
     Done,
-    Job,
-    JobError,
-    Progress,
+    Generate,
     Resume,
     Started,
 )
@@ -29,17 +29,7 @@ from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.jobs")
 
-@dataclass(frozen=True)
-class FailoverPolicy:
-    """``max_tries``: miners a job may run on in all (the first included) before the client
-    gets the last miner's error; ``stall_timeout``: seconds a miner may send nothing for a
-    running job before it counts as stalled."""
-
-    max_tries: int = 3
-    stall_timeout: float = 30.0
-
-
-Sealer = Callable[[MinerSession], Awaitable[Job]]
+Sealer = Callable[[MinerSession], Awaitable[Generate]]
 """Makes a sealed job's frame for the miner it was routed to (the client seals it); raises
 :class:`~covey.coordinator.errors.ApiError` when the client cannot."""
 
@@ -60,7 +50,7 @@ class RunningJob:
     ``failovers`` how many times the job moved.
     """
 
-    def __init__(self, job: Job, dispatcher: Dispatcher, account: str, policy: FailoverPolicy,
+    def __init__(self, job: Generate, dispatcher: Dispatcher, account: str, policy: FailoverPolicy,
                  on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
                  on_failover: Callable[[str], None] | None = None,
                  sealer: Sealer | None = None) -> None:
@@ -103,9 +93,8 @@ class RunningJob:
         self._dispatcher = dispatcher
         self._on_close = on_close
         self._on_failover = on_failover
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._call: Call | None = None
         self._attached = False
-        self._finished = False
         self._closed = False
         self._attempt_ids = 0
         self._attempt_prompt = 0
@@ -126,7 +115,7 @@ class RunningJob:
         return self._sealer is not None
 
     @property
-    def sent(self) -> Job:
+    def sent(self) -> Generate:
         """The job as the current miner got it (a sealed job: the box sealed to it)."""
         return self._sent
 
@@ -157,37 +146,25 @@ class RunningJob:
             await asyncio.shield(self.settlement)
 
     async def _next(self) -> Started | Delta | Done:
-        """The next frame that matters; ``progress`` frames only restart the stall timer.
+        """The next frame of the current miner's call.
 
         Raises:
             MinerFault: the miner disconnected, stalled or failed.
             ApiError: the miner refused the request itself (a 400).
         """
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                # that races with a frame, and the job would outlive its departed client.
-                async with asyncio.timeout(self.policy.stall_timeout):
-                    item = await self._queue.get()
-            except TimeoutError:
-                raise MinerFault("stalled", ApiError(
-                    504, f"The miner sent nothing for {self.policy.stall_timeout:.0f} s.",
-                    code="miner_timeout", type="server_error")) from None
-            if not isinstance(item, Progress):
-                break
-        if item is MINER_GONE:
-            raise gone()
-        if isinstance(item, JobError):
-            error = miner_error(item)
+        assert self._call is not None
+        try:
+            item = await self._call.next()
+        except TaskRefused as refused:
+            error = miner_error(refused.frame)
             if error.status == 400:
-                self._finished = True
-                if item.code == "context_length_exceeded" and self._larger_context():
+                if refused.frame.code == "context_length_exceeded" and self._larger_context():
                     # Not the miner's fault: another miner offers a longer context.
-                    raise MinerFault("context_length", error, blame=False)
-                raise error
-            raise MinerFault("miner_error", error)
+                    raise MinerFault("context_length", error, blame=False) from None
+                raise error from None
+            raise MinerFault("miner_error", error) from None
         if not isinstance(item, Started | Delta | Done):
-            raise protocol(f"a {getattr(item, 'type', 'stray')} frame in a job")
+            raise protocol(f"a {item.type} frame in a job")
         return item
 
     def _larger_context(self) -> bool:
@@ -224,8 +201,6 @@ class RunningJob:
         offer = session.offer(self.job.model)
         if self._sha256 is None and offer is not None:
             self._sha256 = offer.sha256
-        self._queue = asyncio.Queue()
-        session.jobs[self.job.job_id] = self._queue  # type: ignore[assignment]
         if self._sealer is not None:
             # The client seals the job to this miner (after a failover with the resume
             # point it alone knows); the slot stays reserved meanwhile.
@@ -242,12 +217,8 @@ class RunningJob:
         self._attempt_first = None
         self._attempt_start = time.monotonic()
         self._attempt_text = hashlib.sha256()
-        try:
-            await session.websocket.send_text(encode_job(job))
-        except ApiError:
-            raise
-        except Exception as exc:  # the socket died between choice and send
-            raise gone() from exc
+        self._call = MinerLink(session).call(job, self.policy.stall_timeout)
+        await self._call.open()
         frame = await self._next()
         if not isinstance(frame, Started):
             raise protocol("no 'started' frame")
@@ -269,7 +240,7 @@ class RunningJob:
             if fault.blame:
                 self._dispatcher.scores.failure(failed.miner_id)
             self._detach()
-            if len(self._tried) >= self.policy.max_tries:
+            if not may_retry(self.policy, len(self._tried), fault):
                 self.failed = True
                 self.error = fault.error
                 raise fault.error
@@ -287,9 +258,7 @@ class RunningJob:
                     self.error = exc
                     raise
                 self.failed = True
-                self.error = ApiError(502, f"{fault.error.message} No other miner could take "
-                                      f"the request over: {exc.message}",
-                                      code=fault.error.code, type="server_error")
+                self.error = no_takeover(fault, exc)
                 raise self.error from None
 
     def _detach(self) -> None:
@@ -297,11 +266,9 @@ class RunningJob:
         if not self._attached or self.session is None:
             return
         self._attached = False
-        session = self.session
-        session.jobs.pop(self.job.job_id, None)
-        if not self._finished and not session.closed:
-            session.send_soon(Cancel(job_id=self.job.job_id))
-        self._dispatcher.release(session, self.account)
+        if self._call is not None:
+            self._call.close()
+        self._dispatcher.release(self.session, self.account, self.job.model)
 
     async def frames(self) -> AsyncIterator[Delta | Done]:
         """Deltas, then the final ``done`` (usage for the whole answer); a miner's failure
@@ -332,7 +299,6 @@ class RunningJob:
                 self._attempt_text.update((frame.sealed or frame.text).encode())
                 yield frame
                 continue
-            self._finished = True
             self.receipt = self._checked_receipt(frame)
             self.usage_fault = self._recount(frame)
             if self.receipt is None and self.session is not None:
@@ -401,6 +367,34 @@ class RunningJob:
         tps = (self._attempt_ids - 1) / elapsed if self._attempt_ids > 1 and elapsed > 0 else None
         self._dispatcher.scores.success(self.session.miner_id, ttft, tps)
 
+    def outcome(self, stream: bool) -> Outcome:
+        """The job's frozen :class:`~covey.coordinator.outcome.Outcome`, once it ended.
+
+        Finished: the miner's usage, but never more completion tokens than the token ids
+        the miners streamed, nor a prompt other than the one started. The client left
+        mid-answer: the prompt and the tokens it was sent (``stream``; none when the
+        answer was to come whole at the end). Failed, or never started: nothing.
+        """
+        session = self.session
+        miner = session.miner_id if session else None
+        offer = session.claim(self.job.model) if session else None
+        base = Outcome(self.job.job_id, self.account, self.job.model, "failed", miner, offer,
+                       failovers=self.failovers, checkable=self.checkable)
+        prompt = self.started.prompt_tokens if self.started else 0
+        if self.done is not None and miner is not None:
+            answer = TextAnswer(
+                (self._sent if self.sealed else self.job).model_copy(
+                    update={"model_sha256": self._sha256}),
+                self._ids, self.text, self.done.finish_reason, self._count,
+                self.sealed_stream, self.key_for)
+            return replace(base, ending="done", prompt_tokens=prompt,
+                           completion_tokens=min(self.done.completion_tokens, self._count),
+                           receipt=self.receipt, fault=self.usage_fault, answer=answer)
+        if self.failed or self.started is None or miner is None:
+            return base
+        return replace(base, ending="client_closed", prompt_tokens=prompt,
+                       completion_tokens=self._count if stream else 0)
+
     def close(self) -> None:
         """Cancel on the miner if unfinished; free the slot; settle. Safe to call twice.
 
@@ -415,7 +409,7 @@ class RunningJob:
             self.settlement = self._on_close(self)
 
 
-async def start_job(dispatcher: Dispatcher, job: Job, account: str, policy: FailoverPolicy,
+async def start_job(dispatcher: Dispatcher, job: Generate, account: str, policy: FailoverPolicy,
                     on_close: Callable[[RunningJob], Awaitable[object] | None] | None = None,
                     on_failover: Callable[[str], None] | None = None,
                     sealer: Sealer | None = None) -> RunningJob:

@@ -21,16 +21,10 @@ from pydantic import ValidationError
 from covey.protocol import (
     PROTOCOL_VERSION,
     Challenge,
-    CheckReport,
-    Delta,
-    Done,
     Heartbeat,
     Hello,
-    JobError,
     ModelOffer,
-    Progress,
-    Started,
-    Tokens,
+    Reply,
     Welcome,
     decode_frame,
     encode_frame,
@@ -50,14 +44,15 @@ CLOSE_BAD_DATA = 1003
 CLOSE_REPLACED = 4001
 """Private-use close code: a newer session of the same miner key took this one's place."""
 
-JobFrame = Started | Progress | Delta | Done | JobError | CheckReport | Tokens
+JobFrame = Reply
 
 
 @dataclass(eq=False)
 class MinerSession:
     """One connected, authenticated miner.
 
-    ``active`` counts jobs dispatched and not yet finished; ``completed`` counts finished ones;
+    ``active`` counts jobs dispatched and not yet finished (``busy`` per model, each model
+    having its own slots: :meth:`slots_for`); ``completed`` counts finished ones;
     ``last_seen`` and ``last_dispatch`` are ``time.monotonic()`` seconds.
     """
 
@@ -68,6 +63,7 @@ class MinerSession:
     completed: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: float = 0.0
+    busy: dict[str, int] = field(default_factory=dict)
     jobs: dict[str, asyncio.Queue[JobFrame | object]] = field(default_factory=dict)
     closed: bool = False
     held: set[str] = field(default_factory=set)
@@ -79,7 +75,17 @@ class MinerSession:
 
     @property
     def slots(self) -> int:
-        return self.hello.slots
+        """Slots over all the miner's models."""
+        return sum(self.slots_for(m.name) for m in self.hello.models)
+
+    def slots_for(self, model: str) -> int:
+        """Tasks of ``model`` the miner runs at once (its offer's, else the hello's)."""
+        offer = self.claim(model)
+        return offer.slots if offer is not None and offer.slots else self.hello.slots
+
+    def free_for(self, model: str) -> bool:
+        """Whether a slot of ``model`` is free (the session still open)."""
+        return not self.closed and self.busy.get(model, 0) < self.slots_for(model)
 
     def offer(self, model: str) -> ModelOffer | None:
         """The miner's offer for ``model``, or None when it does not serve it (or may not
@@ -166,6 +172,12 @@ class MinerRegistry:
                 out[m.name] = (n + 1, m.context_length if n == 0 else max(ctx,
                                                                            m.context_length))
         return out
+
+    def kind_of(self, model: str) -> str:
+        """The kind of ``model`` (``chat``, ``embedding``) as its live miners announce it;
+        ``chat`` for a catalog model no miner serves now."""
+        return next((o.kind for s in self.sessions.values() if not s.closed
+                     for o in s.hello.models if o.name == model), "chat")
 
     def add(self, session: MinerSession) -> MinerSession | None:
         """Register ``session``; returns the older session of the same key, if any, to close."""
@@ -269,8 +281,7 @@ async def serve_miner(
                 return
             if isinstance(frame, Heartbeat):
                 continue
-            if isinstance(frame, Started | Progress | Delta | Done | JobError | CheckReport
-                          | Tokens):
+            if isinstance(frame, Reply):
                 queue = session.jobs.get(frame.job_id)
                 if queue is not None:  # late frames of a cancelled job are dropped
                     queue.put_nowait(frame)

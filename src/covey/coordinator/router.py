@@ -184,17 +184,16 @@ class Dispatcher:
         if self._free_dirty:
             self._free = {}
             for s in self.registry.sessions.values():
-                if s.closed or s.active >= s.slots:
-                    continue
                 for m in s.hello.models:
-                    self._free.setdefault(m.name, {})[s] = None
+                    if s.free_for(m.name):
+                        self._free.setdefault(m.name, {})[s] = None
             self._free_dirty = False
         return self._free.setdefault(model, {})
 
     def _candidate(self, s: MinerSession, model: str) -> Candidate:
         offer = s.offer(model)
         score = self.scores.get(s.miner_id)
-        return Candidate(s.active, s.slots, s.last_dispatch,
+        return Candidate(s.busy.get(model, 0), s.slots_for(model), s.last_dispatch,
                          (offer.ask_completion, offer.ask_prompt) if offer else (0, 0),
                          score.reputation, score.expected_seconds())
 
@@ -213,22 +212,33 @@ class Dispatcher:
         if i is None:
             return None
         chosen = ok[i]
-        self._take(chosen, w.account)
+        self._take(chosen, model, w.account)
         return chosen
 
-    def _take(self, s: MinerSession, account: str) -> None:
+    def _take(self, s: MinerSession, model: str, account: str) -> None:
         s.active += 1
+        s.busy[model] = s.busy.get(model, 0) + 1
         s.last_dispatch = time.monotonic()
         self.running[account] = self.running.get(account, 0) + 1
         self._grants += 1
         self._served[account] = self._grants
-        if s.active >= s.slots:
-            for m in s.hello.models:
-                self._free.get(m.name, {}).pop(s, None)
+        if not s.free_for(model):
+            self._free.get(model, {}).pop(s, None)
 
-    def release(self, session: MinerSession, account: str = "") -> None:
-        """Return the slot taken by :meth:`acquire` for ``account``."""
+    def release(self, session: MinerSession, account: str = "", model: str | None = None
+                ) -> None:
+        """Return the slot of ``model`` taken by :meth:`acquire` for ``account`` (``model``
+        may be left out for a miner serving one model).
+
+        Raises:
+            ValueError: ``model`` left out for a miner serving several.
+        """
+        if model is None:
+            if len(session.hello.models) != 1:
+                raise ValueError("release() needs the model of a miner serving several")
+            model = session.hello.models[0].name
         session.active -= 1
+        session.busy[model] = session.busy.get(model, 1) - 1
         session.completed += 1
         left = self.running.get(account, 1) - 1
         if left:
@@ -237,9 +247,8 @@ class Dispatcher:
             self.running.pop(account, None)
             if not any(account in q for q in self._waiting.values()):
                 self._served.pop(account, None)
-        if not session.closed and session.active < session.slots and not self._free_dirty:
-            for m in session.hello.models:
-                self._free.setdefault(m.name, {})[session] = None
+        if session.free_for(model) and not self._free_dirty:
+            self._free.setdefault(model, {})[session] = None
         self._drain()
 
     # -- waiting ----------------------------------------------------------------------
@@ -278,7 +287,7 @@ class Dispatcher:
             raise self._busy(model) from None
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
-                self.release(w.future.result(), account)  # granted as we were cancelled
+                self.release(w.future.result(), account, model)  # granted as we were cancelled
             raise
         finally:
             self._forget(model, w)

@@ -1,7 +1,10 @@
 """The miner agent: connect out, sign the hello, heartbeat, run jobs, reconnect on loss.
 
 The agent speaks only the wire protocol and the :class:`~covey.miner.backends.base.Backend`
-interface; one agent serves one backend (one model) with ``backend.slots`` jobs at once.
+interface. One agent serves several models, one backend each, announced in one ``hello``;
+each model runs up to its backend's ``slots`` tasks at once. A task goes to the backend of
+its model when that backend declares the task's capability (``generate``, ``embed``,
+``validate``, ``tokenize``); anything else is answered with an ``error`` frame.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +26,13 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
 from covey import __version__
-from covey.miner.backends.base import Backend, BackendError
+from covey.miner.backends.base import (
+    Backend,
+    BackendError,
+    Capability,
+    EmbeddingBackend,
+    TextBackend,
+)
 from covey.miner.hardware import detect_hardware
 from covey.protocol import (
     Cancel,
@@ -31,10 +40,13 @@ from covey.protocol import (
     Check,
     Delta,
     Done,
+    Embed,
+    Embedded,
+    Generate,
     Heartbeat,
     Hello,
-    Job,
     JobError,
+    ModelOffer,
     Started,
     Tokenize,
     Tokens,
@@ -43,6 +55,7 @@ from covey.protocol import (
     encode_frame,
     sign_hello,
 )
+from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
 from covey.protocol.receipts import request_digest, sign_receipt
 from covey.protocol.sealing import (
@@ -58,6 +71,7 @@ from covey.protocol.sealing import (
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
+R = TypeVar("R", Done, Embedded)
 
 MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
@@ -98,13 +112,21 @@ class Backoff:
 
 
 class MinerAgent:
-    """Serves ``backend`` to the coordinator at ``coordinator_url`` under ``key``."""
+    """Serves ``backends`` (one per model; a single backend is accepted too) to the
+    coordinator at ``coordinator_url`` under ``key``.
 
-    def __init__(self, coordinator_url: str, key: SigningKey, backend: Backend,
-                 backoff: Backoff = Backoff()) -> None:
+    Raises (from the constructor):
+        ValueError: no backend, or two backends serving the same model name.
+    """
+
+    def __init__(self, coordinator_url: str, key: SigningKey,
+                 backends: Backend | Sequence[Backend], backoff: Backoff = Backoff()) -> None:
         self.url = ws_url(coordinator_url)
         self.key = key
-        self.backend = backend
+        served = [backends] if isinstance(backends, Backend) else list(backends)
+        self.backends: dict[str, Backend] = {b.offer.name: b for b in served}
+        if not served or len(self.backends) != len(served):
+            raise ValueError("each model must be served by exactly one backend")
         self.backoff = backoff
         self.miner_id = key.verify_key.encode().hex()
         # A fresh box key per process: a sealed job can be opened only by the process it was
@@ -126,7 +148,8 @@ class MinerAgent:
         """A hello answering ``nonce``, signed by this miner's key."""
         body = Hello(
             public_key=self.miner_id, nonce=nonce, hardware=detect_hardware(),
-            models=(self.backend.offer,), slots=self.backend.slots, version=__version__,
+            models=tuple(_offer(b) for b in self.backends.values()),
+            slots=max(b.slots for b in self.backends.values()), version=__version__,
             box_key=bytes(self.box.public_key).hex(), box_signature=self.box_signature,
             signature="0" * 128,
         ).model_dump(mode="json")
@@ -188,24 +211,34 @@ class MinerAgent:
         welcome = decode_frame(await ws.recv())
         if not isinstance(welcome, Welcome):
             raise HelloRefused(f"expected a welcome, got {welcome.type}")
-        self.backend.set_watermark_key(
-            bytes.fromhex(welcome.watermark_key) if welcome.watermark_key else None)
+        for backend in self.backends.values():
+            backend.set_watermark_key(
+                bytes.fromhex(welcome.watermark_key) if welcome.watermark_key else None)
         log.info("connected to %s as %s", self.url, self.miner_id[:16])
         beat = asyncio.create_task(self._heartbeat(ws, welcome.heartbeat_interval))
         try:
             async for raw in ws:
                 frame = decode_frame(raw)
-                if isinstance(frame, Job | Check | Tokenize):
-                    work = (self._run_job(ws, frame) if isinstance(frame, Job) else
-                            self._run_check(ws, frame) if isinstance(frame, Check) else
-                            self._tokenize(ws, frame))
-                    task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
-                    self._jobs[frame.job_id] = task
-                    task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
-                elif isinstance(frame, Cancel):
-                    task = self._jobs.get(frame.job_id)
-                    if task is not None:
-                        task.cancel()
+                work: Coroutine[object, object, None]
+                match frame:
+                    case Generate():
+                        work = self._run_job(ws, frame)
+                    case Embed():
+                        work = self._embed(ws, frame)
+                    case Check():
+                        work = self._run_check(ws, frame)
+                    case Tokenize():
+                        work = self._tokenize(ws, frame)
+                    case Cancel():
+                        running = self._jobs.get(frame.job_id)
+                        if running is not None:
+                            running.cancel()
+                        continue
+                    case _:
+                        continue
+                task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
+                self._jobs[frame.job_id] = task
+                task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
         finally:
             beat.cancel()
 
@@ -234,21 +267,32 @@ class MinerAgent:
                 await self._send(ws, JobError(job_id=job_id, code="backend_error",
                                               message=type(exc).__name__))
 
-    def _serves(self, job: Job) -> None:
-        """Raise ``model_not_found`` unless ``job`` names this miner's model and weights."""
-        offer = self.backend.offer
-        if job.model != offer.name or job.model_sha256 not in (None, offer.sha256):
-            raise BackendError("model_not_found", f"this miner does not serve {job.model!r}"
-                               f" with weights {job.model_sha256}", "model")
+    def _backend(self, model: str, sha256: str | None, capability: Capability) -> Backend:
+        """The backend serving ``model`` (with weights ``sha256`` when given) that can do
+        ``capability``.
 
-    async def _run_job(self, ws: ClientConnection, job: Job) -> None:
-        self._serves(job)
+        Raises:
+            BackendError: ``model_not_found`` (another model or other weights), or
+                ``<capability>_unsupported`` (the model cannot do that kind of task).
+        """
+        backend = self.backends.get(model)
+        if backend is None or sha256 not in (None, backend.offer.sha256):
+            raise BackendError("model_not_found", f"this miner does not serve {model!r}"
+                               f" with weights {sha256}", "model")
+        if capability not in backend.capabilities:
+            raise BackendError(f"{capability}_unsupported", f"{model!r} is a "
+                               f"{backend.offer.kind} model: it cannot {capability}", "model")
+        return backend
+
+    async def _run_job(self, ws: ClientConnection, job: Generate) -> None:
+        backend = self._backend(job.model, job.model_sha256, "generate")
+        assert isinstance(backend, TextBackend)
         key: bytes | None = None
         run = job
         if job.sealed is not None:
             content, key = self._open(lambda: open_job(self.box, job.sealed or ""))
             run = unsealed(job, content)
-        gen = self.backend.generate(run)
+        gen = backend.generate(run)
         sent = hashlib.sha256()
         try:
             async for frame in gen:
@@ -259,7 +303,7 @@ class MinerAgent:
                                       sealed_tokens=len(frame.token_ids))
                     sent.update((frame.sealed or frame.text).encode())
                 elif isinstance(frame, Done):
-                    frame = self._signed(job, frame, sent.hexdigest())
+                    frame = self._signed(job, frame, backend.offer.sha256, sent.hexdigest())
                 elif isinstance(frame, Started) and run.prompt_bound is not None \
                         and frame.prompt_tokens > run.prompt_bound:
                     raise BackendError("invalid_prompt", f"The sealed prompt has "
@@ -281,31 +325,40 @@ class MinerAgent:
     async def _run_check(self, ws: ClientConnection, check: Check) -> None:
         """Act as validator for ``check``: report the backend's measurements. A sealed
         job's check is opened here with the session key the client sealed to us."""
-        self._serves(check.job)
+        backend = self._backend(check.job.model, check.job.model_sha256, "validate")
+        assert isinstance(backend, TextBackend)
         if check.sealed_key is not None and check.job.sealed is not None:
             check = self._open(lambda: unsealed_check(self.box, check))
-        await self._send(ws, await self.backend.check(check))
+        await self._send(ws, await backend.check(check))
 
     async def _tokenize(self, ws: ClientConnection, frame: Tokenize) -> None:
         """Answer ``tokenize`` (watermark detection) with the backend's token ids; off the
         event loop, as a long text takes a while."""
-        if frame.model != self.backend.offer.name:
-            raise BackendError("model_not_found", f"this miner does not serve {frame.model!r}",
-                               "model")
-        ids = await asyncio.to_thread(self.backend.tokenize, frame.text)
+        backend = self._backend(frame.model, None, "tokenize")
+        assert isinstance(backend, TextBackend)
+        ids = await asyncio.to_thread(backend.tokenize, frame.text)
         if len(ids) > MAX_TOKENIZE_IDS:
             raise BackendError("invalid_value", f"the text has {len(ids)} tokens; at most "
                                f"{MAX_TOKENIZE_IDS} can be returned", "text")
         await self._send(ws, Tokens(job_id=frame.job_id, token_ids=tuple(ids)))
 
-    def _signed(self, job: Job, done: Done, output_sha256: str) -> Done:
-        """``done`` with this miner's signed receipt for ``job``."""
-        receipt = Receipt(job_id=job.job_id, miner=self.miner_id,
-                          model_sha256=self.backend.offer.sha256,
-                          request_sha256=request_digest(job), output_sha256=output_sha256,
-                          prompt_tokens=done.prompt_tokens,
-                          completion_tokens=done.completion_tokens)
-        return done.model_copy(update={"receipt": receipt,
+    async def _embed(self, ws: ClientConnection, task: Embed) -> None:
+        """Run an ``embed`` task and send its vectors with a signed receipt."""
+        backend = self._backend(task.model, task.model_sha256, "embed")
+        assert isinstance(backend, EmbeddingBackend)
+        reply = await backend.embed(task)
+        await self._send(ws, self._signed(task, reply, backend.offer.sha256,
+                                          vectors_digest(reply.vectors)))
+
+    def _signed(self, task: Generate | Embed, last: R, model_sha256: str, output_sha256: str
+                ) -> R:
+        """``last`` (a ``done`` or ``embedded``) with this miner's signed receipt for
+        ``task``."""
+        completion = last.completion_tokens if isinstance(last, Done) else 0
+        receipt = Receipt(job_id=task.job_id, miner=self.miner_id, model_sha256=model_sha256,
+                          request_sha256=request_digest(task), output_sha256=output_sha256,
+                          prompt_tokens=last.prompt_tokens, completion_tokens=completion)
+        return last.model_copy(update={"receipt": receipt,
                                        "signature": sign_receipt(self.key, receipt)})
 
     async def _cancel_all(self) -> None:
@@ -315,7 +368,7 @@ class MinerAgent:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def unsealed(job: Job, content: SealedContent) -> Job:
+def unsealed(job: Generate, content: SealedContent) -> Generate:
     """The plain job a sealed ``job`` stands for: its public settings (model, weights pin,
     sampling settings, prompt bound) and the content from inside its box.
 
@@ -351,3 +404,8 @@ def unsealed_check(box: PrivateKey, check: Check) -> Check:
         ids.extend(token_ids)
     return check.model_copy(update={"job": job, "token_ids": tuple(ids), "text": "".join(texts),
                                     "sealed_key": None, "stream": ()})
+
+
+def _offer(backend: Backend) -> ModelOffer:
+    """The backend's offer, with its own slot count."""
+    return backend.offer.model_copy(update={"slots": backend.slots})

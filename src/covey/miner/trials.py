@@ -14,7 +14,7 @@ import numpy as np
 
 from covey.miner.backends.llama_cpp import LlamaCppBackend
 from covey.miner.backends.llama_eval import PREFILL_CHUNK, eval_logits
-from covey.protocol import Delta, Done, Job, SamplingParams
+from covey.protocol import Delta, Done, Generate, SamplingParams
 from covey.protocol.frames import ChatMessage
 
 
@@ -31,7 +31,7 @@ async def record(backend: LlamaCppBackend, prompts: Sequence[Sequence[dict[str, 
     when the answer ended on an end-of-generation token."""
     out: list[dict[str, object]] = []
     for i, messages in enumerate(prompts):
-        job = Job(job_id=f"trial-{i}", model=backend.offer.name,
+        job = Generate(job_id=f"trial-{i}", model=backend.offer.name,
                   messages=tuple(ChatMessage(**m) for m in messages),
                   params=SamplingParams(temperature=0, max_tokens=max_tokens))
         ids: list[int] = []

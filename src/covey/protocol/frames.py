@@ -1,38 +1,38 @@
 """Miner ⇄ coordinator frames: a closed union of small frozen pydantic models.
 
 One WebSocket per miner carries JSON objects, each with a ``type`` field naming its class.
-The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``;
-a job is ``job`` → ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, with
-``cancel`` from the coordinator; a re-check is ``check`` → ``check_report`` | ``error``;
-``heartbeat`` flows both ways. Watermark detection asks a miner for token ids: ``tokenize``
-→ ``tokens`` | ``error``.
+The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``.
+A task (:data:`Task`) is answered by its own reply frames: a generation is ``generate`` →
+``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, an embedding ``embed`` →
+``embedded`` | ``error``; ``cancel`` from the coordinator stops either; a re-check is
+``check`` → ``check_report`` | ``error``; ``heartbeat`` flows both ways. Watermark
+detection asks a miner for token ids: ``tokenize`` → ``tokens`` | ``error``.
 
 Sealed (end-to-end encrypted) jobs use the same frames: the job's content travels in
-``Job.sealed``, the answer in ``Delta.sealed`` (see :mod:`covey.protocol.sealing`).
+``Generate.sealed``, the answer in ``Delta.sealed`` (see :mod:`covey.protocol.sealing`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NewType
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 4
+from covey.protocol.embed import Embed, Embedded
+from covey.protocol.wire import (
+    Base64,
+    JobId,
+    MinerId,
+    Receipt,
+    Sha256Hex,
+    TokenId,
+    _Frame,
+)
 
-MinerId = NewType("MinerId", str)
-"""Hex Ed25519 public key of a miner (64 hex characters)."""
-JobId = NewType("JobId", str)
-"""Coordinator-assigned job id, unique per coordinator."""
+__all__ = ["Base64", "Embed", "Embedded", "JobId", "MinerId", "Receipt", "Sha256Hex",
+           "TokenId"]
 
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=2**26)]
-"""Standard base64 (RFC 4648 §4), the encoding of every ciphertext on the wire."""
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
-
-
-class _Frame(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+PROTOCOL_VERSION = 5
 
 class Hardware(_Frame):
     """What the miner runs on: logical CPUs, RAM in bytes, GPU names (empty when none)."""
@@ -40,6 +40,10 @@ class Hardware(_Frame):
     cpu_count: int = Field(ge=1, le=2**20)
     ram_bytes: int = Field(ge=0, le=2**60)
     gpus: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=64)
+
+
+ModelKind = Literal["chat", "embedding"]
+"""The kinds of model a miner can serve; ``GET /v1/models`` shows each model's."""
 
 
 class ModelOffer(_Frame):
@@ -56,6 +60,13 @@ class ModelOffer(_Frame):
     backend: str = Field(min_length=1, max_length=50)
     ask_prompt: int = Field(default=0, ge=0, le=10**15)
     ask_completion: int = Field(default=0, ge=0, le=10**15)
+    kind: ModelKind = "chat"
+    """What the model does, hence which tasks it takes: ``chat`` (:class:`Generate`) or
+    ``embedding`` (:class:`~covey.protocol.embed.Embed`)."""
+    slots: int | None = Field(default=None, ge=1, le=1024)
+    """Tasks of this model the miner runs at once (None: the hello's ``slots``)."""
+    dimensions: int | None = Field(default=None, ge=1, le=2**16)
+    """An embedding model's vector length (None for other kinds)."""
     private: bool = False
     """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
     carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""
@@ -97,7 +108,7 @@ class Welcome(_Frame):
     """Coordinator accepted the hello; ``heartbeat_interval`` is in seconds."""
 
     type: Literal["welcome"] = "welcome"
-    miner_id: str
+    miner_id: MinerId
     heartbeat_interval: float
     watermark_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     """The network's watermark key (hex, 32 bytes): the miner biases sampling with it when a
@@ -154,10 +165,11 @@ class Resume(_Frame):
     text_chars: int = Field(ge=0)
 
 
-class Job(_Frame):
-    """Run one generation. Exactly one of ``messages`` (chat), ``prompt`` (completion),
-    ``prompt_ids`` (token ids, chat template already applied: private models) or ``sealed``
-    is set.
+class Generate(_Frame):
+    """Task: run one text generation (chat or completion); usage in prompt and completion
+    tokens, answered by ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``.
+    Exactly one of ``messages`` (chat), ``prompt`` (completion), ``prompt_ids`` (token ids,
+    chat template already applied: private models) or ``sealed`` is set.
 
     ``model_sha256`` pins the weights the job must run on; ``resume`` is set when the job
     continues one that failed on another miner (``params.max_tokens`` still counts from the
@@ -173,8 +185,8 @@ class Job(_Frame):
     is empty, stop strings travel inside) and ``prompt_bound``.
     """
 
-    type: Literal["job"] = "job"
-    job_id: str
+    type: Literal["generate"] = "generate"
+    job_id: JobId
     model: str
     model_sha256: Sha256Hex | None = None
     messages: tuple[ChatMessage, ...] | None = None
@@ -198,7 +210,7 @@ class Started(_Frame):
     """The prompt fits the context and prefill begins; ``prompt_tokens`` is its length."""
 
     type: Literal["started"] = "started"
-    job_id: str
+    job_id: JobId
     prompt_tokens: int = Field(ge=0)
 
 
@@ -209,7 +221,7 @@ class Progress(_Frame):
     """
 
     type: Literal["progress"] = "progress"
-    job_id: str
+    job_id: JobId
     prefilled: int = Field(ge=0)
 
 
@@ -225,7 +237,7 @@ class Delta(_Frame):
     """
 
     type: Literal["delta"] = "delta"
-    job_id: str
+    job_id: JobId
     text: str
     token_ids: tuple[int, ...]
     sealed: Base64 | None = None
@@ -237,23 +249,6 @@ class Delta(_Frame):
         return self.sealed_tokens if self.sealed is not None else len(self.token_ids)
 
 
-class Receipt(_Frame):
-    """A miner's account of one job (or, after a failover, of its part of one).
-
-    ``request_sha256`` is :func:`~covey.protocol.receipts.request_digest` of the job;
-    ``output_sha256`` the SHA-256 of the UTF-8 text this miner sent; token counts as in its
-    ``done`` frame; ``miner`` is its public key (hex).
-    """
-
-    job_id: str = Field(max_length=100)
-    miner: str = Field(pattern=r"^[0-9a-f]{64}$")
-    model_sha256: Sha256Hex
-    request_sha256: Sha256Hex
-    output_sha256: Sha256Hex
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-
-
 class Done(_Frame):
     """Generation ended; ``finish_reason`` is OpenAI's ("stop" or "length"); usage in tokens.
 
@@ -263,7 +258,7 @@ class Done(_Frame):
     """
 
     type: Literal["done"] = "done"
-    job_id: str
+    job_id: JobId
     finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
@@ -275,7 +270,7 @@ class JobError(_Frame):
     """The job failed; ``code`` is OpenAI-style, e.g. ``context_length_exceeded``."""
 
     type: Literal["error"] = "error"
-    job_id: str
+    job_id: JobId
     code: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
     message: str = Field(max_length=2000)
     param: str | None = Field(default=None, max_length=200)
@@ -285,7 +280,7 @@ class Cancel(_Frame):
     """Coordinator asks the miner to stop a job (the client went away)."""
 
     type: Literal["cancel"] = "cancel"
-    job_id: str
+    job_id: JobId
 
 
 class Check(_Frame):
@@ -299,8 +294,8 @@ class Check(_Frame):
     """
 
     type: Literal["check"] = "check"
-    job_id: str
-    job: Job
+    job_id: JobId
+    job: Generate
     token_ids: tuple[int, ...] = Field(max_length=2**24)
     text: str
     finish_reason: Literal["stop", "length"]
@@ -345,7 +340,7 @@ class CheckReport(_Frame):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     type: Literal["check_report"] = "check_report"
-    job_id: str
+    job_id: JobId
     prompt_tokens: int = Field(ge=0)
     text_matches: bool
     gaps: tuple[float, ...] = Field(max_length=2**24)
@@ -364,7 +359,7 @@ class Tokenize(_Frame):
     tokens, no template): watermark detection scores token ids."""
 
     type: Literal["tokenize"] = "tokenize"
-    job_id: str
+    job_id: JobId
     model: str
     text: str = Field(max_length=2**20)
 
@@ -373,13 +368,23 @@ class Tokens(_Frame):
     """The answer to ``tokenize``."""
 
     type: Literal["tokens"] = "tokens"
-    job_id: str
+    job_id: JobId
     token_ids: tuple[TokenId, ...] = Field(max_length=2**20)
 
 
+Job = Generate
+"""The older name of :class:`Generate`."""
+
+Task = Annotated[Generate | Embed, Field(discriminator="type")]
+"""A unit of work for a miner, one class per kind (DESIGN.md, Tasks). Verification tasks
+(:class:`Check`) and :class:`Tokenize` travel the same way."""
+
+Reply = Started | Progress | Delta | Done | JobError | CheckReport | Tokens | Embedded
+"""Frames a miner sends about a task; each carries the task's ``job_id``."""
+
 Frame = Annotated[
-    Challenge | Hello | Welcome | Heartbeat | Job | Started | Progress | Delta | Done | JobError
-    | Cancel | Check | CheckReport | Tokenize | Tokens,
+    Challenge | Hello | Welcome | Heartbeat | Generate | Started | Progress | Delta | Done
+    | JobError | Cancel | Check | CheckReport | Tokenize | Tokens | Embed | Embedded,
     Field(discriminator="type"),
 ]
 

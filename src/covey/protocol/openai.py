@@ -199,6 +199,8 @@ class ModelCard(BaseModel):
     owned_by: str = "covey"
     miners: int
     context_length: int | None = None
+    kind: str = "chat"
+    """What the model does: ``chat`` (chat and completions) or ``embedding``."""
 
 
 class ModelList(BaseModel):

@@ -14,7 +14,8 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from covey.protocol.frames import Job, Receipt
+from covey.protocol.embed import Embed
+from covey.protocol.frames import Generate, Receipt
 from covey.protocol.signing import canonical_json
 
 __all__ = ["Receipt", "countersign", "output_digest", "request_digest", "sign_receipt",
@@ -24,11 +25,16 @@ _RECEIPT_DOMAIN = b"covey-receipt-v1\n"
 _COUNTER_DOMAIN = b"covey-countersign-v1\n"
 
 
-def request_digest(job: Job) -> str:
+def request_digest(job: Generate | Embed) -> str:
     """SHA-256 (hex) of what was asked: model, messages or prompt, and sampling settings
     (not the job id, weights pin or resume point, so every miner of a job agrees); prompt
     and stop ids, the sealed box and its prompt bound when set (a sealed job's digest
-    binds the ciphertext the miner got, never the plaintext)."""
+    binds the ciphertext the miner got, never the plaintext). For an embedding: model,
+    inputs (text or token ids) and ``truncate``."""
+    if isinstance(job, Embed):
+        return hashlib.sha256(canonical_json(job.model_dump(
+            mode="json", include={"type", "model", "input", "input_ids", "truncate"}))
+        ).hexdigest()
     body = job.model_dump(mode="json", include={"model", "messages", "prompt", "params"})
     for field in ("prompt_ids", "stop_ids", "sealed", "prompt_bound"):
         value = getattr(job, field)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import secrets
 
-from covey.protocol import Job, SamplingParams
+from covey.protocol import Generate, SamplingParams
 from covey.protocol.errors import ApiError
 from covey.protocol.frames import ChatMessage
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -58,7 +58,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | 
     )
 
 
-def watermarked(job: Job, models: frozenset[str]) -> Job:
+def watermarked(job: Generate, models: frozenset[str]) -> Generate:
     """``job``, watermarked when its model is one the network watermarks every answer of
     (``covey coordinator --watermark MODEL``); a request can only add a watermark."""
     if job.params.watermark or job.model not in models:
@@ -66,7 +66,7 @@ def watermarked(job: Job, models: frozenset[str]) -> Job:
     return job.model_copy(update={"params": job.params.model_copy(update={"watermark": True})})
 
 
-def chat_job(req: ChatCompletionRequest) -> Job:
+def chat_job(req: ChatCompletionRequest) -> Generate:
     """The miner job for a chat request.
 
     Raises:
@@ -79,7 +79,7 @@ def chat_job(req: ChatCompletionRequest) -> Job:
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _unsupported("response_format", "other than text")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return Job(
+    return Generate(
         job_id=new_id("chatcmpl"),
         model=req.model,
         messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages),
@@ -87,7 +87,7 @@ def chat_job(req: ChatCompletionRequest) -> Job:
     )
 
 
-def completion_job(req: CompletionRequest) -> Job:
+def completion_job(req: CompletionRequest) -> Generate:
     """The miner job for a completion request.
 
     Raises:
@@ -107,7 +107,7 @@ def completion_job(req: CompletionRequest) -> Job:
         raise _unsupported("suffix", "")
     if req.best_of is not None and req.best_of > 1:
         raise _unsupported("best_of", "greater than 1")
-    return Job(
+    return Generate(
         job_id=new_id("cmpl"),
         model=req.model,
         prompt=prompt,

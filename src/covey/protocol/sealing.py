@@ -52,7 +52,7 @@ class SealedContent(BaseModel):
     """What a sealed job hides from the coordinator: the prompt (``messages``, ``prompt`` or
     ``prompt_ids``), stop strings and ids, and the resume point after a failover.
 
-    Sampling settings travel outside the box (``Job.params``): the coordinator needs
+    Sampling settings travel outside the box (``Generate.params``): the coordinator needs
     ``max_tokens`` for the escrow and ``temperature`` / ``top_p`` to judge re-checks.
     """
 

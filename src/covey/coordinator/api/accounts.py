@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from covey.coordinator.api.requests import chat_job, completion_job
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import encode_job
 from covey.coordinator.ledger import InsufficientFunds, LedgerError
 from covey.coordinator.ledger.bank import user
+from covey.coordinator.link import encode_task
 from covey.protocol import verify_action
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 
@@ -131,7 +131,7 @@ async def quote(request: Request, _account: Account) -> JSONResponse:
         raise ApiError(400, "We could not parse the JSON body of your request.",
                        code="invalid_json") from None
     job = chat_job(body) if isinstance(body, ChatCompletionRequest) else completion_job(body)
-    encode_job(job)  # the same 400 as the endpoint for text JSON cannot carry
+    encode_task(job)  # the same 400 as the endpoint for text JSON cannot carry
     prompt, completion, max_cost, price = request.app.state.serving.quote(job)
     return JSONResponse({"object": "quote", "model": job.model,
                          "max_prompt_tokens": prompt, "max_completion_tokens": completion,

@@ -11,7 +11,7 @@ from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import chat_job, completion_job, watermarked
 from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
 from covey.coordinator.metrics import RequestRecord
-from covey.protocol import Job
+from covey.protocol import Generate
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
 from covey.protocol.openai_stream import unless_client_leaves
 
@@ -27,7 +27,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
     return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
 
 
-async def _respond(request: Request, account: str, job: Job, chat: bool, stream: bool,
+async def _respond(request: Request, account: str, job: Generate, chat: bool, stream: bool,
                    include_usage: bool, checkable: bool) -> Response:
     serving: Serving = request.app.state.serving
     job = watermarked(job, request.app.state.config.watermark_models)

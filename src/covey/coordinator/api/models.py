@@ -17,7 +17,8 @@ async def list_models(request: Request) -> ModelList:
     registry: MinerRegistry = request.app.state.registry
     created = request.app.state.started_at
     return ModelList(data=[
-        ModelCard(id=name, created=created, miners=miners, context_length=ctx)
+        ModelCard(id=name, created=created, miners=miners, context_length=ctx,
+                  kind=registry.kind_of(name))
         for name, (miners, ctx) in sorted(registry.models().items())
     ])
 

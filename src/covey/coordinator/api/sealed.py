@@ -22,7 +22,7 @@ from covey.coordinator.errors import ApiError
 from covey.coordinator.jobs import RunningJob
 from covey.coordinator.metrics import RequestRecord
 from covey.coordinator.miners import MinerSession
-from covey.protocol import Delta, Job
+from covey.protocol import Delta, Generate
 from covey.protocol.e2e import (
     CLIENT_MESSAGE,
     CancelRequest,
@@ -169,8 +169,8 @@ class SealedChannel:
         finally:
             self._waiting.pop((kind, request_id), None)
 
-    def _sealer(self, request: RouteRequest, job: Job):  # noqa: ANN202 - a Sealer
-        async def seal(session: MinerSession) -> Job:
+    def _sealer(self, request: RouteRequest, job: Generate):  # noqa: ANN202 - a Sealer
+        async def seal(session: MinerSession) -> Generate:
             hello = session.hello
             if hello.box_key is None or hello.box_signature is None:
                 raise ApiError(502, "The miner chosen cannot take sealed requests.",
@@ -198,7 +198,7 @@ class SealedChannel:
         return key_for
 
     async def _run(self, request: RouteRequest) -> None:
-        job = Job(job_id=new_id("chatcmpl" if request.chat else "cmpl"), model=request.model,
+        job = Generate(job_id=new_id("chatcmpl" if request.chat else "cmpl"), model=request.model,
                   params=request.params.model_copy(update={"stop": ()}),
                   prompt_bound=request.size)
         # --watermark MODEL: the flag is public, the miner applies it inside the box

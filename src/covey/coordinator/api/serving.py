@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import FailoverPolicy, RunningJob, Sealer, encode_job, start_job
+from covey.coordinator.failover import FailoverPolicy
+from covey.coordinator.jobs import RunningJob, Sealer, start_job
 from covey.coordinator.ledger.pricing import Price
+from covey.coordinator.link import encode_task
 from covey.coordinator.metrics import Metrics, RequestRecord
+from covey.coordinator.outcome import Outcome
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Job, ModelOffer
+from covey.protocol import Delta, Generate, ModelOffer
 from covey.protocol.openai import (
     ChatCompletion,
     Completion,
@@ -55,46 +58,58 @@ class Serving:
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: FailoverPolicy,
                  metrics: Metrics, limits: KeyLimits,
-                 after_job: Callable[[RunningJob, Awaitable[object]], None] | None = None
+                 after_job: Callable[[Outcome, Awaitable[object]], None] | None = None
                  ) -> None:
         self.after_job = after_job
-        """Called with each job that finished on a miner and its settlement (the
-        verifier's hook)."""
+        """Called with the outcome of each job that finished on a miner and its settlement
+        (the verifier's hook)."""
         self.dispatcher = dispatcher
         self.billing = billing
         self.policy = policy
         self.metrics = metrics
         self.limits = limits
 
-    def quote(self, job: Job, offers: list[ModelOffer] | None = None
+    def quote(self, job: Generate, offers: list[ModelOffer] | None = None
               ) -> tuple[int, int, int, Price]:
         """(prompt token bound, completion token cap, maximum cost in µcr, price) of
         ``job`` among the live miners serving its model (``offers``, when the caller has
         them): the largest context any offers and the highest ask bound what it may cost.
 
         Raises:
-            ApiError: 404 unknown model, 503 no live miner (with the minimum stake).
+            ApiError: 404 unknown model, 503 no live miner (with the minimum stake), 400
+                a model of another kind (embeddings).
         """
         if offers is None:
             self.dispatcher.check(job.model)
-            offers = self._offers(job.model)
+            offers = self.offers(job.model)
+            self._refuse_kind(job, offers)
         context = max(o.context_length for o in offers)
         prompt, completion, max_cost = self.billing.quote(job, context, offers)
         return prompt, completion, max_cost, self.billing.price(job.model, offers)
 
-    def _offers(self, model: str) -> list[ModelOffer]:
+    def offers(self, model: str) -> list[ModelOffer]:
+        """The offers of the live miners serving ``model``."""
         return [o for s in self.dispatcher.registry.serving(model)
                 if (o := s.offer(model)) is not None]
 
     @staticmethod
-    def refuse_unservable(job: Job, offers: list[ModelOffer], text: bool) -> None:
+    def _refuse_kind(job: Generate, offers: list[ModelOffer]) -> None:
+        if offers and offers[0].kind != "chat":
+            raise ApiError(400, f"'{job.model}' is an {offers[0].kind} model: send it to "
+                           f"POST /v1/embeddings. GET /v1/models lists each model's kind.",
+                           code="invalid_value", param="model")
+
+    @staticmethod
+    def refuse_unservable(job: Generate, offers: list[ModelOffer], text: bool) -> None:
         """Refuse, before any miner sees it, what a model's miners (``offers``) cannot
-        serve: text (``text``) or a watermark for a private model, whose miners take token
-        ids made with its key and know no vocabulary.
+        serve: a generation on a model of another kind (embeddings), text (``text``) or a
+        watermark for a private model, whose miners take token ids made with its key and
+        know no vocabulary.
 
         Raises:
             ApiError: 400 ``invalid_value`` naming ``model`` or ``watermark``.
         """
+        Serving._refuse_kind(job, offers)
         if not offers or not all(o.private for o in offers):
             return
         if text:
@@ -131,49 +146,28 @@ class Serving:
     def _on_close(self, record: RequestRecord, stream: bool
                   ) -> Callable[[RunningJob], Awaitable[object]]:
         def close(running: RunningJob) -> Awaitable[object]:
-            job = running.job
-            session = running.session
-            miner = session.miner_id if session else None
-            offer = session.claim(job.model) if session else None
-            record.miner, record.failovers = miner, running.failovers
+            outcome = running.outcome(stream)
+            record.miner, record.failovers = outcome.miner_id, outcome.failovers
             if running.first_token_at is not None:
                 record.ttft_s = running.first_token_at - record.arrived
-            if running.done is not None and miner is not None:
-                # The miner's usage, but never more completion tokens than the token ids the
-                # miners actually streamed, and never a prompt other than the one started.
-                # After a failover the user still pays once, to the miner that finished:
-                # it evaluated the whole prompt and the resumed tokens itself.
-                prompt = running.started.prompt_tokens if running.started else 0
-                completion = min(running.done.completion_tokens, running.delivered)
-                record.prompt_tokens, record.completion_tokens = prompt, completion
+            if outcome.ending == "done":
+                record.prompt_tokens = outcome.prompt_tokens
+                record.completion_tokens = outcome.completion_tokens
                 record.decode_tps = _decode_rate(running)
                 self.finish(record, 200)
-                if running.usage_fault is not None:
-                    # False usage is a failed check: the user pays nothing for this job.
-                    settlement = self.billing.close(job.job_id, record.account, None,
-                                                    job.model, 0, 0)
-                else:
-                    settlement = self.billing.close(job.job_id, record.account, miner,
-                                                    job.model, prompt, completion, offer,
-                                                    running.receipt)
-                if self.after_job is not None:
-                    self.after_job(running, settlement)
-                return settlement
-            if running.failed or running.started is None or miner is None:
-                # The miners failed (none is paid for a failed attempt), or nothing started.
-                if running.error is not None:
-                    self.finish(record, running.error.status, running.error.code)
-                return self.billing.close(job.job_id, record.account, None, job.model, 0, 0)
-            # The client left: it pays for the prompt and the tokens it was sent (none, when
-            # the answer was to come whole at the end).
-            record.prompt_tokens = running.started.prompt_tokens
-            record.completion_tokens = running.delivered if stream else 0
-            self.finish(record, CLIENT_CLOSED)
-            return self.billing.close(job.job_id, record.account, miner, job.model,
-                                      record.prompt_tokens, record.completion_tokens, offer)
+            elif outcome.ending == "client_closed":
+                record.prompt_tokens = outcome.prompt_tokens
+                record.completion_tokens = outcome.completion_tokens
+                self.finish(record, CLIENT_CLOSED)
+            elif running.error is not None:
+                self.finish(record, running.error.status, running.error.code)
+            settlement = self.billing.settle(outcome)
+            if outcome.ending == "done" and self.after_job is not None:
+                self.after_job(outcome, settlement)
+            return settlement
         return close
 
-    async def start(self, job: Job, chat: bool, record: RequestRecord, *,
+    async def start(self, job: Generate, chat: bool, record: RequestRecord, *,
                     sealer: Sealer | None = None, checkable: bool = True, text: bool = True
                     ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and dispatch ``job``; raises :class:`ApiError` (404, 503,
@@ -194,12 +188,12 @@ class Serving:
             self.finish(record, CLIENT_CLOSED)
             raise
 
-    async def _start(self, job: Job, chat: bool, record: RequestRecord,
+    async def _start(self, job: Generate, chat: bool, record: RequestRecord,
                      sealer: Sealer | None, text: bool) -> tuple[RunningJob, Formatter]:
         account = record.account
-        encode_job(job)  # text JSON cannot carry is a 400 here, before any credit moves
+        encode_task(job)  # text JSON cannot carry is a 400 here, before any credit moves
         self.dispatcher.check(job.model)
-        offers = self._offers(job.model)
+        offers = self.offers(job.model)
         self.refuse_unservable(job, offers, text)
         _, _, max_cost, _ = self.quote(job, offers)
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
@@ -215,10 +209,10 @@ class Serving:
                 self._on_close(record, record.stream),
                 lambda reason: self.metrics.failovers.labels(job.model, reason).inc(), sealer)
         except ApiError:
-            await self.billing.close(job.job_id, account, None, job.model, 0, 0)
+            await self.billing.refund(job.job_id, account)
             raise
         except BaseException:  # cancelled while queued: refund on its own
-            self.billing.close(job.job_id, account, None, job.model, 0, 0)
+            self.billing.refund(job.job_id, account)
             raise
         assert running.session is not None
         meta = Meta(id=job.job_id, created=int(time.time()), model=job.model,

@@ -7,7 +7,6 @@ tokenizes the text (``tokenize`` → ``tokens``); the score itself is
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from fastapi import APIRouter, Request
@@ -15,8 +14,10 @@ from fastapi import APIRouter, Request
 from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import new_id
 from covey.coordinator.errors import ApiError
-from covey.coordinator.miners import MINER_GONE, MinerRegistry, MinerSession
-from covey.protocol import JobError, Tokenize, Tokens
+from covey.coordinator.job_faults import MinerFault
+from covey.coordinator.link import MinerLink, TaskRefused
+from covey.coordinator.miners import MinerRegistry, MinerSession
+from covey.protocol import Tokenize, Tokens
 from covey.protocol.openai import WatermarkDetection, WatermarkDetectRequest
 from covey.protocol.watermark import GAMMA, Z_THRESHOLD, detect
 
@@ -44,21 +45,18 @@ async def _ask(session: MinerSession, frame: Tokenize) -> list[int]:
         TimeoutError: no answer within :data:`TOKENIZE_TIMEOUT`.
         _Failed: the miner refused, broke the protocol or left.
     """
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    session.jobs[frame.job_id] = queue  # type: ignore[assignment]
     try:
-        try:
-            await session.send(frame)
-        except Exception as exc:  # the socket died under the send (any transport's error)
-            raise _Failed("the miner's socket closed") from exc
-        async with asyncio.timeout(TOKENIZE_TIMEOUT):
-            item = await queue.get()
-    finally:
-        session.jobs.pop(frame.job_id, None)
-    if isinstance(item, Tokens):
-        return list(item.token_ids)
-    raise _Failed(item.message if isinstance(item, JobError) else
-                  "the miner left" if item is MINER_GONE else "the miner broke the protocol")
+        async with MinerLink(session).call(frame, TOKENIZE_TIMEOUT) as call:
+            item = await call.next()
+    except TaskRefused as exc:
+        raise _Failed(str(exc)) from None
+    except MinerFault as fault:
+        if fault.reason == "stalled":
+            raise TimeoutError from None
+        raise _Failed("the miner left" if fault.reason == "disconnected" else
+                      "the miner broke the protocol") from None
+    assert isinstance(item, Tokens)
+    return list(item.token_ids)
 
 
 async def tokenize(registry: MinerRegistry, model: str, text: str) -> list[int]:
@@ -78,6 +76,9 @@ async def tokenize(registry: MinerRegistry, model: str, text: str) -> list[int]:
                            param="model")
         raise _no_miner(f"No miner is serving '{model}' right now to tokenize the text; "
                         "try again later.")
+    if any((o := s.offer(model)) is not None and o.kind != "chat" for s in sessions):
+        raise ApiError(400, f"'{model}' is not a chat model: only text models' answers carry "
+                       "watermarks.", code="invalid_value", param="model")
     if all((o := s.offer(model)) is not None and o.private for s in sessions):
         raise ApiError(400, f"'{model}' is a private model: its miners have no tokenizer. "
                        "Watermarks of private models are not detectable here.",

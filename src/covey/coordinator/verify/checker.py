@@ -26,25 +26,30 @@ from dataclasses import dataclass
 from covey.coordinator.api.requests import new_id
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
-from covey.coordinator.jobs import RunningJob
+from covey.coordinator.job_faults import MinerFault
 from covey.coordinator.ledger.penalties import Evidence, Penalty, penalize
+from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.metrics import Metrics
-from covey.coordinator.miners import CLOSE_POLICY, MINER_GONE, MinerSession
+from covey.coordinator.miners import CLOSE_POLICY, MinerSession
+from covey.coordinator.outcome import EmbedAnswer, Outcome, TextAnswer
 from covey.coordinator.router import Dispatcher
+from covey.coordinator.verify.embeddings import (
+    MAX_PENDING_CHECKS,
+    VALIDATOR_ACCOUNT,
+    EmbeddingReference,
+    EmbeddingVerification,
+    load_references,
+)
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
 from covey.protocol import (
-    Cancel,
     Check,
     CheckReport,
     Delta,
     Done,
-    Job,
-    JobError,
+    Generate,
     ModelOffer,
-    Progress,
     SamplingParams,
-    Started,
 )
 from covey.protocol.frames import ChatMessage
 
@@ -55,13 +60,6 @@ TRIAL_ATTEMPTS = 3
 refused for the session, unpunished: a slow start is not cheating."""
 TRIAL_RETRY_S = 5.0
 
-MAX_PENDING_CHECKS = 16
-"""Re-checks that may wait for or run on validators at once; more are skipped (counted as
-``skipped``). Waiting checks share the model's request queue with users, so an unbounded
-backlog (validators slow or gone for a while) would fill it and turn users away."""
-
-VALIDATOR_ACCOUNT = "covey:validator"
-"""The account re-checks queue under for a validator's slot (fair-queued like a user)."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +77,14 @@ class CheckUnavailable(Exception):
     """No validator could give a verdict (none online, busy, or it failed)."""
 
 
-class Verifier:
+class Verifier(EmbeddingVerification):
     """Runs every check of one coordinator; see the module docstring."""
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: CheckPolicy,
-                 trials: TrialBook, metrics: Metrics) -> None:
+                 trials: TrialBook, metrics: Metrics,
+                 embedding_references: dict[str, EmbeddingReference] | None = None) -> None:
+        self.embedding_references = (load_references() if embedding_references is None
+                                     else embedding_references)
         self.dispatcher = dispatcher
         self.billing = billing
         self.policy = policy
@@ -136,7 +137,8 @@ class Verifier:
     def _judgeable(self, offer: ModelOffer, miner_id: str) -> bool:
         """Whether a trial answer for ``offer`` could be judged: a reference exists, or a
         live miner other than ``miner_id`` serves the same weights."""
-        if offer.sha256 in self.trials.references:
+        if offer.sha256 in (self.embedding_references if offer.kind == "embedding"
+                            else self.trials.references):
             return True
         return any(s.miner_id != miner_id and (o := s.offer(offer.name)) is not None
                    and o.sha256 == offer.sha256
@@ -166,7 +168,7 @@ class Verifier:
                 await session.welcomed.wait()
             # A re-trial waits for the jobs still running there: the trial needs a free slot
             # (no new job arrives while the model is held).
-            while session.active and not session.closed:
+            while session.busy.get(offer.name, 0) and not session.closed:
                 await asyncio.sleep(0.2)
             outcome = None
             for _ in range(TRIAL_ATTEMPTS):
@@ -225,10 +227,12 @@ class Verifier:
         """Run the trial prompts for ``offer`` on ``session``, stopping at the first
         failure: (verdict, the last trial job's id, the validator's id if one judged), or
         None when the miner did not answer one (error, timeout, gone)."""
+        if offer.kind == "embedding":
+            return await self._judge_embedding_trial(session, offer)
         verdict = Verdict()
         job_id, validator = "", None
         for messages, ref in self.trials.plan(offer.sha256):
-            job = Job(job_id=new_id("chatcmpl"), model=offer.name, model_sha256=offer.sha256,
+            job = Generate(job_id=new_id("chatcmpl"), model=offer.name, model_sha256=offer.sha256,
                       messages=tuple(ChatMessage(**m) for m in messages),
                       params=SamplingParams(temperature=0, max_tokens=TRIAL_MAX_TOKENS))
             job_id = job.job_id
@@ -258,45 +262,36 @@ class Verifier:
             return verdict, job_id, validator
         return verdict, job_id, validator
 
-    async def _run(self, session: MinerSession, job: Job) -> tuple[list[int], str, Done]:
+    async def _run(self, session: MinerSession, job: Generate) -> tuple[list[int], str, Done]:
         """Run ``job`` on ``session`` directly (outside routing) and collect the answer.
 
         Raises:
             CheckUnavailable: the miner refused, failed, left or took too long.
         """
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        session.jobs[job.job_id] = queue  # type: ignore[assignment]
         ids: list[int] = []
         text: list[str] = []
         try:
-            await session.send(job)
-            async with asyncio.timeout(self.policy.timeout):
-                while True:
-                    item = await queue.get()
-                    if item is MINER_GONE:
-                        raise CheckUnavailable("the miner left")
-                    if isinstance(item, JobError):
-                        raise CheckUnavailable(f"the miner failed: {item.message}")
+            async with asyncio.timeout(self.policy.timeout), \
+                    MinerLink(session).call(job, self.policy.timeout) as call:
+                async for item in call:
                     if isinstance(item, Delta):
                         ids.extend(item.token_ids)
                         text.append(item.text)
                     elif isinstance(item, Done):
                         return ids, "".join(text), item
-                    elif not isinstance(item, Started | Progress):
-                        raise CheckUnavailable("the miner broke the protocol")
         except TimeoutError:
-            session.send_soon(Cancel(job_id=job.job_id))
             raise CheckUnavailable(f"no answer within {self.policy.timeout:.0f} s") from None
-        except CheckUnavailable:
-            raise
-        except Exception as exc:  # the socket died under the send (any transport's error)
-            raise CheckUnavailable("the miner's socket closed") from exc
-        finally:
-            session.jobs.pop(job.job_id, None)
+        except TaskRefused as exc:
+            raise CheckUnavailable(f"the miner failed: {exc}") from None
+        except MinerFault as fault:
+            raise CheckUnavailable({"disconnected": "the miner left", "stalled":
+                                    f"no answer within {self.policy.timeout:.0f} s"}.get(
+                fault.reason, "the miner broke the protocol")) from None
+        raise CheckUnavailable("the miner broke the protocol")  # ended without a done
 
     # --- sampled re-checks -------------------------------------------------------------
 
-    async def recheck(self, job: Job, token_ids: Sequence[int], text: str, finish: str,
+    async def recheck(self, job: Generate, token_ids: Sequence[int], text: str, finish: str,
                       exclude: Sequence[str], sealed: SealedAnswer | None = None
                       ) -> tuple[CheckReport, str]:
         """Have a validator (a live miner with the job's weights, not in ``exclude``)
@@ -326,71 +321,73 @@ class Verifier:
             try:
                 key = await sealed.key_for(session)
             except asyncio.CancelledError:
-                d.release(session, VALIDATOR_ACCOUNT)
+                d.release(session, VALIDATOR_ACCOUNT, job.model)
                 raise
             except Exception:  # noqa: BLE001 - the client's channel failed under us
                 key = None
             if key is None:
-                d.release(session, VALIDATOR_ACCOUNT)
+                d.release(session, VALIDATOR_ACCOUNT, job.model)
                 raise CheckUnavailable("the client did not seal the key to a validator")
             check = check.model_copy(update={"sealed_key": key, "stream": sealed.stream})
             tokens = sealed.tokens
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        session.jobs[check.job_id] = queue  # type: ignore[assignment]
         try:
-            await session.send(check)
-            async with asyncio.timeout(self.policy.timeout):
-                item = await queue.get()
+            async with asyncio.timeout(self.policy.timeout), \
+                    MinerLink(session).call(check, self.policy.timeout) as call:
+                item = await call.next()
         except TimeoutError:
-            session.send_soon(Cancel(job_id=check.job_id))  # free its slot for real
             raise CheckUnavailable("the validator did not answer in time") from None
-        except Exception as exc:  # the socket died under the send (any transport's error)
-            raise CheckUnavailable("the validator's socket closed") from exc
+        except TaskRefused as exc:
+            raise CheckUnavailable(f"the validator could not check: {exc}") from None
+        except MinerFault as fault:
+            raise CheckUnavailable("the validator could not check: " + (
+                "it left" if fault.reason == "disconnected" else
+                "it did not answer in time" if fault.reason == "stalled" else
+                "it broke the protocol")) from None
         finally:
-            session.jobs.pop(check.job_id, None)
-            d.release(session, VALIDATOR_ACCOUNT)
-        if not isinstance(item, CheckReport):
-            why = item.message if isinstance(item, JobError) else "it left"
-            raise CheckUnavailable(f"the validator could not check: {why}")
+            d.release(session, VALIDATOR_ACCOUNT, job.model)
+        assert isinstance(item, CheckReport)
         if len(item.gaps) != tokens + item.eos_checked:
             raise CheckUnavailable("the validator's report does not fit the answer")
         return item, session.miner_id
 
-    def after_job(self, running: RunningJob, settlement: Awaitable[object]) -> None:
-        """A job finished and is settling: maybe re-check it (share ``policy.rate``)."""
-        done, session, job = running.done, running.session, running.job
-        if done is None or session is None or done.finish_reason == "cancelled":
+    def after_job(self, outcome: Outcome, settlement: Awaitable[object]) -> None:
+        """A job finished and is settling: punish a false usage report, else maybe
+        re-check it (share ``policy.rate``)."""
+        answer, miner_id = outcome.answer, outcome.miner_id
+        if miner_id is None or not outcome.checkable:
             return
-        if not running.checkable:
+        if isinstance(answer, EmbedAnswer):
+            self._maybe_check_embedding(outcome, answer, settlement)
             return
-        if running.usage_fault is not None:
-            self._spawn(self._usage(running, settlement))
+        if answer is None or answer.finish_reason == "cancelled":
             return
+        if outcome.fault is not None:
+            self._spawn(self._usage(outcome, answer, settlement))
+            return
+        job = answer.sent
         # Answers that moved between miners, and penalized sampling (whose distribution
         # depends on history the validator does not model), are not re-checked.
-        if running.failovers or job.params.presence_penalty or job.params.frequency_penalty:
+        if outcome.failovers or job.params.presence_penalty or job.params.frequency_penalty:
             return
         if self._rng.random() >= self.policy.rate:
             return
         if self._pending >= MAX_PENDING_CHECKS:
             self.metrics.checks.labels("sampled", "skipped").inc()
             return
-        if running.model_sha256 is None:
+        if job.model_sha256 is None:
             return
         sealed = None
-        if running.sealed:
-            if running.key_for is None:
+        if job.sealed is not None:
+            if answer.key_for is None:
                 return
-            sealed = SealedAnswer(tuple(running.sealed_stream), running.delivered,
-                                  running.key_for)
-        pinned = (running.sent if sealed else job).model_copy(
-            update={"model_sha256": running.model_sha256})
+            sealed = SealedAnswer(tuple(answer.sealed_stream), answer.delivered,
+                                  answer.key_for)
         self._pending += 1  # released when the check ends
-        self._spawn(self._sampled(pinned, session.miner_id, running.token_ids, running.text,
-                                  done.finish_reason, done.prompt_tokens, running.account,
-                                  settlement, sealed))
+        self._spawn(self._sampled(job, miner_id, list(answer.token_ids), answer.text,
+                                  answer.finish_reason, outcome.prompt_tokens,
+                                  outcome.account, settlement, sealed))
 
-    async def _sampled(self, job: Job, miner_id: str, ids: list[int], text: str,
+    async def _sampled(self, job: Generate, miner_id: str, ids: list[int], text: str,
                        finish: str, prompt_tokens: int, account: str,
                        settlement: Awaitable[object], sealed: SealedAnswer | None) -> None:
         try:
@@ -415,22 +412,22 @@ class Verifier:
                                    job.model_sha256 or "", verdict.as_dict(), account,
                                    validator))
 
-    async def _usage(self, running: RunningJob, settlement: Awaitable[object]) -> None:
+    async def _usage(self, outcome: Outcome, answer: TextAnswer,
+                     settlement: Awaitable[object]) -> None:
         try:
             await settlement
         except Exception:  # noqa: BLE001
             return
-        assert running.session is not None and running.usage_fault is not None
+        assert outcome.miner_id is not None and outcome.fault is not None
         self.metrics.checks.labels("usage", "failed").inc()
-        log.warning("job %s: miner %s reported false usage: %s", running.job.job_id,
-                    running.session.miner_id[:16], running.usage_fault)
-        receipt = running.receipt[0].model_dump() if running.receipt else None
-        verdict = {"passed": False, "reasons": [running.usage_fault],
-                   "figures": {"streamed_tokens": running.delivered, "receipt": receipt}}
-        offer = running.session.claim(running.job.model)
-        await self.punish(Evidence(new_id("chk"), "usage", running.job.job_id,
-                                   running.session.miner_id, offer.sha256 if offer else "",
-                                   verdict, running.account, None))
+        log.warning("job %s: miner %s reported false usage: %s", outcome.job_id,
+                    outcome.miner_id[:16], outcome.fault)
+        receipt = outcome.receipt[0].model_dump() if outcome.receipt else None
+        verdict = {"passed": False, "reasons": [outcome.fault],
+                   "figures": {"streamed_tokens": answer.delivered, "receipt": receipt}}
+        await self.punish(Evidence(new_id("chk"), "usage", outcome.job_id, outcome.miner_id,
+                                   outcome.offer.sha256 if outcome.offer else "", verdict,
+                                   outcome.account, None))
 
     # --- penalties ---------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from covey.protocol import CheckReport, Job
+from covey.protocol import CheckReport, Generate
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def likelihood_bound(report: CheckReport) -> float:
     return math.exp(min(0.0, *logs)) if logs else 1.0
 
 
-def judge(policy: CheckPolicy, job: Job, report: CheckReport, prompt_tokens: int) -> Verdict:
+def judge(policy: CheckPolicy, job: Generate, report: CheckReport, prompt_tokens: int) -> Verdict:
     """Judge ``report`` on an answer to ``job`` whose miner reported ``prompt_tokens``."""
     v = Verdict()
     gaps = report.gaps

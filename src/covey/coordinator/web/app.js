@@ -1,4 +1,5 @@
-// Covey's first page: list the models, chat with one over the streaming API.
+// Covey's first page: list the models, chat with one over the streaming API, or compare two
+// sentences with an embedding model.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -42,28 +43,83 @@ async function loadModels() {
       const li = document.createElement("li");
       const b = document.createElement("button");
       b.dataset.model = m.id;
+      b.dataset.kind = m.kind;
       b.textContent = `${m.id} — ${m.miners} miner${m.miners === 1 ? "" : "s"}`;
+      const kind = document.createElement("span");
+      kind.className = "kind";
+      kind.textContent = m.kind;
+      b.append(kind);
       b.disabled = m.miners === 0;
       if (m.id === current) b.classList.add("active");
-      b.addEventListener("click", () => openChat(m.id));
+      b.addEventListener("click", () => m.kind === "embedding" ? openCompare(m.id)
+                                                                 : openChat(m.id));
       li.append(b);
       list.append(li);
     }
-    const live = body.data.reduce((n, m) => n + m.miners, 0);
-    $("status").textContent = `${body.data.length} model(s), ${live} miner session(s)`;
+    // One miner may serve several models: count miners, not (model, miner) pairs.
+    const health = await (await fetch("/healthz")).json();
+    $("status").textContent = `${body.data.length} model(s), ${health.miners} miner(s)`;
   } catch (e) {
     $("status").textContent = "coordinator unreachable";
   }
 }
 
-function openChat(model) {
-  if (current !== model) { history = []; $("log").replaceChildren(); }
+function select(model) {
   current = model;
-  $("chat-model").textContent = model;
-  $("chat-pane").hidden = false;
   for (const b of document.querySelectorAll("#models button")) {
     b.classList.toggle("active", b.dataset.model === model);
   }
+}
+
+function openCompare(model) {
+  select(model);
+  $("compare-model").textContent = model;
+  $("chat-pane").hidden = true;
+  $("compare-pane").hidden = false;
+  $("similarity").textContent = "";
+  $("compare-usage").textContent = "";
+}
+
+function cosine(a, b) {
+  let dot = 0, na = 0, nb = 0;
+  for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
+  return na && nb ? dot / Math.sqrt(na * nb) : 0;
+}
+
+async function compare(ev) {
+  ev.preventDefault();
+  const out = $("similarity");
+  out.className = "";
+  if (!apiKey()) { out.textContent = "Get a test account or paste a key first."; return; }
+  $("compare").disabled = true;
+  out.textContent = "…";
+  try {
+    const resp = await fetch("/v1/embeddings", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ model: current, input: [$("sentence-a").value, $("sentence-b").value] }),
+    });
+    const body = await resp.json();
+    if (!resp.ok) { out.className = "error"; out.textContent = body.error.message; return; }
+    const sim = cosine(body.data[0].embedding, body.data[1].embedding);
+    out.dataset.value = sim.toFixed(4);
+    out.textContent = `cosine similarity: ${sim.toFixed(3)}`;
+    $("compare-usage").textContent = `${body.usage.prompt_tokens} input tokens`;
+    showAccount();
+  } catch (e) {
+    out.className = "error";
+    out.textContent = "coordinator unreachable";
+  } finally {
+    $("compare").disabled = false;
+  }
+}
+
+function openChat(model) {
+  if (current !== model) { history = []; $("log").replaceChildren(); }
+  select(model);
+  $("chat-model").textContent = model;
+  $("compare-pane").hidden = true;
+  $("chat-pane").hidden = false;
   $("prompt").focus();
 }
 
@@ -147,6 +203,7 @@ async function send(ev) {
 }
 
 $("chat-form").addEventListener("submit", send);
+$("compare-form").addEventListener("submit", compare);
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
 });

@@ -13,6 +13,10 @@ when it is set). Behaviours (``ENV=<name>[:<argument>]``):
 - ``inflate[:SHARE]`` — report SHARE (default 0.3) more prompt and completion tokens than
   were used.
 
+An embedding model (:class:`AdversaryEmbedding`) knows ``random-vectors`` (random unit
+vectors of the right shape) and ``wrong-model:PATH`` (another model folder served under the
+claimed name and digest); other behaviours leave its answers honest.
+
 With ``COVEY_TEST_ADVERSARY_HONEST_FIRST=N`` the miner answers its first N jobs honestly
 (to slip past the trial on join) and cheats from then on.
 """
@@ -25,8 +29,19 @@ import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from covey.miner.backends.base import Backend
-from covey.protocol import Check, CheckReport, Delta, Done, Job, Progress, Started
+from covey.miner.backends.base import EmbeddingBackend, TextBackend
+from covey.protocol import (
+    Check,
+    CheckReport,
+    Delta,
+    Done,
+    Embed,
+    Embedded,
+    Generate,
+    Progress,
+    Started,
+)
+from covey.protocol.embed import pack_vectors
 
 ENV = "COVEY_TEST_ADVERSARY"
 HONEST_FIRST_ENV = "COVEY_TEST_ADVERSARY_HONEST_FIRST"
@@ -47,16 +62,17 @@ def claimed_path() -> Path | None:
     return Path(m[1]) if m and m[0] == "wrong-model" else None
 
 
-class AdversaryBackend(Backend):
+class AdversaryBackend(TextBackend):
     """Wraps an honest backend and cheats as :data:`ENV` says (see module docstring).
 
     ``piece(token)`` gives a token's bytes (for the text of random tokens); ``vocab`` is
     the vocabulary size.
     """
 
-    def __init__(self, inner: Backend, behaviour: str, arg: str,
+    def __init__(self, inner: TextBackend, behaviour: str, arg: str,
                  piece: Callable[[int], bytes], vocab: int) -> None:
         self.inner = inner
+        self.capabilities = inner.capabilities  # type: ignore[misc]
         self.offer = inner.offer
         self.slots = inner.slots
         self.behaviour = behaviour
@@ -79,7 +95,7 @@ class AdversaryBackend(Backend):
     def close(self) -> None:
         self.inner.close()
 
-    async def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
+    async def generate(self, job: Generate) -> AsyncIterator[Started | Progress | Delta | Done]:
         if self._honest_left > 0:
             self._honest_left -= 1
             async for frame in self.inner.generate(job):
@@ -145,4 +161,53 @@ def make_impostor(source: Path, target: Path, layers: tuple[int, int] = (20, 21)
             tensor.data[...] = other.data
             other.data[...] = saved
     reader.data.flush()
+    return target
+
+
+class AdversaryEmbedding(EmbeddingBackend):
+    """Wraps an honest embedding backend; ``random-vectors`` replaces every vector by a
+    random unit vector (after the first ``HONEST_FIRST_ENV`` tasks)."""
+
+    def __init__(self, inner: EmbeddingBackend, behaviour: str) -> None:
+        self.inner = inner
+        self.offer = inner.offer
+        self.slots = inner.slots
+        self.behaviour = behaviour
+        self._honest_left = int(os.environ.get(HONEST_FIRST_ENV, "0"))
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def embed(self, task: Embed) -> Embedded:
+        honest = await self.inner.embed(task)
+        if self._honest_left > 0 or self.behaviour != "random-vectors":
+            self._honest_left -= 1
+            return honest
+        rows = []
+        for _ in range(task.count):
+            row = [self._rng.gauss(0.0, 1.0) for _ in range(honest.dimensions)]
+            norm = math.sqrt(sum(x * x for x in row)) or 1.0
+            rows.append([x / norm for x in row])
+        return honest.model_copy(update={"vectors": pack_vectors(rows)})
+
+
+def make_embedding_impostor(source: Path, target: Path, layers: tuple[int, int] = (1, 4)
+                            ) -> Path:
+    """TEST ONLY: a copy of the sentence-transformers folder ``source`` at ``target`` with
+    two encoder layers swapped: another model of the same shape, whose vectors differ."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    tensors = load_file(str(weights))
+    a, b = (f"encoder.layer.{i}." for i in layers)
+    swapped = {}
+    for name, tensor in tensors.items():
+        other = (name.replace(a, b) if name.startswith(a) else
+                 name.replace(b, a) if name.startswith(b) else name)
+        swapped[other] = tensor
+    save_file(swapped, str(weights))
     return target

@@ -1,15 +1,38 @@
-"""The interface every miner backend implements (llama.cpp today; more can follow).
+"""What miner backends are: one served model each, declaring the task kinds it can do.
 
-A backend owns one model and runs up to ``slots`` generations at once. The agent only calls
-``offer`` and ``generate``; adding a runtime never touches the agent or the coordinator.
+A backend is a :class:`Backend` with ``offer`` (the model, announced in the hello),
+``slots`` (tasks it runs at once) and ``capabilities``, the kinds of work it takes:
+
+- ``generate``: :meth:`TextBackend.generate` runs a :class:`~covey.protocol.Generate`;
+- ``validate``: :meth:`TextBackend.check` re-checks another miner's answer;
+- ``tokenize``: :meth:`TextBackend.tokenize` (watermark detection);
+- ``embed``: :meth:`EmbeddingBackend.embed` runs an :class:`~covey.protocol.Embed`.
+
+The agent matches each task on its type and hands it to the backend of its model when that
+backend declares the capability, so adding a kind of work never touches the other backends.
+Backends are built by name from :mod:`covey.miner.backends.registry`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from typing import ClassVar, Literal
 
-from covey.protocol import Check, CheckReport, Delta, Done, Job, ModelOffer, Progress, Started
+from covey.protocol import (
+    Check,
+    CheckReport,
+    Delta,
+    Done,
+    Embed,
+    Embedded,
+    Generate,
+    ModelOffer,
+    Progress,
+    Started,
+)
+
+Capability = Literal["generate", "validate", "tokenize", "embed"]
 
 
 class BackendError(Exception):
@@ -25,21 +48,41 @@ class BackendError(Exception):
         self.param = param
 
 
-class Backend(ABC):
-    """One served model.
-
-    ``generate(job)`` yields exactly one ``Started`` (after tokenizing the prompt, before
-    prefill), ``Progress`` frames during a long prefill, then ``Delta`` frames, then one
-    ``Done``; it raises :class:`BackendError`
-    instead of yielding ``Started`` when the prompt cannot run. Closing the iterator early
-    cancels the generation and frees its slot.
-    """
+class Backend(ABC):  # noqa: B024 - the capabilities' subclasses hold the abstract methods
+    """One served model: ``offer``, ``slots`` and the ``capabilities`` it declares."""
 
     offer: ModelOffer
     slots: int
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    watermark_key: bytes | None = None
+    """The network's watermark key (32 bytes) from the coordinator's ``welcome``, or None
+    when it sent none: jobs with ``params.watermark`` bias sampling with it
+    (:mod:`covey.protocol.watermark`)."""
+
+    def set_watermark_key(self, key: bytes | None) -> None:
+        """Use ``key`` for watermarked jobs and re-checks from now on (the agent calls this
+        on every ``welcome``)."""
+        self.watermark_key = key
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model's memory and threads."""
+
+
+class TextBackend(Backend):
+    """A text model (capability ``generate``, and ``validate`` / ``tokenize`` where the
+    subclass overrides :meth:`check` / :meth:`tokenize` and declares them).
+
+    ``generate(job)`` yields exactly one ``Started`` (after tokenizing the prompt, before
+    prefill), ``Progress`` frames during a long prefill, then ``Delta`` frames, then one
+    ``Done``; it raises :class:`BackendError` instead of yielding ``Started`` when the
+    prompt cannot run. Closing the iterator early cancels the generation and frees its slot.
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"generate"})
 
     @abstractmethod
-    def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
+    def generate(self, job: Generate) -> AsyncIterator[Started | Progress | Delta | Done]:
         """Run ``job``; see the class docstring for the frame order."""
 
     async def check(self, check: Check) -> CheckReport:
@@ -52,16 +95,6 @@ class Backend(ABC):
         """
         raise BackendError("check_unsupported", "this backend cannot re-check answers")
 
-    watermark_key: bytes | None = None
-    """The network's watermark key (32 bytes) from the coordinator's ``welcome``, or None
-    when it sent none: jobs with ``params.watermark`` bias sampling with it
-    (:mod:`covey.protocol.watermark`)."""
-
-    def set_watermark_key(self, key: bytes | None) -> None:
-        """Use ``key`` for watermarked jobs and re-checks from now on (the agent calls this
-        on every ``welcome``)."""
-        self.watermark_key = key
-
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` under the model's tokenizer: no BOS, no template, special
         tokens' text read as plain text (watermark detection scores these ids). May be
@@ -72,5 +105,19 @@ class Backend(ABC):
         """
         raise BackendError("tokenize_unsupported", "this backend cannot tokenize text")
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the model's memory and threads."""
+
+class EmbeddingBackend(Backend):
+    """An embedding model (capability ``embed``)."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"embed"})
+
+    @abstractmethod
+    async def embed(self, task: Embed) -> Embedded:
+        """Embed ``task``'s inputs: one vector per input, in order, and the input tokens
+        counted by the model's tokenizer (``receipt`` left for the agent to add).
+
+        Raises:
+            BackendError: ``context_length_exceeded`` (param ``input``) for an input over
+                the model's limit when ``task.truncate`` is not set; ``invalid_value`` for a
+                token id outside the vocabulary.
+        """

@@ -17,12 +17,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from covey.miner.backends.base import Backend, BackendError
+from covey.miner import harness
+from covey.miner.backends.base import BackendError, Capability, TextBackend
 from covey.miner.backends.llama_eval import (
     PREFILL_CHUNK,
     eval_logits,
@@ -39,7 +41,7 @@ from covey.protocol import (
     CheckReport,
     Delta,
     Done,
-    Job,
+    Generate,
     ModelOffer,
     Progress,
     Started,
@@ -73,12 +75,15 @@ class _Slot:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"llama-slot{index}")
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(TextBackend):
     """Serves one GGUF model with ``slots`` concurrent generations.
 
     Raises (from the constructor):
         ValueError: llama.cpp cannot load the file.
     """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {"generate", "validate", "tokenize"})
 
     def __init__(self, model: ModelFile, sha256: str, slots: int = 1,
                  config: LlamaCppConfig = LlamaCppConfig()) -> None:
@@ -112,7 +117,7 @@ class LlamaCppBackend(Backend):
             slot.executor.shutdown(wait=True)
             slot.llm.close()
 
-    def tokenize_job(self, llm: llama_cpp.Llama, job: Job) -> list[int]:
+    def tokenize_job(self, llm: llama_cpp.Llama, job: Generate) -> list[int]:
         """Prompt token ids: ``job.prompt_ids`` as given (any model), else the chat template
         from the GGUF for chat, raw text otherwise.
 
@@ -121,16 +126,10 @@ class LlamaCppBackend(Backend):
                 vocabulary, or text was sent to a private model (all ``invalid_value``).
         """
         if job.prompt_ids is not None:
-            n_vocab = llm.n_vocab()
-            bad = next((t for t in job.prompt_ids if t >= n_vocab), None)
-            if bad is not None:  # llama.cpp would refuse the batch with an opaque error
-                raise BackendError("invalid_value", f"prompt_ids holds token id {bad}, outside "
-                                   f"this model's vocabulary of {n_vocab}", "prompt_ids")
+            harness.check_ids(job.prompt_ids, llm.n_vocab(), "prompt_ids", "prompt_ids")
             return list(job.prompt_ids)
         if self._private:
-            param = "messages" if job.messages is not None else "prompt"
-            raise BackendError("invalid_value", f"{self.offer.name} is a private model: send "
-                               "token ids (prompt_ids) made with its key, not text", param)
+            harness.refuse_text(job, self.offer.name)
         if job.messages is not None:
             if self._formatter is None:
                 raise BackendError("invalid_value", "this model has no chat template; "
@@ -154,38 +153,23 @@ class LlamaCppBackend(Backend):
             piece = self._pieces[token] = llm.detokenize([token])
         return piece
 
-    def _run(self, llm: llama_cpp.Llama, job: Job,
+    def _run(self, llm: llama_cpp.Llama, job: Generate,
              emit: Callable[[object], None], cancel: threading.Event) -> None:
         """The whole generation, on the slot's own thread; frames go out through ``emit``."""
         try:
             tokens = self.tokenize_job(llm, job)
-            param = ("prompt_ids" if job.prompt_ids is not None
-                     else "messages" if job.messages is not None else "prompt")
-            if not tokens:
-                raise BackendError("invalid_prompt", f"The {param} is empty.", param)
-            n_ctx = llm.n_ctx()
-            if len(tokens) >= n_ctx:
-                raise BackendError(
-                    "context_length_exceeded",
-                    f"This model's maximum context length is {n_ctx} tokens. However, your "
-                    f"{param} resulted in {len(tokens)} tokens. Please reduce the length.",
-                    param)
+            max_new = harness.admit(job, len(tokens), llm.n_ctx(), llm.n_vocab())
             resumed = list(job.resume.token_ids) if job.resume else []
-            _check_resume(resumed, len(tokens), llm.n_vocab(), n_ctx, job.params.max_tokens)
             marker = self._green_list(llm, job)
             emit(Started(job_id=job.job_id, prompt_tokens=len(tokens)))
             p = job.params
-            budget = n_ctx - len(tokens) - len(resumed)
-            max_new = min(p.max_tokens - len(resumed), budget) if p.max_tokens else budget
             llm.set_seed(llama_seed(p.seed))
             if not prefill(llm, tokens, resumed, cancel, lambda n: emit(
                     Progress(job_id=job.job_id, prefilled=n)), exact=p.temperature == 0):
                 emit(Done(job_id=job.job_id, finish_reason="cancelled",
                           prompt_tokens=len(tokens), completion_tokens=0))
                 return
-            decoder = self._decoder(job)
-            if job.resume:
-                decoder.replay((self._piece(llm, t) for t in resumed), job.resume.text_chars)
+            decoder = harness.decoder_for(job, lambda t: self._piece(llm, t), self._private)
             out = DeltaBuffer(self._stream_interval, lambda text, ids: emit(
                 Delta(job_id=job.job_id, text=text, token_ids=ids)))
             vocab = llm._model.vocab
@@ -221,7 +205,7 @@ class LlamaCppBackend(Backend):
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop to raise
             emit(exc)
 
-    def _green_list(self, llm: llama_cpp.Llama, job: Job) -> GreenList | None:
+    def _green_list(self, llm: llama_cpp.Llama, job: Generate) -> GreenList | None:
         """The watermark bias of ``job`` (None when it asks for none).
 
         Raises:
@@ -242,7 +226,7 @@ class LlamaCppBackend(Backend):
         # llama.cpp's tokenizer only reads the vocabulary: safe beside a running slot
         return self._slots[0].llm.tokenize(text.encode(), add_bos=False, special=False)
 
-    def _decoder(self, job: Job) -> StreamDecoder:
+    def _decoder(self, job: Generate) -> StreamDecoder:
         """The job's text decoder. A private model's miner sees no text, so the client
         applies stop strings (:class:`covey.client.private.PrivateDecoder`), not the miner."""
         return StreamDecoder(() if self._private else job.params.stop)
@@ -317,7 +301,7 @@ class LlamaCppBackend(Backend):
         finally:
             cancel.set()
 
-    async def generate(self, job: Job) -> AsyncIterator[Started | Progress | Delta | Done]:
+    async def generate(self, job: Generate) -> AsyncIterator[Started | Progress | Delta | Done]:
         slot = await self._free.get()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -340,27 +324,6 @@ class LlamaCppBackend(Backend):
                     return
         finally:
             cancel.set()
-
-
-def _check_resume(resumed: list[int], prompt: int, n_vocab: int, n_ctx: int,
-                  max_tokens: int | None) -> None:
-    """Refuse a resume point that cannot come from this model's own answer.
-
-    Raises:
-        BackendError: ``invalid_value``: an id outside the vocabulary, more tokens than
-            ``max_tokens``, or prompt + resume over the context.
-    """
-    bad = next((t for t in resumed if t >= n_vocab), None)
-    if bad is not None:
-        raise BackendError("invalid_value", f"The resume point holds token id {bad}, outside "
-                           f"this model's vocabulary of {n_vocab}.", "resume")
-    if max_tokens is not None and len(resumed) > max_tokens:
-        raise BackendError("invalid_value", f"The resume point holds {len(resumed)} tokens, "
-                           f"more than max_tokens ({max_tokens}).", "resume")
-    if prompt + len(resumed) >= n_ctx:
-        raise BackendError("context_length_exceeded", f"The prompt ({prompt} tokens) and the "
-                           f"resumed answer ({len(resumed)}) fill the {n_ctx}-token context.",
-                           "resume")
 
 
 def _vocabulary_less(llm: llama_cpp.Llama) -> bool:

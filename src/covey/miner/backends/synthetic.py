@@ -15,9 +15,11 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
-from covey.miner.backends.base import Backend, BackendError
-from covey.protocol import Check, CheckReport, Delta, Done, Job, ModelOffer, Started
+from covey.miner import harness
+from covey.miner.backends.base import Capability, TextBackend
+from covey.protocol import Check, CheckReport, Delta, Done, Generate, ModelOffer, Started
 from covey.protocol.text import StreamDecoder
 
 SYNTHETIC_WEIGHTS = b"covey synthetic backend v1"
@@ -31,7 +33,7 @@ VOCAB = len(_WORDS)
 _PIECES = tuple(f" {w}".encode() for w in _WORDS)
 
 
-def _request_seed(job: Job) -> int:
+def _request_seed(job: Generate) -> int:
     """A stable 64-bit number from the request's text (not its id: equal requests give
     equal answers)."""
     h = hashlib.blake2b(digest_size=8)
@@ -48,8 +50,13 @@ def token_at(seed: int, i: int) -> int:
     return ((seed ^ (i * 0x9E3779B97F4A7C15)) * 0xBF58476D1CE4E5B9 >> 29) % VOCAB
 
 
-def prompt_tokens(job: Job) -> int:
-    """Prompt length in synthetic tokens: one per 4 bytes of text, at least one."""
+def prompt_tokens(job: Generate) -> int:
+    """Prompt length in synthetic tokens: one per 4 bytes of text, at least one (none for
+    an empty prompt); token ids count as given."""
+    if job.prompt_ids is not None:
+        return len(job.prompt_ids)
+    if job.prompt == "":
+        return 0
     if job.messages is not None:
         n = sum(len(m.content.encode()) + 4 for m in job.messages)
     else:
@@ -57,12 +64,15 @@ def prompt_tokens(job: Job) -> int:
     return max(1, n // 4)
 
 
-class SyntheticBackend(Backend):
+class SyntheticBackend(TextBackend):
     """``tokens_per_second`` per job (0: as fast as possible), ``slots`` jobs at once.
 
     Tokens due are sent together every ``stream_interval`` seconds, so thousands of streams
     cost a few wake-ups each per second, like the real backend's frame batching.
     """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {"generate", "validate", "tokenize"})
 
     def __init__(self, name: str = "synthetic", slots: int = 64,
                  tokens_per_second: float = 50.0, context_length: int = 4096,
@@ -73,24 +83,14 @@ class SyntheticBackend(Backend):
         self.offer = ModelOffer(name=name, sha256=hashlib.sha256(SYNTHETIC_WEIGHTS).hexdigest(),
                                 context_length=context_length, backend="synthetic")
 
-    async def generate(self, job: Job) -> AsyncIterator[Started | Delta | Done]:
+    async def generate(self, job: Generate) -> AsyncIterator[Started | Delta | Done]:
         n_prompt = prompt_tokens(job)
-        ctx = self.offer.context_length
-        if job.prompt is not None and not job.prompt:
-            raise BackendError("invalid_prompt", "The prompt is empty.", "prompt")
-        if n_prompt >= ctx:
-            param = "messages" if job.messages is not None else "prompt"
-            raise BackendError("context_length_exceeded",
-                               f"This model's maximum context length is {ctx} tokens. However,"
-                               f" your {param} resulted in {n_prompt} tokens.", param)
+        max_new = harness.admit(job, n_prompt, self.offer.context_length, VOCAB)
         yield Started(job_id=job.job_id, prompt_tokens=n_prompt)
         seed = _request_seed(job)
         start = len(job.resume.token_ids) if job.resume else 0
-        p = job.params
-        end = min(p.max_tokens or ctx, ctx - n_prompt)
-        decoder = StreamDecoder(p.stop)
-        if job.resume:
-            decoder.replay((_PIECES[t] for t in job.resume.token_ids), job.resume.text_chars)
+        end = start + max_new
+        decoder = harness.decoder_for(job, _PIECES.__getitem__)
         began = time.monotonic()
         i, finish = start, "stop" if decoder.stopped else "length"
         while i < end and finish == "length":

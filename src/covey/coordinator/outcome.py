@@ -1,0 +1,124 @@
+"""What running a task produced (:class:`Outcome`), and settling it (:func:`settle`).
+
+Running a task with the failover policy ends in one frozen :class:`Outcome`: who served it,
+the units delivered, the receipt, the fault if any. :func:`settle` is a pure function of an
+outcome and a price that returns the one ledger operation closing the request's escrow
+(DESIGN.md, "Run → Outcome → settle"); :class:`~covey.coordinator.billing.Billing` applies
+it and the verifier reads the outcome. Neither looks at a live job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from covey.coordinator.ledger.bank import UsageRecord
+from covey.coordinator.ledger.pricing import Price, cost
+from covey.protocol import Embed, Generate, ModelOffer
+from covey.protocol.receipts import Receipt
+
+if TYPE_CHECKING:
+    from covey.coordinator.miners import MinerSession
+
+Ending = Literal["done", "failed", "client_closed"]
+"""``done``: the miner finished; ``failed``: the miners failed or nothing started (nobody is
+paid); ``client_closed``: the client left mid-answer (it pays for what it was sent)."""
+
+
+@dataclass(frozen=True)
+class TextAnswer:
+    """A generation's answer as the finishing miner delivered it, for re-checks.
+
+    ``sent`` is the job as that miner got it (a sealed job: its box), pinned to the
+    weights; ``token_ids`` / ``text`` the whole answer (empty when sealed); ``sealed_stream``
+    the miner's sealed deltas; ``key_for`` asks the client to seal the session key to a
+    validator (sealed jobs only); ``delivered`` counts the token ids handed out. The
+    sequences are the finished job's own (not copied: nothing appends to them any more).
+    """
+
+    sent: Generate
+    token_ids: Sequence[int]
+    text: str
+    finish_reason: str
+    delivered: int
+    sealed_stream: Sequence[str] = ()
+    key_for: Callable[[MinerSession], Awaitable[str | None]] | None = None
+
+
+@dataclass(frozen=True)
+class EmbedAnswer:
+    """An embedding task as the finishing miner got it (pinned to its weights) and the
+    vectors it returned (base64, :func:`~covey.protocol.embed.pack_vectors`)."""
+
+    sent: Embed
+    vectors: str
+    dimensions: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's end (see the module docstring).
+
+    ``miner_id`` / ``offer``: the miner that served it last (None when none started it);
+    ``prompt_tokens`` / ``completion_tokens``: the billable units (tokens, for text and
+    embeddings); ``receipt``: the finishing miner's receipt and signature when it checked
+    out; ``fault``: why that miner's usage report is false (nobody is paid, the verifier
+    punishes); ``checkable``: the client allows a re-check; ``answer``: what a validator
+    re-checks (None when nothing finished).
+    """
+
+    job_id: str
+    account: str
+    model: str
+    ending: Ending
+    miner_id: str | None = None
+    offer: ModelOffer | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    receipt: tuple[Receipt, str] | None = None
+    fault: str | None = None
+    failovers: int = 0
+    checkable: bool = True
+    answer: TextAnswer | EmbedAnswer | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Close the escrow of ``job_id``: the miner earns ``amount`` µcr (less the protocol
+    fee), the rest goes back to ``account``; ``usage`` and ``receipt`` are stored with it."""
+
+    job_id: str
+    account: str
+    miner_id: str
+    amount: int
+    usage: UsageRecord
+    receipt: tuple[Receipt, str] | None = None
+
+
+@dataclass(frozen=True)
+class Refund:
+    """Return the whole escrow of ``job_id`` to ``account``."""
+
+    job_id: str
+    account: str
+
+
+LedgerOp = Charge | Refund
+
+
+def settle(outcome: Outcome, price: Price) -> LedgerOp:
+    """The ledger operation that closes ``outcome``'s escrow at ``price`` (µcr per 1M
+    tokens).
+
+    Nobody is paid when no miner served the request, when the miners failed, or when the
+    finishing miner's usage report was false (a failed check, DESIGN.md, Trust). Otherwise
+    the miner that finished earns the cost of the units delivered; after a failover the
+    user still pays once, to that miner, which evaluated the whole prompt itself.
+    """
+    if outcome.miner_id is None or outcome.ending == "failed" or outcome.fault is not None:
+        return Refund(outcome.job_id, outcome.account)
+    return Charge(outcome.job_id, outcome.account, outcome.miner_id,
+                  cost(price, outcome.prompt_tokens, outcome.completion_tokens),
+                  UsageRecord(outcome.model, outcome.prompt_tokens, outcome.completion_tokens),
+                  outcome.receipt)

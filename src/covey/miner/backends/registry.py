@@ -1,0 +1,117 @@
+"""Choosing and building a backend by name: a registry, so adding a runtime adds an entry.
+
+:func:`backend_for` picks a model's backend from its files (a ``.gguf`` file: llama.cpp; a
+sentence-transformers folder: sentence-transformers); :func:`build` constructs it from a
+:class:`ModelSettings`. Each builder imports its runtime only when called, so a miner that
+serves GGUF files never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from covey.miner.backends.base import Backend
+
+
+class BackendUnavailable(Exception):
+    """The backend's runtime is not installed, or the model cannot be served by it; the
+    message says what to install or pass."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One model to serve and how (the miner's command-line options for it).
+
+    ``path`` is a GGUF file or a model folder (None for ``synthetic``); ``sha256`` the
+    weights' digest; ``ctx`` context length in tokens; ``threads`` CPU threads per slot
+    (None: the backend's default); prices in µcr per 1M tokens; ``tokens_per_second`` and
+    ``stream_interval`` (seconds) pace streamed answers.
+    """
+
+    name: str
+    path: Path | None = None
+    sha256: str = ""
+    slots: int = 1
+    ctx: int = 4096
+    threads: int | None = None
+    gpu_layers: int = 0
+    stream_interval: float = 0.02
+    ask_prompt: int = 0
+    ask_completion: int = 0
+    tokens_per_second: float = 50.0
+
+
+def _llama_cpp(s: ModelSettings) -> Backend:
+    try:
+        from covey.miner.backends.llama_cpp import LlamaCppBackend, LlamaCppConfig
+        from covey.miner.models import ModelFile
+    except ImportError as exc:
+        raise BackendUnavailable("the llama.cpp backend needs: pip install 'covey[llama]'"
+                                 ) from exc
+    assert s.path is not None
+    return LlamaCppBackend(ModelFile(s.name, s.path), s.sha256, s.slots, LlamaCppConfig(
+        n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers,
+        stream_interval=s.stream_interval, ask_prompt=s.ask_prompt,
+        ask_completion=s.ask_completion))
+
+
+def _sentence_transformers(s: ModelSettings) -> Backend:
+    try:
+        import sentence_transformers  # noqa: F401 - fail here with advice, not deep inside
+
+        from covey.miner.backends.sentence_transformers import (
+            EmbeddingConfig,
+            SentenceTransformersBackend,
+        )
+    except ImportError as exc:
+        raise BackendUnavailable("the sentence-transformers backend needs: "
+                                 "pip install 'covey[embed]'") from exc
+    assert s.path is not None
+    return SentenceTransformersBackend(s.name, s.path, s.sha256, s.slots, EmbeddingConfig(
+        threads=s.threads, ask_prompt=s.ask_prompt))
+
+
+def _synthetic(s: ModelSettings) -> Backend:
+    from covey.miner.backends.synthetic import SyntheticBackend
+
+    return SyntheticBackend(s.name, s.slots, s.tokens_per_second, s.ctx, s.stream_interval)
+
+
+BUILDERS: dict[str, Callable[[ModelSettings], Backend]] = {
+    "llama.cpp": _llama_cpp,
+    "sentence-transformers": _sentence_transformers,
+    "synthetic": _synthetic,
+}
+"""Backend name → builder; ``covey miner --backend`` takes these names (or ``auto``)."""
+
+
+def backend_for(path: Path) -> str:
+    """The backend that serves the model at ``path``: ``llama.cpp`` for a file,
+    ``sentence-transformers`` for a folder with a ``modules.json``.
+
+    Raises:
+        BackendUnavailable: a folder no backend here knows how to serve.
+    """
+    if path.is_file():
+        return "llama.cpp"
+    if (path / "modules.json").is_file():
+        return "sentence-transformers"
+    raise BackendUnavailable(f"{path} is a folder without a sentence-transformers "
+                             "modules.json; no backend here serves it")
+
+
+def build(backend: str, settings: ModelSettings) -> Backend:
+    """Construct ``backend`` (a :data:`BUILDERS` name) for ``settings``.
+
+    Raises:
+        BackendUnavailable: unknown name, or its runtime is not installed.
+        ValueError: the runtime cannot load the model.
+    """
+    builder = BUILDERS.get(backend)
+    if builder is None:
+        raise BackendUnavailable(f"unknown backend {backend!r}; expected one of "
+                                 f"{', '.join(BUILDERS)}")
+    return builder(settings)
+
