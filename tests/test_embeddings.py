@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from openai import BadRequestError, OpenAI
 
@@ -94,7 +95,7 @@ def test_token_id_inputs_embed_like_their_text(net, reference):
 def test_one_miner_serves_chat_and_embeddings(net):
     models = {m["id"]: m for m in httpx.get(f"{net.url}/v1/models").json()["data"]}
     assert models[MODEL]["kind"] == "chat" and models[EMBED]["kind"] == "embedding"
-    assert models[EMBED]["context_length"] == 256
+    assert models[EMBED]["context_length"] == 256 and models[EMBED]["dimensions"] == 384
     miners = httpx.get(f"{net.url}/v1/miners").json()["data"]
     assert len(miners) == 1
     assert {m["name"] for m in miners[0]["models"]} == {MODEL, EMBED}
@@ -143,6 +144,97 @@ def test_bad_requests_get_openai_errors_and_cost_nothing(net, body, status, code
     assert error["message"]
     after = account(net, headers)
     assert (after["balance"], after["held"]) == (before, 0)
+
+
+def test_an_empty_input_is_named_plainly(net):
+    r = httpx.post(f"{net.url}/v1/embeddings", headers=net.headers, timeout=30,
+                   json={"model": EMBED, "input": ["a", ""]})
+    assert r.json()["error"]["message"] == (
+        "Invalid value for 'input': an input string is empty; every input needs text.")
+
+
+def test_quote_gives_an_embeddings_requests_maximum_cost(net):
+    r = httpx.post(f"{net.url}/v1/quote", headers=net.headers, timeout=30,
+                   json={"model": EMBED, "input": ["héllo", "world"]})
+    assert r.status_code == 200, r.text
+    quote = r.json()
+    # UTF-8 bytes + 4 special tokens per input, at the floor of 0.1 credit per 1M tokens
+    assert quote["max_prompt_tokens"] == (6 + 4) + (5 + 4)
+    assert quote["max_cost"] == 2 and quote["max_completion_tokens"] == 0
+    r = httpx.post(f"{net.url}/v1/quote", headers=net.headers, timeout=30,
+                   json={"model": MODEL, "input": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_text_json_cannot_carry_is_400_and_frees_the_keys_slot(net):
+    headers = sign_up(net)
+    body = b'{"model": "%s", "input": ["ok", "a\\ud800 b"]}' % EMBED.encode()
+    for _ in range(40):  # more than the key's concurrency limit (32)
+        r = httpx.post(f"{net.url}/v1/embeddings", content=body, timeout=30,
+                       headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_value"
+    r = httpx.post(f"{net.url}/v1/embeddings", headers=headers, timeout=30,
+                   json={"model": EMBED, "input": "still served"})
+    assert r.status_code == 200, r.text
+    assert account(net, headers)["held"] == 0
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    (["a"] * 2049, "at most 2048"), ([[1]] * 2049, "at most 2048"), ([-1], "0 to 2^31"),
+    (["a", 1], "strings only or token ids only"), (None, "expected a string"),
+])
+def test_malformed_inputs_are_named_plainly(net, value, says):
+    r = httpx.post(f"{net.url}/v1/embeddings", headers=net.headers, timeout=30,
+                   json={"model": EMBED, "input": value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert says in r.json()["error"]["message"]
+
+
+def test_a_long_task_reports_progress_instead_of_stalling(tmp_path: Path):
+    """With a 4 s stall timeout, a task of many full-length inputs outlasts it: the miner's
+    progress frames keep it alive, and nobody's reputation suffers."""
+    net = Network(tmp_path, "--stall-timeout", "4")
+    try:
+        net.add_miner("--model", EMBED, wait=False)
+        net.wait_miners(1, EMBED)
+        started = time.monotonic()
+        r = httpx.post(f"{net.url}/v1/embeddings", headers=net.headers, timeout=300,
+                       json={"model": EMBED, "input": ["word " * 300] * 192,
+                             "truncate": True})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started > 4  # it did outlast the stall timeout
+        assert r.json()["usage"]["prompt_tokens"] == 192 * 256
+        miner = httpx.get(f"{net.url}/v1/miners").json()["data"][0]
+        assert miner["jobs_failed"] == 0
+    finally:
+        net.close()
+
+
+def test_a_client_that_leaves_cancels_the_task_and_pays_nothing(net):
+    headers = sign_up(net)
+    before = account(net, headers)["balance"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{net.url}/v1/embeddings", headers=headers, timeout=1.0,
+                   json={"model": EMBED, "input": ["word " * 300] * 512, "truncate": True})
+    assert net.wait_idle(10), "the coordinator still counts the task"
+    # The miner stops computing too (within one chunk of work), not minutes later.
+    miner = psutil.Process(net.miners[0].popen.pid)
+    time.sleep(2)
+    cpu = miner.cpu_times()
+    time.sleep(2)
+    busy = sum(miner.cpu_times()[:2]) - sum(cpu[:2])
+    assert busy < 1.0, f"the miner used {busy:.1f} CPU seconds in 2 s after the cancel"
+    deadline = time.monotonic() + 10
+    while account(net, headers)["held"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = account(net, headers)
+    assert (after["balance"], after["held"]) == (before, 0)
+    # The miner's slot is free again: a small request is served at once.
+    started = time.monotonic()
+    r = httpx.post(f"{net.url}/v1/embeddings", headers=headers, timeout=30,
+                   json={"model": EMBED, "input": "hello"})
+    assert r.status_code == 200 and time.monotonic() - started < 5
 
 
 def test_truncate_cuts_long_inputs_instead(net):

@@ -157,9 +157,10 @@ def miner(
     coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")] = (
         "http://127.0.0.1:8000"),
     model: Annotated[list[str] | None, typer.Option(
-        help="A bundled model name, a path to a .gguf file or a model folder, or a Hugging "
-             "Face reference (hf:ORG/REPO/FILE.gguf, hf:ORG/REPO). Repeat to serve several "
-             f"models from one process. Default: {BUNDLED_MODEL}.")] = None,
+        help="A bundled model name (smollm2-135m-instruct, all-minilm-l6-v2), a path to a "
+             ".gguf file or a sentence-transformers folder, or a Hugging Face reference "
+             "(hf:ORG/REPO[@REVISION]/FILE.gguf, hf:ORG/REPO[@REVISION]). Repeat to serve "
+             f"several models from one process. Default: {BUNDLED_MODEL}.")] = None,
     slots: Annotated[int, typer.Option(min=1, max=1024, help="Jobs run at once, per model.")
                      ] = 1,
     name: Annotated[str | None, typer.Option(help="Name to serve a path under (one --model "

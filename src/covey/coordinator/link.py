@@ -31,6 +31,7 @@ from covey.protocol import (
     Embedded,
     Generate,
     JobError,
+    MinerId,
     Progress,
     Reply,
     Tokenize,
@@ -177,7 +178,8 @@ class MinerLink:
         self.session = session
 
     @property
-    def miner_id(self) -> str:
+    def miner_id(self) -> MinerId:
+        """The miner's id (its hex public key)."""
         return self.session.miner_id
 
     def call(self, task: Request, stall_timeout: float = 30.0) -> Call:

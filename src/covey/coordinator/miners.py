@@ -23,6 +23,7 @@ from covey.protocol import (
     Challenge,
     Heartbeat,
     Hello,
+    MinerId,
     ModelOffer,
     Reply,
     Welcome,
@@ -56,7 +57,7 @@ class MinerSession:
     ``last_seen`` and ``last_dispatch`` are ``time.monotonic()`` seconds.
     """
 
-    miner_id: str
+    miner_id: MinerId
     hello: Hello
     websocket: WebSocket
     active: int = 0
@@ -173,11 +174,11 @@ class MinerRegistry:
                                                                            m.context_length))
         return out
 
-    def kind_of(self, model: str) -> str:
-        """The kind of ``model`` (``chat``, ``embedding``) as its live miners announce it;
-        ``chat`` for a catalog model no miner serves now."""
-        return next((o.kind for s in self.sessions.values() if not s.closed
-                     for o in s.hello.models if o.name == model), "chat")
+    def announced(self, model: str) -> ModelOffer | None:
+        """How a live miner announces ``model`` (its kind, dimensions …), or None when no
+        live miner serves it (a catalog model is a chat model)."""
+        return next((o for s in self.sessions.values() if not s.closed
+                     for o in s.hello.models if o.name == model), None)
 
     def add(self, session: MinerSession) -> MinerSession | None:
         """Register ``session``; returns the older session of the same key, if any, to close."""
@@ -250,7 +251,7 @@ async def serve_miner(
     hello = await _handshake(ws, timeout=miner_timeout)
     if hello is None:
         return
-    session = MinerSession(miner_id=hello.public_key, hello=hello, websocket=ws)
+    session = MinerSession(miner_id=MinerId(hello.public_key), hello=hello, websocket=ws)
     registry.admission(session)
     old = registry.add(session)
     if old is not None:

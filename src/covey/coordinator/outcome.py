@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from covey.coordinator.ledger.bank import UsageRecord
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.protocol import Embed, Generate, ModelOffer
+from covey.protocol import Embed, Generate, JobId, MinerId, ModelOffer
 from covey.protocol.receipts import Receipt
 
 if TYPE_CHECKING:
@@ -68,11 +68,11 @@ class Outcome:
     re-checks (None when nothing finished).
     """
 
-    job_id: str
+    job_id: JobId
     account: str
     model: str
     ending: Ending
-    miner_id: str | None = None
+    miner_id: MinerId | None = None
     offer: ModelOffer | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -88,9 +88,9 @@ class Charge:
     """Close the escrow of ``job_id``: the miner earns ``amount`` µcr (less the protocol
     fee), the rest goes back to ``account``; ``usage`` and ``receipt`` are stored with it."""
 
-    job_id: str
+    job_id: JobId
     account: str
-    miner_id: str
+    miner_id: MinerId
     amount: int
     usage: UsageRecord
     receipt: tuple[Receipt, str] | None = None
@@ -100,7 +100,7 @@ class Charge:
 class Refund:
     """Return the whole escrow of ``job_id`` to ``account``."""
 
-    job_id: str
+    job_id: JobId
     account: str
 
 

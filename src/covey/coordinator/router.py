@@ -150,8 +150,8 @@ class Dispatcher:
         if failover:
             sessions = [s for s in sessions if self._fits(s, model, sha256, exclude)]
             if not sessions:
-                raise _no_miner(f"No other miner serving '{model}' with the same weights is "
-                                "online.")
+                raise _no_miner(f"No miner serving '{model}' with the same weights is left "
+                                "that has not had the request.")
         return sessions
 
     def _staked(self, s: MinerSession) -> bool:

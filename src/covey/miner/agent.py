@@ -47,6 +47,7 @@ from covey.protocol import (
     Hello,
     JobError,
     ModelOffer,
+    Progress,
     Started,
     Tokenize,
     Tokens,
@@ -134,6 +135,7 @@ class MinerAgent:
         self.box = PrivateKey.generate()
         self.box_signature = sign_box_key(key, self.box.public_key)
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._pending: set[asyncio.Future[None]] = set()
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -202,6 +204,18 @@ class MinerAgent:
     async def _send(self, ws: ClientConnection, frame: _Frame) -> None:
         async with self._send_lock:
             await ws.send(encode_frame(frame))
+
+    def _send_soon(self, ws: ClientConnection, frame: _Frame) -> None:
+        """Send ``frame`` from a task of its own (from a callback that cannot await);
+        a closed socket is ignored."""
+
+        async def send() -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(ws, frame)
+
+        task = asyncio.ensure_future(send())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _session(self, ws: ClientConnection) -> None:
         challenge = decode_frame(await ws.recv())
@@ -346,7 +360,11 @@ class MinerAgent:
         """Run an ``embed`` task and send its vectors with a signed receipt."""
         backend = self._backend(task.model, task.model_sha256, "embed")
         assert isinstance(backend, EmbeddingBackend)
-        reply = await backend.embed(task)
+
+        def progress(tokens: int) -> None:
+            self._send_soon(ws, Progress(job_id=task.job_id, prefilled=tokens))
+
+        reply = await backend.embed(task, progress)
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           vectors_digest(reply.vectors)))
 

@@ -94,6 +94,9 @@ def resolve_model(name_or_path: str, served_name: str | None = None) -> ModelFil
         path = path.resolve()
         return ModelFile(served_name or path.name.lower(), path)
     known = ", ".join(sorted(_BUNDLED))
+    if path.suffix == ".gguf" or "/" in name_or_path:
+        raise ModelNotFound(f"{name_or_path!r}: no such file or folder (bundled models: "
+                            f"{known}; hub models: hf:ORG/REPO or hf:ORG/REPO/FILE.gguf)")
     raise ModelNotFound(
         f"{name_or_path!r} is not a bundled model ({known}), a GGUF file, a model directory "
         f"nor a hub reference (hf:ORG/REPO or hf:ORG/REPO/FILE.gguf)"

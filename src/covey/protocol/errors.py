@@ -98,11 +98,13 @@ def from_validation_errors(errors: Sequence[Any]) -> ApiError:
                             code="missing_body")
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param,
                         code="missing_required_parameter")
+    # A field validator's ValueError arrives as "Value error, <our message>": keep ours.
+    msg = str(first.get("msg", "")).removeprefix("Value error, ")
     if param is None:
-        return ApiError(400, f"Invalid request body: {first.get('msg')}.", code="invalid_body")
+        return ApiError(400, f"Invalid request body: {msg}.", code="invalid_body")
     return ApiError(
         400,
-        f"Invalid value for '{param}': {first.get('msg')}.",
+        f"Invalid value for '{param}': {msg}.",
         param=param,
         code="invalid_value",
     )

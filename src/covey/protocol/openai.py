@@ -201,6 +201,8 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     kind: str = "chat"
     """What the model does: ``chat`` (chat and completions) or ``embedding``."""
+    dimensions: int | None = None
+    """An embedding model's vector length (None for other kinds)."""
 
 
 class ModelList(BaseModel):

@@ -32,17 +32,33 @@ class EmbeddingRequest(_Request):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _not_empty(cls, v: object) -> object:
-        if isinstance(v, list) and (not v or any(isinstance(x, list) and not x for x in v)):
-            raise ValueError("an input list is empty; send at least one input (and at least "
-                             "one token id per token-id list)")
-        return v
-
-    @field_validator("input")
-    @classmethod
-    def _no_empty_text(cls, v: object) -> object:
-        if v == "" or (isinstance(v, list) and "" in v):
-            raise ValueError("an input string is empty; every input needs text")
+    def _shape(cls, v: object) -> object:
+        """Say plainly what is wrong with ``input`` (the union's own errors say "Input
+        should be a valid string" for any of it)."""
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("an input string is empty; every input needs text")
+            return v
+        if not isinstance(v, list):
+            raise ValueError("expected a string, a list of strings, a list of token ids or a "
+                             "list of lists of token ids")
+        if not v:
+            raise ValueError("the list is empty; send at least one input")
+        if all(isinstance(x, str) for x in v):
+            if len(v) > MAX_INPUTS:
+                raise ValueError(f"{len(v)} inputs; at most {MAX_INPUTS} per request")
+            if "" in v:
+                raise ValueError("an input string is empty; every input needs text")
+            return v
+        rows = v if all(isinstance(x, list) for x in v) else [v]
+        if len(rows) > MAX_INPUTS:
+            raise ValueError(f"{len(rows)} inputs; at most {MAX_INPUTS} per request")
+        for row in rows:
+            if not row:
+                raise ValueError("a token-id list is empty; every input needs a token")
+            if not all(type(t) is int and 0 <= t < 2**31 for t in row):
+                raise ValueError("token ids are integers from 0 to 2^31 − 1, and a list "
+                                 "holds strings only or token ids only")
         return v
 
     def texts(self) -> tuple[str, ...] | None:

@@ -20,6 +20,7 @@ from covey.coordinator.ledger.bank import user
 from covey.coordinator.link import encode_task
 from covey.protocol import verify_action
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
+from covey.protocol.openai_embeddings import EmbeddingRequest
 
 router = APIRouter()
 
@@ -120,9 +121,16 @@ async def transfer(body: TransferBody, request: Request, account_id: Account
 
 @router.post("/v1/quote")
 async def quote(request: Request, _account: Account) -> JSONResponse:
-    """The maximum cost of a chat or completion request body, without running it."""
+    """The maximum cost of a chat, completion or embeddings request body, without running
+    it."""
     try:
         raw = json.loads(await request.body())
+        if isinstance(raw, dict) and "input" in raw and "messages" not in raw \
+                and "prompt" not in raw:
+            from covey.coordinator.api.embeddings import quote_embeddings  # imports us
+
+            embed = EmbeddingRequest.model_validate(raw)
+            return JSONResponse(quote_embeddings(request.app.state.serving, embed))
         body = (ChatCompletionRequest.model_validate(raw) if isinstance(raw, dict)
                 and "messages" in raw else CompletionRequest.model_validate(raw))
     except ValidationError as exc:

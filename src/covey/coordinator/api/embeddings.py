@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import new_id
 from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
 from covey.coordinator.errors import ApiError
-from covey.coordinator.ledger.pricing import cost
+from covey.coordinator.ledger.pricing import Price, cost
+from covey.coordinator.link import encode_task
 from covey.coordinator.metrics import RequestRecord
-from covey.coordinator.run import run_embed
+from covey.coordinator.run import EmbedResult, run_embed
 from covey.protocol import Embed, ModelOffer
 from covey.protocol.openai_embeddings import (
     Embedding,
@@ -26,6 +28,7 @@ from covey.protocol.openai_embeddings import (
     EmbeddingRequest,
     EmbeddingUsage,
 )
+from covey.protocol.openai_stream import unless_client_leaves
 
 router = APIRouter()
 
@@ -78,39 +81,87 @@ def _data(vectors: str, dimensions: int, encoding: str) -> list[Embedding]:
             for i, r in enumerate(rows)]
 
 
-@router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request, account: Account
-                     ) -> EmbeddingList:
-    """OpenAI Embeddings; see the module docstring."""
-    serving: Serving = request.app.state.serving
+def _quote(serving: Serving, task: Embed, dimensions: int | None) -> tuple[int, int, Price]:
+    """(most input tokens, maximum cost in µcr, price) of ``task``.
+
+    Raises:
+        ApiError: 404 unknown model, 503 no live miner, 400 not an embedding model or a
+            ``dimensions`` it cannot give.
+    """
+    serving.dispatcher.check(task.model)
+    offers = serving.offers(task.model)
+    _servable(task.model, offers, dimensions)
+    bound = input_token_bound(task, max(o.context_length for o in offers))
+    price = serving.billing.price(task.model, offers)
+    return bound, cost(price, bound, 0), price
+
+
+def _task(body: EmbeddingRequest) -> Embed:
+    """The task of ``body``.
+
+    Raises:
+        ApiError: 400 for text JSON cannot carry (a lone surrogate), before any credit moves.
+    """
     task = Embed(job_id=new_id("emb"), model=body.model, input=body.texts(),
                  input_ids=body.token_ids(), truncate=body.truncate)
+    encode_task(task)
+    return task
+
+
+def quote_embeddings(serving: Serving, body: EmbeddingRequest) -> dict[str, object]:
+    """``POST /v1/quote`` for an embeddings body: the most input tokens and what they may
+    cost (µcr), without running it. Raises as :func:`_quote`."""
+    bound, max_cost, price = _quote(serving, _task(body), body.dimensions)
+    return {"object": "quote", "model": body.model, "max_prompt_tokens": bound,
+            "max_completion_tokens": 0, "max_cost": max_cost, "unit": "µcr",
+            "price": {"prompt": price.prompt, "completion": price.completion,
+                      "per_tokens": 1_000_000}}
+
+
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(body: EmbeddingRequest, request: Request, account: Account) -> Response:
+    """OpenAI Embeddings; see the module docstring. A client that hangs up first cancels
+    the task on the miner and pays nothing."""
+    serving: Serving = request.app.state.serving
+    task = _task(body)
     record = RequestRecord(task.job_id, task.model, account, False)
     request.state.logged = True
     serving.admit(record)
-    try:
-        data, tokens = await _run(serving, task, account, body)
-    except ApiError as exc:
-        serving.finish(record, exc.status, exc.code)
-        raise
-    except asyncio.CancelledError:
-        serving.finish(record, CLIENT_CLOSED)
-        raise
-    record.prompt_tokens = tokens
-    serving.finish(record, 200)
-    return EmbeddingList(id=task.job_id, data=data, model=task.model,
-                         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def work() -> Response:
+        try:
+            result = await _run(serving, task, account, body.dimensions)
+        except ApiError as exc:
+            serving.finish(record, exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            serving.finish(record, CLIENT_CLOSED)
+            raise
+        except BaseException:
+            serving.finish(record, 500, "internal_error")
+            raise
+        reply, outcome = result.reply, result.outcome
+        record.miner, record.failovers = outcome.miner_id, outcome.failovers
+        record.prompt_tokens = reply.prompt_tokens
+        serving.finish(record, 200)
+        usage = EmbeddingUsage(prompt_tokens=reply.prompt_tokens,
+                               total_tokens=reply.prompt_tokens)
+        answer = EmbeddingList(id=task.job_id, model=task.model, usage=usage,
+                               data=_data(reply.vectors, reply.dimensions,
+                                          body.encoding_format))
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    stayed, response = await unless_client_leaves(request.receive, work())
+    return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
 
 
-async def _run(serving: Serving, task: Embed, account: str, body: EmbeddingRequest
-               ) -> tuple[list[Embedding], int]:
+async def _run(serving: Serving, task: Embed, account: str, dimensions: int | None
+               ) -> EmbedResult:
+    """Hold the maximum cost, run ``task`` with failover, settle; the escrow is refunded
+    whole on any failure (or when the client leaves)."""
     dispatcher, billing = serving.dispatcher, serving.billing
-    dispatcher.check(task.model)
-    offers = serving.offers(task.model)
-    _servable(task.model, offers, body.dimensions)
-    bound = input_token_bound(task, max(o.context_length for o in offers))
-    hold = asyncio.ensure_future(billing.hold(
-        task.job_id, account, cost(billing.price(task.model, offers), bound, 0)))
+    bound, max_cost, _ = _quote(serving, task, dimensions)
+    hold = asyncio.ensure_future(billing.hold(task.job_id, account, max_cost))
     try:
         await asyncio.shield(hold)
     except asyncio.CancelledError:
@@ -127,6 +178,7 @@ async def _run(serving: Serving, task: Embed, account: str, body: EmbeddingReque
     settlement = billing.settle(result.outcome)
     if serving.after_job is not None:
         serving.after_job(result.outcome, settlement)
-    await settlement
-    reply = result.reply
-    return _data(reply.vectors, reply.dimensions, body.encoding_format), reply.prompt_tokens
+    # Shielded: the answer waits for its charge (and receipt) to land, and a client that
+    # leaves now cannot cancel it.
+    await asyncio.shield(settlement)
+    return result

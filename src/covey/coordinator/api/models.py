@@ -13,14 +13,17 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    """Every known model, with how many live miners serve it now."""
+    """Every known model, with how many live miners serve it now, its context length, its
+    kind (chat, embedding) and, for an embedding model, its vectors' dimensions."""
     registry: MinerRegistry = request.app.state.registry
     created = request.app.state.started_at
-    return ModelList(data=[
-        ModelCard(id=name, created=created, miners=miners, context_length=ctx,
-                  kind=registry.kind_of(name))
-        for name, (miners, ctx) in sorted(registry.models().items())
-    ])
+    cards = []
+    for name, (miners, ctx) in sorted(registry.models().items()):
+        offer = registry.announced(name)
+        cards.append(ModelCard(id=name, created=created, miners=miners, context_length=ctx,
+                               kind=offer.kind if offer else "chat",
+                               dimensions=offer.dimensions if offer else None))
+    return ModelList(data=cards)
 
 
 @router.get("/v1/miners")

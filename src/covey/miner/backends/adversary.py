@@ -179,8 +179,9 @@ class AdversaryEmbedding(EmbeddingBackend):
     def close(self) -> None:
         self.inner.close()
 
-    async def embed(self, task: Embed) -> Embedded:
-        honest = await self.inner.embed(task)
+    async def embed(self, task: Embed, progress: Callable[[int], None] | None = None
+                    ) -> Embedded:
+        honest = await self.inner.embed(task, progress)
         if self._honest_left > 0 or self.behaviour != "random-vectors":
             self._honest_left -= 1
             return honest

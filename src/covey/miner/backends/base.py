@@ -16,7 +16,7 @@ Backends are built by name from :mod:`covey.miner.backends.registry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import ClassVar, Literal
 
 from covey.protocol import (
@@ -112,9 +112,13 @@ class EmbeddingBackend(Backend):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({"embed"})
 
     @abstractmethod
-    async def embed(self, task: Embed) -> Embedded:
+    async def embed(self, task: Embed, progress: Callable[[int], None] | None = None
+                    ) -> Embedded:
         """Embed ``task``'s inputs: one vector per input, in order, and the input tokens
         counted by the model's tokenizer (``receipt`` left for the agent to add).
+        ``progress`` is told the input tokens done so far during a long task (the agent
+        sends them as ``progress`` frames, so the coordinator can tell work from a stall);
+        cancelling the call stops the work.
 
         Raises:
             BackendError: ``context_length_exceeded`` (param ``input``) for an input over

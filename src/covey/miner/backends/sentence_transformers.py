@@ -11,17 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from covey.miner.backends.base import BackendError, EmbeddingBackend
 from covey.protocol import Embed, Embedded, ModelOffer
 from covey.protocol.embed import pack_vectors
 
 BATCH = 64
-"""Inputs per forward pass."""
+"""Inputs per forward pass; progress is reported and cancellation checked between them."""
+MAX_REQUEST_TOKENS = 300_000
+"""Input tokens one request may hold (OpenAI's limit for its embedding models)."""
+CHARS_PER_TOKEN = 128
+"""A text longer than this many characters per token of the model's limit is cut (with
+``truncate``) or refused before tokenizing. WordPiece reads a word of over 100 characters as
+one unknown token, so only such words make a token span more than this."""
+
+CHUNK_TOKENS = 4096
+"""Input tokens per chunk between progress reports (about a second of work on one CPU
+thread for all-MiniLM-L6-v2), so a long task keeps telling the coordinator it is alive."""
+
+Progress = Callable[[int], None]
+"""Told the input tokens embedded so far, between batches."""
 
 
 @dataclass(frozen=True)
@@ -73,40 +89,91 @@ class SentenceTransformersBackend(EmbeddingBackend):
                                 dimensions=self.dimensions,
                                 ask_prompt=config.ask_prompt)
 
-    async def embed(self, task: Embed) -> Embedded:
-        async with self._gate:
-            return await asyncio.to_thread(self._embed, task)
+    async def embed(self, task: Embed, progress: Progress | None = None) -> Embedded:
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
 
-    def _embed(self, task: Embed) -> Embedded:
-        if task.input is not None:
-            lengths = [len(ids) for ids in self._tokenizer(
-                list(task.input), add_special_tokens=True, truncation=False,
-                verbose=False)["input_ids"]]
-        else:
-            rows = task.input_ids or ()
-            for row in rows:
-                bad = next((t for t in row if t >= self._vocab), None)
-                if bad is not None:
-                    raise BackendError("invalid_value", f"token id {bad} is outside the "
-                                       f"model's vocabulary of {self._vocab}", "input")
-            lengths = [len(row) + 2 for row in rows]
+        def report(tokens: int) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, tokens)
+
+        async with self._gate:
+            try:
+                return await asyncio.to_thread(self._embed, task, cancel, report)
+            finally:
+                cancel.set()  # a cancelled task's thread stops at its next batch
+
+    def _embed(self, task: Embed, cancel: threading.Event, report: Progress) -> Embedded:
+        texts = self._capped(task.input, task.truncate) if task.input is not None else None
+        lengths = self._lengths(texts, task.input_ids or (), cancel)
         over = next(((i, n) for i, n in enumerate(lengths) if n > self._limit), None)
         if over is not None and not task.truncate:
             i, n = over
             raise BackendError("context_length_exceeded", f"Input {i} is {n} tokens long; "
                                f"{self.offer.name} reads at most {self._limit} per input. "
                                "Shorten it, or send \"truncate\": true to cut it.", "input")
-        if task.input is not None:
-            vectors = self.model.encode(list(task.input), batch_size=BATCH,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        else:
-            vectors = self._encode_ids(task.input_ids or ())
+        tokens = [min(n, self._limit) for n in lengths]
+        if sum(tokens) > MAX_REQUEST_TOKENS:
+            raise BackendError("invalid_value", f"The inputs hold {sum(tokens)} tokens; at "
+                               f"most {MAX_REQUEST_TOKENS} fit one request. Split it.",
+                               "input")
+        rows = []
+        done = 0
+        for start, end in _chunks(tokens):
+            if cancel.is_set():
+                raise BackendError("cancelled", "the task was cancelled")
+            if texts is not None:
+                rows.append(self.model.encode(texts[start:end], batch_size=BATCH,
+                                              convert_to_numpy=True, show_progress_bar=False))
+            else:
+                rows.append(self._encode_ids((task.input_ids or ())[start:end]))
+            done += sum(tokens[start:end])
+            report(done)
         return Embedded(job_id=task.job_id, dimensions=self.dimensions,
-                        vectors=pack_vectors(vectors.tolist()),
-                        prompt_tokens=sum(min(n, self._limit) for n in lengths))
+                        vectors=pack_vectors(np.concatenate(rows).tolist()),
+                        prompt_tokens=sum(tokens))
+
+    def _capped(self, texts: Sequence[str], truncate: bool) -> list[str]:
+        """Texts no longer than :data:`CHARS_PER_TOKEN` characters per token of the limit:
+        cut when truncating, else refused (tokenizing megabytes only to refuse them would
+        hold the slot for seconds).
+
+        Raises:
+            BackendError: ``context_length_exceeded`` for a longer text without truncate.
+        """
+        cap = self._limit * CHARS_PER_TOKEN
+        for i, text in enumerate(texts):
+            if len(text) > cap and not truncate:
+                raise BackendError("context_length_exceeded", f"Input {i} is {len(text)} "
+                                   f"characters long, far more than the {self._limit} tokens "
+                                   f"{self.offer.name} reads per input. Shorten it, or send "
+                                   "\"truncate\": true to cut it.", "input")
+        return [text[:cap] for text in texts]
+
+    def _lengths(self, texts: list[str] | None, ids: Sequence[Sequence[int]],
+                 cancel: threading.Event) -> list[int]:
+        """Tokens per input, special tokens included, before any cut.
+
+        Raises:
+            BackendError: ``invalid_value`` for a token id outside the vocabulary.
+        """
+        if texts is None:
+            for row in ids:
+                bad = next((t for t in row if t >= self._vocab), None)
+                if bad is not None:
+                    raise BackendError("invalid_value", f"token id {bad} is outside the "
+                                       f"model's vocabulary of {self._vocab}", "input")
+            return [len(row) + 2 for row in ids]
+        lengths: list[int] = []
+        for start in range(0, len(texts), BATCH):
+            if cancel.is_set():
+                raise BackendError("cancelled", "the task was cancelled")
+            lengths += [len(found) for found in self._tokenizer(
+                texts[start:start + BATCH], add_special_tokens=True, truncation=False,
+                verbose=False)["input_ids"]]
+        return lengths
 
     def _encode_ids(self, rows: Sequence[Sequence[int]]) -> Any:
-        import numpy as np
         import torch
 
         t = self._tokenizer
@@ -125,3 +192,18 @@ class SentenceTransformersBackend(EmbeddingBackend):
                                     "token_type_ids": torch.zeros_like(ids)})
             out.append(found["sentence_embedding"].float().numpy())
         return np.concatenate(out)
+
+
+def _chunks(tokens: Sequence[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges over inputs of ``tokens`` tokens each: at most
+    :data:`BATCH` inputs and, past the first input, at most :data:`CHUNK_TOKENS` tokens."""
+    out: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, n in enumerate(tokens):
+        if i > start and (i - start >= BATCH or total + n > CHUNK_TOKENS):
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(tokens):
+        out.append((start, len(tokens)))
+    return out
