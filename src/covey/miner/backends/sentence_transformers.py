@@ -128,7 +128,8 @@ class SentenceTransformersBackend(EmbeddingBackend):
             else:
                 rows.append(self._encode_ids((task.input_ids or ())[start:end]))
             done += sum(tokens[start:end])
-            report(done)
+            if end < len(tokens):  # the answer itself follows the last chunk
+                report(done)
         return Embedded(job_id=task.job_id, dimensions=self.dimensions,
                         vectors=pack_vectors(np.concatenate(rows).tolist()),
                         prompt_tokens=sum(tokens))
