@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import struct
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,7 +19,6 @@ from covey.coordinator.api.requests import new_id
 from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
 from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.coordinator.link import encode_task
 from covey.coordinator.metrics import RequestRecord
 from covey.coordinator.run import EmbedResult, run_embed
 from covey.protocol import Embed, ModelOffer
@@ -42,10 +42,18 @@ def input_token_bound(task: Embed, context_length: int) -> int:
     Token ids count exactly (plus the special tokens); a text has at most one token per
     UTF-8 byte (byte-level BPE, WordPiece and SentencePiece with byte fallback never use
     more). With ``truncate`` no input counts past ``context_length``.
+
+    Raises:
+        ApiError: 400 naming ``input`` for text that is not valid Unicode (a lone
+            surrogate): JSON could not carry it to a miner.
     """
-    sizes = ([len(row) + SPECIAL_TOKENS for row in task.input_ids or ()]
-             if task.input is None else
-             [len(text.encode()) + SPECIAL_TOKENS for text in task.input])
+    try:
+        sizes = ([len(row) + SPECIAL_TOKENS for row in task.input_ids or ()]
+                 if task.input is None else
+                 [len(text.encode()) + SPECIAL_TOKENS for text in task.input])
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"An input is not valid Unicode ({exc.reason} at character "
+                       f"{exc.start}).", code="invalid_value", param="input") from None
     if task.truncate:
         sizes = [min(n, context_length) for n in sizes]
     return sum(sizes)
@@ -75,8 +83,6 @@ def _data(vectors: str, dimensions: int, encoding: str) -> list[Embedding]:
     if encoding == "base64":
         return [Embedding(index=i, embedding=base64.b64encode(r).decode())
                 for i, r in enumerate(rows)]
-    import struct
-
     return [Embedding(index=i, embedding=list(struct.unpack(f"<{dimensions}f", r)))
             for i, r in enumerate(rows)]
 
@@ -97,15 +103,10 @@ def _quote(serving: Serving, task: Embed, dimensions: int | None) -> tuple[int, 
 
 
 def _task(body: EmbeddingRequest) -> Embed:
-    """The task of ``body``.
-
-    Raises:
-        ApiError: 400 for text JSON cannot carry (a lone surrogate), before any credit moves.
-    """
-    task = Embed(job_id=new_id("emb"), model=body.model, input=body.texts(),
+    """The task of ``body`` (its text is checked by :func:`input_token_bound`, before any
+    credit moves)."""
+    return Embed(job_id=new_id("emb"), model=body.model, input=body.texts(),
                  input_ids=body.token_ids(), truncate=body.truncate)
-    encode_task(task)
-    return task
 
 
 def quote_embeddings(serving: Serving, body: EmbeddingRequest) -> dict[str, object]:
