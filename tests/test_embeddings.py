@@ -5,8 +5,11 @@ with sentence-transformers in this process; errors, billing and verification."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,3 +348,23 @@ def test_the_web_page_compares_two_sentences(net):
             assert "input tokens" in page.inner_text("#compare-usage")
         finally:
             browser.close()
+
+
+def test_recorded_embedding_references_match_the_bundled_ones_and_load(tmp_path: Path):
+    from importlib import resources
+
+    from covey.coordinator.verify.embeddings import load_references, split_reference_files
+
+    out = tmp_path / "refs.json"
+    done = subprocess.run([sys.executable, "-m", "covey", "trials", "record-embeddings", EMBED,
+                           "-o", str(out), "--data-dir", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    bundled = load_references()
+    recorded = load_references([out])
+    (sha, ref), = json.loads(out.read_text()).items()
+    assert len(ref["vectors"]) == 4 and len(ref["vectors"][0]) == 384
+    for mine, theirs in zip(recorded[sha].vectors, bundled[sha].vectors, strict=True):
+        assert _cosine_distance(list(mine), list(theirs)) < 1e-6
+    chat = Path(str(resources.files("covey.coordinator.verify").joinpath("trials.json")))
+    assert split_reference_files([out, chat]) == ([chat], [out])

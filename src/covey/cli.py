@@ -80,8 +80,8 @@ def coordinator(
         help="Hold each new miner until it passes a trial task (turn off only for networks "
              "of trusted miners, or load tests).")] = True,
     trials: Annotated[list[Path] | None, typer.Option(
-        help="Trial reference file (from 'covey trials record'; repeatable); the bundled "
-             "model's is built in.")] = None,
+        help="Trial reference file (from 'covey trials record' or 'covey trials "
+             "record-embeddings'; repeatable); the bundled models' are built in.")] = None,
     watermark: Annotated[list[str] | None, typer.Option(
         help="Watermark every answer of this model, asked for or not (repeatable).")] = None,
     watermark_key: Annotated[Path | None, typer.Option(
@@ -103,18 +103,21 @@ def coordinator(
     from covey.coordinator.failover import FailoverPolicy
     from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
+    from covey.coordinator.verify.embeddings import load_references, split_reference_files
     from covey.coordinator.verify.judge import CheckPolicy
     from covey.coordinator.verify.trials import TrialBook
 
     _logging(log_level, log_format)
     try:
-        TrialBook(tuple(trials or ()))
+        text_trials, embedding_trials = split_reference_files(tuple(trials or ()))
+        TrialBook(text_trials)
+        load_references(embedding_trials)
     except OSError as exc:
         err.print(f"[red]error:[/red] --trials: {exc}")
         raise typer.Exit(2) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         err.print(f"[red]error:[/red] --trials: not a trial reference file ({exc!r}); write "
-                  "one with `covey trials record MODEL.gguf`")
+                  "one with `covey trials record MODEL.gguf` (or `record-embeddings`)")
         raise typer.Exit(2) from None
     from covey.coordinator.ledger.bank import BankPolicy
     from covey.coordinator.ledger.pricing import Price

@@ -41,6 +41,7 @@ from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.traffic import TrafficRecorder
 from covey.coordinator.verify.checker import Verifier
+from covey.coordinator.verify.embeddings import load_references, split_reference_files
 from covey.coordinator.verify.judge import CheckPolicy
 from covey.coordinator.verify.trials import TrialBook
 from covey.protocol.identity import load_or_create
@@ -128,7 +129,9 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
                       jobs_running=lambda: sum(s.active for s in registry.sessions.values()))
     registry.evictions = lambda reason: metrics.evictions.labels(reason).inc()
     app.state.metrics = metrics
-    verifier = Verifier(dispatcher, billing, config.checks, TrialBook(config.trials), metrics)
+    text_trials, embedding_trials = split_reference_files(config.trials)
+    verifier = Verifier(dispatcher, billing, config.checks, TrialBook(text_trials), metrics,
+                        load_references(embedding_trials))
     app.state.verifier = verifier
     app.state.serving = Serving(dispatcher, billing, config.failover, metrics,
                                 KeyLimits(config.key_limits), verifier.after_job)

@@ -88,6 +88,24 @@ def load_references(extra: Sequence[Path] = ()) -> dict[str, EmbeddingReference]
     return out
 
 
+def split_reference_files(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(text trial files, embedding reference files) among ``paths``: an embedding
+    reference maps each digest to an object with ``vectors``, a text one to a list.
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: a file is not JSON.
+    """
+    text: list[Path] = []
+    vectors: list[Path] = []
+    for path in paths:
+        book = json.loads(Path(path).read_text())
+        is_vectors = isinstance(book, dict) and any(
+            isinstance(v, dict) and "vectors" in v for v in book.values())
+        (vectors if is_vectors else text).append(Path(path))
+    return text, vectors
+
+
 def compare(expected: Sequence[Sequence[float]], expected_tokens: int,
             got: Embedded, bound: float = EMBED_COSINE) -> Verdict:
     """Judge a miner's vectors (``got``) against trusted ones: fail on another count or
