@@ -17,7 +17,7 @@ from rich.console import Console
 
 from covey.logs import setup_logging
 from covey.miner.backends.base import Backend, EmbeddingBackend
-from covey.miner.backends.registry import ModelSettings
+from covey.miner.backends.registry import ModelSettings, build
 from covey.miner.models import BUNDLED_MODEL
 
 app = typer.Typer(help="Covey: an open network for decentralized AI inference.",
@@ -215,7 +215,7 @@ def miner(
     try:
         signing_key = load_or_create(key or data_dir / "miner.key")
         if backend == "synthetic":
-            served.append(_build("synthetic", base))
+            served.append(build("synthetic", base))
         for spec in specs if backend != "synthetic" else []:
             served.append(_serve(spec, name, backend, base, data_dir))
         agent = MinerAgent(coordinator, signing_key, served)
@@ -251,7 +251,8 @@ def _serve(spec: str, name: str | None, backend: str, base: ModelSettings, data_
     when asked).
 
     Raises:
-        ModelNotFound, BackendUnavailable, ValueError: see :func:`_build`.
+        ModelNotFound, BackendUnavailable, ValueError: see
+            :func:`~covey.miner.backends.registry.build`.
     """
     from dataclasses import replace
 
@@ -266,14 +267,8 @@ def _serve(spec: str, name: str | None, backend: str, base: ModelSettings, data_
     fake = adversary.claimed_path()
     if fake is not None:  # TEST ONLY: other weights under the same name and digest
         path = fake
-    return _maybe_adversary(_build(kind, replace(base, name=model_file.name, path=path,
+    return _maybe_adversary(build(kind, replace(base, name=model_file.name, path=path,
                                                  sha256=sha)))
-
-
-def _build(kind: str, settings: ModelSettings) -> Backend:
-    from covey.miner.backends.registry import build
-
-    return build(kind, settings)
 
 
 @app.command()

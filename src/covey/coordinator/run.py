@@ -20,7 +20,7 @@ from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import EmbedAnswer, Outcome
 from covey.coordinator.router import Dispatcher
 from covey.protocol import Embed, Embedded
-from covey.protocol.embed import unpack_vectors, vectors_digest
+from covey.protocol.embed import count_vectors, vectors_digest
 from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.run")
@@ -107,12 +107,12 @@ async def _call(session: MinerSession, task: Embed, policy: FailoverPolicy) -> E
     assert isinstance(reply, Embedded)
     offer = session.offer(task.model)
     try:
-        rows = unpack_vectors(reply.vectors, reply.dimensions)
+        rows = count_vectors(reply.vectors, reply.dimensions)
     except ValueError as exc:
         raise protocol(f"vectors that do not decode: {exc}") from None
-    if len(rows) != task.count or (offer is not None and offer.dimensions is not None
+    if rows != task.count or (offer is not None and offer.dimensions is not None
                                    and reply.dimensions != offer.dimensions):
-        raise protocol(f"{len(rows)} vectors of {reply.dimensions} for {task.count} inputs")
+        raise protocol(f"{rows} vectors of {reply.dimensions} for {task.count} inputs")
     return reply
 
 

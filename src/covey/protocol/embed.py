@@ -105,6 +105,18 @@ def unpack_vectors(vectors: str, dimensions: int) -> list[list[float]]:
     return [flat[i:i + dimensions].tolist() for i in range(0, len(flat), dimensions)]
 
 
+def count_vectors(vectors: str, dimensions: int) -> int:
+    """How many rows of ``dimensions`` float32 ``vectors`` holds, without unpacking them.
+
+    Raises:
+        ValueError: not base64, or a length that is not a whole number of rows.
+    """
+    size = len(base64.b64decode(vectors, validate=True))
+    if size % (4 * dimensions):
+        raise ValueError(f"{size} bytes are not whole rows of {dimensions} float32")
+    return size // (4 * dimensions)
+
+
 def vectors_digest(vectors: str) -> str:
     """SHA-256 (hex) of the base64 text of ``vectors``: an embedding receipt's
     ``output_sha256``."""
