@@ -45,8 +45,6 @@ CLOSE_BAD_DATA = 1003
 CLOSE_REPLACED = 4001
 """Private-use close code: a newer session of the same miner key took this one's place."""
 
-JobFrame = Reply
-
 
 @dataclass(eq=False)
 class MinerSession:
@@ -65,7 +63,7 @@ class MinerSession:
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: float = 0.0
     busy: dict[str, int] = field(default_factory=dict)
-    jobs: dict[str, asyncio.Queue[JobFrame | object]] = field(default_factory=dict)
+    jobs: dict[str, asyncio.Queue[Reply | object]] = field(default_factory=dict)
     closed: bool = False
     held: set[str] = field(default_factory=set)
     """Models this miner serves that get no jobs until it passes a trial for them."""
