@@ -160,8 +160,9 @@ def miner(
     coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")] = (
         "http://127.0.0.1:8000"),
     model: Annotated[list[str] | None, typer.Option(
-        help="A bundled model name (smollm2-135m-instruct, all-minilm-l6-v2), a path to a "
-             ".gguf file or a sentence-transformers folder, or a Hugging Face reference "
+        help="A bundled model name (smollm2-135m-instruct, all-minilm-l6-v2, "
+             "whisper-tiny.en, hibari), a path to a .gguf file or a model folder "
+             "(sentence-transformers, diffusers, CTranslate2 whisper), or a Hugging Face reference "
              "(hf:ORG/REPO[@REVISION]/FILE.gguf, hf:ORG/REPO[@REVISION]). Repeat to serve "
              f"several models from one process. Default: {BUNDLED_MODEL}.")] = None,
     slots: Annotated[int, typer.Option(min=1, max=1024, help="Jobs run at once, per model.")
@@ -183,9 +184,10 @@ def miner(
     ask_completion: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M "
                                                 "completion tokens.")] = 0,
     backend: Annotated[str, typer.Option(
-        help="auto (llama.cpp for a GGUF file, sentence-transformers for an embedding "
-             "model folder), or synthetic: deterministic filler text with no model, for load "
-             "tests only (served as --name, default 'synthetic').")] = "auto",
+        help="auto (llama.cpp for a GGUF file; sentence-transformers, diffusers, "
+             "faster-whisper or hibari by a model folder's files), or synthetic: "
+             "deterministic filler text with no model, for load tests only (served as "
+             "--name, default 'synthetic').")] = "auto",
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Synthetic backend: tokens per second per job (0: unthrottled).")] = 50.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -340,6 +342,11 @@ def _maybe_adversary(served: Backend) -> Backend:
         return served
     if isinstance(served, EmbeddingBackend):
         return adversary.AdversaryEmbedding(served, mode[0])
+    from covey.miner.backends import adversary_media
+
+    media = adversary_media.wrap(served, mode[0])
+    if media is not None:
+        return media
     from covey.miner.backends.llama_cpp import LlamaCppBackend
 
     if not isinstance(served, LlamaCppBackend):

@@ -22,12 +22,16 @@ from covey.coordinator.api import (
     chat,
     checks,
     embeddings,
+    images,
     models,
     receipts,
     sealed,
+    speech,
+    transcriptions,
     watermark,
 )
 from covey.coordinator.api.serving import Serving
+from covey.coordinator.api.transcriptions import TRANSCRIPTIONS
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
 from covey.coordinator.failover import FailoverPolicy
@@ -91,6 +95,8 @@ class CoordinatorConfig:
     """Models every answer of which is watermarked, asked for or not."""
     record_traffic: Path | None = None
     """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
+    max_audio_bytes: int = 25 * 2**20
+    """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -140,12 +146,16 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     watermark_key = config.watermark_key or derive_key(key.encode())
     app.state.watermark_key = watermark_key
     install_error_handlers(app)
-    app.add_middleware(BodyLimit)
+    # Room for the multipart envelope and the form's other fields around the file.
+    app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16})
     if config.record_traffic is not None:
         app.add_middleware(TrafficRecorder, path=config.record_traffic)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(embeddings.router)
+    app.include_router(transcriptions.router)
+    app.include_router(speech.router)
+    app.include_router(images.router)
     app.include_router(accounts.router)
     app.include_router(receipts.router)
     app.include_router(checks.router)

@@ -28,6 +28,15 @@ log = logging.getLogger("covey.coordinator.billing")
 DEFAULT_PRICE = Price(prompt=100_000, completion=200_000)
 """Floor price of a model with none configured: 0.1 credit per 1M prompt tokens and 0.2 per
 1M completion tokens (µcr per 1M tokens)."""
+KIND_PRICES = {
+    "transcription": Price(prompt=4_000_000, completion=0),
+    "speech": Price(prompt=10_000_000, completion=0),
+    "image": Price(prompt=1_000_000_000, completion=0),
+}
+"""Floor prices of media models with none configured, µcr per 1M units: 4 µcr per second
+of audio, 10 µcr per character, 1,000 µcr per 256-pixel image tile. They keep the ratios of
+OpenAI's list prices to its small text models' (a minute of transcription ≈ 40k input tokens,
+a character of speech ≈ 100 tokens)."""
 
 # Chat templates add a few tokens per message (role markers, separators); 16 covers the
 # templates llama.cpp ships with room to spare.
@@ -78,9 +87,11 @@ class Billing:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def price(self, model: str, offers: Sequence[ModelOffer] = ()) -> Price:
-        """The price of ``model``: the network's floor, or the highest ask among ``offers``
-        when it is above the floor (µcr per 1M tokens)."""
-        floor = self.prices.get(model, DEFAULT_PRICE)
+        """The price of ``model``: the network's floor (by the offers' kind when none is
+        configured), or the highest ask among ``offers`` when it is above the floor (µcr per
+        1M units: tokens, seconds, characters or tiles)."""
+        kind = offers[0].kind if offers else "chat"
+        floor = self.prices.get(model, KIND_PRICES.get(kind, DEFAULT_PRICE))
         return Price(max([floor.prompt, *(o.ask_prompt for o in offers)]),
                      max([floor.completion, *(o.ask_completion for o in offers)]))
 

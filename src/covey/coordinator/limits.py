@@ -6,24 +6,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from covey.coordinator.errors import ApiError
 from covey.protocol.requests import MAX_BODY_BYTES, too_large
 
 __all__ = ["MAX_BODY_BYTES", "BodyLimit"]
 
 
 class BodyLimit:
-    """Refuse HTTP bodies over ``max_bytes`` with 413 in OpenAI's error shape."""
+    """Refuse HTTP bodies over ``max_bytes`` with 413 in OpenAI's error shape; ``paths``
+    gives other caps for some paths (an upload route's)."""
 
-    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES,
+                 paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
-    def _error(self) -> ApiError:
-        return too_large(self.max_bytes)
-
-    async def _send_error(self, send: Any) -> None:
-        err = self._error()
+    async def _send_error(self, send: Any, limit: int) -> None:
+        err = too_large(limit)
         body = json.dumps(err.body().model_dump()).encode()
         await send({"type": "http.response.start", "status": err.status,
                     "headers": [(b"content-type", b"application/json"),
@@ -34,9 +33,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope.get("path", ""), self.max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._send_error(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._send_error(send, limit)
             return
         seen = 0
         too_large = False
@@ -50,7 +50,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     too_large = True
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
@@ -59,6 +59,6 @@ class BodyLimit:
             if not too_large:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await self._send_error(send)
+                await self._send_error(send, limit)
 
         await self.app(scope, limited_receive, guarded_send)

@@ -23,6 +23,7 @@ from covey.coordinator.errors import ApiError
 from covey.coordinator.job_faults import MinerFault, gone, protocol
 from covey.coordinator.miners import MINER_GONE, MinerSession
 from covey.protocol import (
+    AudioChunk,
     Cancel,
     Check,
     CheckReport,
@@ -32,17 +33,25 @@ from covey.protocol import (
     Generate,
     JobError,
     MinerId,
+    Paint,
+    Painted,
     Progress,
     Reply,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
     Tokenize,
     Tokens,
+    Transcribe,
+    Transcribed,
     encode_frame,
 )
 
-Request = Generate | Embed | Check | Tokenize
+Request = Generate | Embed | Transcribe | Speak | Paint | Check | Tokenize
 """What a call carries: a task, or a verification or tokenizer request."""
 
-_LAST = (Done, Embedded, CheckReport, Tokens)
+_LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted)
 """Replies that end a call (an ``error`` ends it too, raised as :class:`TaskRefused`)."""
 
 
@@ -107,6 +116,19 @@ class Call:
             self.close()
             raise gone() from exc
 
+    async def send(self, frame: AudioChunk) -> None:
+        """Send a frame that follows the task (a transcription's audio).
+
+        Raises:
+            MinerFault: ``disconnected``, the socket died under the send.
+        """
+        if self.session.closed:
+            raise gone()
+        try:
+            await self.session.websocket.send_text(encode_frame(frame))
+        except Exception as exc:  # any transport's error: the socket died
+            raise gone() from exc
+
     async def __aenter__(self) -> Call:
         await self.open()
         return self
@@ -158,6 +180,12 @@ class Call:
                 return isinstance(item, CheckReport)
             case Tokenize():
                 return isinstance(item, Tokens)
+            case Transcribe():
+                return isinstance(item, Segment | Transcribed)
+            case Speak():
+                return isinstance(item, SpeechChunk | Spoken)
+            case Paint():
+                return isinstance(item, Painted)
         return False  # pragma: no cover - the union is closed
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from covey.coordinator.ledger.bank import UsageRecord
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.protocol import Embed, Generate, JobId, MinerId, ModelOffer
+from covey.protocol import Embed, Generate, JobId, MinerId, ModelOffer, Paint, Speak, Transcribe
 from covey.protocol.receipts import Receipt
 
 if TYPE_CHECKING:
@@ -57,12 +57,47 @@ class EmbedAnswer:
 
 
 @dataclass(frozen=True)
+class TranscriptAnswer:
+    """A transcription as the finishing miner got it (``sent``: pinned to its weights,
+    from its ``offset``), the ``audio`` it transcribed (the whole upload) and the text of
+    the segments it sent."""
+
+    sent: Transcribe
+    audio: bytes
+    text: str
+
+
+@dataclass(frozen=True)
+class SpeechAnswer:
+    """A speech task as the miner got it and the audio file it returned (``duration`` in
+    seconds and ``sample_rate`` in Hz, as it reported)."""
+
+    sent: Speak
+    audio: bytes
+    duration: float
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class ImageAnswer:
+    """An image task as the miner got it and the PNG images it returned (base64)."""
+
+    sent: Paint
+    images: tuple[str, ...]
+
+
+Answer = TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer
+"""What a validator re-checks, one class per task kind."""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One request's end (see the module docstring).
 
     ``miner_id`` / ``offer``: the miner that served it last (None when none started it);
     ``prompt_tokens`` / ``completion_tokens``: the billable units (tokens, for text and
-    embeddings); ``receipt``: the finishing miner's receipt and signature when it checked
+    embeddings; for media ``prompt_tokens`` holds seconds of audio, characters or image
+    tiles); ``receipt``: the finishing miner's receipt and signature when it checked
     out; ``fault``: why that miner's usage report is false (nobody is paid, the verifier
     punishes); ``checkable``: the client allows a re-check; ``answer``: what a validator
     re-checks (None when nothing finished).
@@ -80,7 +115,7 @@ class Outcome:
     fault: str | None = None
     failovers: int = 0
     checkable: bool = True
-    answer: TextAnswer | EmbedAnswer | None = None
+    answer: Answer | None = None
 
 
 @dataclass(frozen=True)

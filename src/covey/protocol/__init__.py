@@ -4,6 +4,15 @@ This package imports only pydantic, PyNaCl and the standard library, never anoth
 Covey, so every role shares one definition of each message.
 """
 
+from covey.protocol.audio import (
+    AudioChunk,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
+    Transcribe,
+    Transcribed,
+)
 from covey.protocol.embed import Embed, Embedded
 from covey.protocol.frames import (
     PROTOCOL_VERSION,
@@ -36,6 +45,7 @@ from covey.protocol.frames import (
     decode_frame,
     encode_frame,
 )
+from covey.protocol.image import Paint, Painted
 from covey.protocol.signing import (
     hello_digest,
     sign_action,
@@ -45,6 +55,15 @@ from covey.protocol.signing import (
 )
 
 __all__ = [
+    "AudioChunk",
+    "Segment",
+    "Speak",
+    "SpeechChunk",
+    "Spoken",
+    "Transcribe",
+    "Transcribed",
+    "Paint",
+    "Painted",
     "PROTOCOL_VERSION",
     "Cancel",
     "Challenge",

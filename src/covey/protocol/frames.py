@@ -18,7 +18,17 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter
 
+from covey.protocol.audio import (
+    AudioChunk,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
+    Transcribe,
+    Transcribed,
+)
 from covey.protocol.embed import Embed, Embedded
+from covey.protocol.image import Paint, Painted
 from covey.protocol.wire import (
     Base64,
     JobId,
@@ -29,8 +39,9 @@ from covey.protocol.wire import (
     _Frame,
 )
 
-__all__ = ["Base64", "Embed", "Embedded", "JobId", "MinerId", "Receipt", "Sha256Hex",
-           "TokenId"]
+__all__ = ["AudioChunk", "Base64", "Embed", "Embedded", "JobId", "MinerId", "Paint", "Painted",
+           "Receipt", "Segment", "Sha256Hex", "Speak", "SpeechChunk", "Spoken", "TokenId",
+           "Transcribe", "Transcribed"]
 
 PROTOCOL_VERSION = 5
 
@@ -42,7 +53,7 @@ class Hardware(_Frame):
     gpus: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=64)
 
 
-ModelKind = Literal["chat", "embedding"]
+ModelKind = Literal["chat", "embedding", "transcription", "speech", "image"]
 """The kinds of model a miner can serve; ``GET /v1/models`` shows each model's."""
 
 
@@ -61,12 +72,23 @@ class ModelOffer(_Frame):
     ask_prompt: int = Field(default=0, ge=0, le=10**15)
     ask_completion: int = Field(default=0, ge=0, le=10**15)
     kind: ModelKind = "chat"
-    """What the model does, hence which tasks it takes: ``chat`` (:class:`Generate`) or
-    ``embedding`` (:class:`~covey.protocol.embed.Embed`)."""
+    """What the model does, hence which tasks it takes: ``chat`` (:class:`Generate`),
+    ``embedding`` (:class:`~covey.protocol.embed.Embed`), ``transcription``
+    (:class:`~covey.protocol.audio.Transcribe`), ``speech``
+    (:class:`~covey.protocol.audio.Speak`) or ``image`` (:class:`~covey.protocol.image.Paint`).
+    Prices are per 1M of the kind's unit: tokens, seconds of audio, characters, or 256-pixel
+    image tiles."""
     slots: int | None = Field(default=None, ge=1, le=1024)
     """Tasks of this model the miner runs at once (None: the hello's ``slots``)."""
     dimensions: int | None = Field(default=None, ge=1, le=2**16)
     """An embedding model's vector length (None for other kinds)."""
+    voices: tuple[Annotated[str, Field(max_length=100)], ...] = Field(default=(),
+                                                                      max_length=256)
+    """A speech model's voices (empty for other kinds)."""
+    sizes: tuple[Annotated[str, Field(pattern=r"^[0-9]{1,4}x[0-9]{1,4}$")], ...] = Field(
+        default=(), max_length=64)
+    """An image model's sizes, ``WIDTHxHEIGHT`` in pixels, the default first (empty for
+    other kinds)."""
     private: bool = False
     """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
     carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""
@@ -375,16 +397,19 @@ class Tokens(_Frame):
 Job = Generate
 """The older name of :class:`Generate`."""
 
-Task = Annotated[Generate | Embed, Field(discriminator="type")]
+Task = Annotated[Generate | Embed | Transcribe | Speak | Paint, Field(discriminator="type")]
 """A unit of work for a miner, one class per kind (DESIGN.md, Tasks). Verification tasks
 (:class:`Check`) and :class:`Tokenize` travel the same way."""
 
-Reply = Started | Progress | Delta | Done | JobError | CheckReport | Tokens | Embedded
+Reply = (Started | Progress | Delta | Done | JobError | CheckReport | Tokens | Embedded
+         | Segment | Transcribed | SpeechChunk | Spoken | Painted)
 """Frames a miner sends about a task; each carries the task's ``job_id``."""
 
 Frame = Annotated[
     Challenge | Hello | Welcome | Heartbeat | Generate | Started | Progress | Delta | Done
-    | JobError | Cancel | Check | CheckReport | Tokenize | Tokens | Embed | Embedded,
+    | JobError | Cancel | Check | CheckReport | Tokenize | Tokens | Embed | Embedded
+    | Transcribe | AudioChunk | Segment | Transcribed | Speak | SpeechChunk | Spoken | Paint
+    | Painted,
     Field(discriminator="type"),
 ]
 

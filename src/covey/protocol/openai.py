@@ -200,9 +200,15 @@ class ModelCard(BaseModel):
     miners: int
     context_length: int | None = None
     kind: str = "chat"
-    """What the model does: ``chat`` (chat and completions) or ``embedding``."""
+    """What the model does: ``chat`` (chat and completions), ``embedding``,
+    ``transcription``, ``speech`` or ``image``."""
     dimensions: int | None = None
     """An embedding model's vector length (None for other kinds)."""
+    voices: list[str] | None = None
+    """A speech model's voices (None for other kinds)."""
+    sizes: list[str] | None = None
+    """An image model's sizes, ``WIDTHxHEIGHT``, the default first (None for other
+    kinds)."""
 
 
 class ModelList(BaseModel):

@@ -14,8 +14,10 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from covey.protocol.audio import Speak, Transcribe
 from covey.protocol.embed import Embed
 from covey.protocol.frames import Generate, Receipt
+from covey.protocol.image import Paint
 from covey.protocol.signing import canonical_json
 
 __all__ = ["Receipt", "countersign", "output_digest", "request_digest", "sign_receipt",
@@ -25,12 +27,26 @@ _RECEIPT_DOMAIN = b"covey-receipt-v1\n"
 _COUNTER_DOMAIN = b"covey-countersign-v1\n"
 
 
-def request_digest(job: Generate | Embed) -> str:
+_MEDIA_FIELDS = {
+    # What each media task's digest covers: all it asks, not the job id, the weights pin
+    # or a failover's resume offset, so every miner of a request agrees.
+    Transcribe: {"type", "model", "audio_bytes", "audio_sha256", "language", "prompt",
+                 "temperature", "words"},
+    Speak: {"type", "model", "input", "voice", "response_format", "speed", "seed"},
+    Paint: {"type", "model", "prompt", "n", "width", "height", "seed", "steps"},
+}
+
+
+def request_digest(job: Generate | Embed | Transcribe | Speak | Paint) -> str:
     """SHA-256 (hex) of what was asked: model, messages or prompt, and sampling settings
     (not the job id, weights pin or resume point, so every miner of a job agrees); prompt
     and stop ids, the sealed box and its prompt bound when set (a sealed job's digest
     binds the ciphertext the miner got, never the plaintext). For an embedding: model,
-    inputs (text or token ids) and ``truncate``."""
+    inputs (text or token ids) and ``truncate``. For a transcription it covers the audio's
+    size and SHA-256; for speech and images, everything asked."""
+    if isinstance(job, Transcribe | Speak | Paint):
+        return hashlib.sha256(canonical_json(job.model_dump(
+            mode="json", include=_MEDIA_FIELDS[type(job)]))).hexdigest()
     if isinstance(job, Embed):
         return hashlib.sha256(canonical_json(job.model_dump(
             mode="json", include={"type", "model", "input", "input_ids", "truncate"}))

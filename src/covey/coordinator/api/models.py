@@ -14,7 +14,8 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     """Every known model, with how many live miners serve it now, its context length, its
-    kind (chat, embedding) and, for an embedding model, its vectors' dimensions."""
+    kind (chat, embedding, transcription, speech, image) and, by kind, its vectors'
+    dimensions, its voices or its image sizes."""
     registry: MinerRegistry = request.app.state.registry
     created = request.app.state.started_at
     cards = []
@@ -22,7 +23,9 @@ async def list_models(request: Request) -> ModelList:
         offer = registry.announced(name)
         cards.append(ModelCard(id=name, created=created, miners=miners, context_length=ctx,
                                kind=offer.kind if offer else "chat",
-                               dimensions=offer.dimensions if offer else None))
+                               dimensions=offer.dimensions if offer else None,
+                               voices=list(offer.voices) if offer and offer.voices else None,
+                               sizes=list(offer.sizes) if offer and offer.sizes else None))
     return ModelList(data=cards)
 
 

@@ -31,7 +31,14 @@ from covey.coordinator.ledger.penalties import Evidence, Penalty, penalize
 from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import CLOSE_POLICY, MinerSession
-from covey.coordinator.outcome import EmbedAnswer, Outcome, TextAnswer
+from covey.coordinator.outcome import (
+    EmbedAnswer,
+    ImageAnswer,
+    Outcome,
+    SpeechAnswer,
+    TextAnswer,
+    TranscriptAnswer,
+)
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.verify.embeddings import (
     MAX_PENDING_CHECKS,
@@ -41,6 +48,7 @@ from covey.coordinator.verify.embeddings import (
     load_references,
 )
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
+from covey.coordinator.verify.media import MediaVerification
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
 from covey.protocol import (
     Check,
@@ -77,7 +85,7 @@ class CheckUnavailable(Exception):
     """No validator could give a verdict (none online, busy, or it failed)."""
 
 
-class Verifier(EmbeddingVerification):
+class Verifier(EmbeddingVerification, MediaVerification):
     """Runs every check of one coordinator; see the module docstring."""
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: CheckPolicy,
@@ -137,6 +145,8 @@ class Verifier(EmbeddingVerification):
     def _judgeable(self, offer: ModelOffer, miner_id: str) -> bool:
         """Whether a trial answer for ``offer`` could be judged: a reference exists, or a
         live miner other than ``miner_id`` serves the same weights."""
+        if offer.kind in ("transcription", "speech", "image"):
+            return self._media_judgeable(offer, miner_id)
         if offer.sha256 in (self.embedding_references if offer.kind == "embedding"
                             else self.trials.references):
             return True
@@ -229,6 +239,8 @@ class Verifier(EmbeddingVerification):
         None when the miner did not answer one (error, timeout, gone)."""
         if offer.kind == "embedding":
             return await self._judge_embedding_trial(session, offer)
+        if offer.kind in ("transcription", "speech", "image"):
+            return await self._judge_media_trial(session, offer)
         verdict = Verdict()
         job_id, validator = "", None
         for messages, ref in self.trials.plan(offer.sha256):
@@ -358,6 +370,9 @@ class Verifier(EmbeddingVerification):
             return
         if isinstance(answer, EmbedAnswer):
             self._maybe_check_embedding(outcome, answer, settlement)
+            return
+        if isinstance(answer, TranscriptAnswer | SpeechAnswer | ImageAnswer):
+            self._maybe_check_media(outcome, answer, settlement)
             return
         if answer is None or answer.finish_reason == "cancelled":
             return

@@ -6,7 +6,11 @@ A backend is a :class:`Backend` with ``offer`` (the model, announced in the hell
 - ``generate``: :meth:`TextBackend.generate` runs a :class:`~covey.protocol.Generate`;
 - ``validate``: :meth:`TextBackend.check` re-checks another miner's answer;
 - ``tokenize``: :meth:`TextBackend.tokenize` (watermark detection);
-- ``embed``: :meth:`EmbeddingBackend.embed` runs an :class:`~covey.protocol.Embed`.
+- ``embed``: :meth:`EmbeddingBackend.embed` runs an :class:`~covey.protocol.Embed`;
+- ``transcribe``: :meth:`TranscriptionBackend.transcribe` runs a
+  :class:`~covey.protocol.Transcribe`;
+- ``speak``: :meth:`SpeechBackend.speak` runs a :class:`~covey.protocol.Speak`;
+- ``paint``: :meth:`ImageBackend.paint` runs a :class:`~covey.protocol.Paint`.
 
 The agent matches each task on its type and hands it to the backend of its model when that
 backend declares the capability, so adding a kind of work never touches the other backends.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from covey.protocol import (
@@ -28,11 +33,19 @@ from covey.protocol import (
     Embedded,
     Generate,
     ModelOffer,
+    Paint,
+    Painted,
     Progress,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
     Started,
+    Transcribe,
+    Transcribed,
 )
 
-Capability = Literal["generate", "validate", "tokenize", "embed"]
+Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint"]
 
 
 class BackendError(Exception):
@@ -124,4 +137,57 @@ class EmbeddingBackend(Backend):
             BackendError: ``context_length_exceeded`` (param ``input``) for an input over
                 the model's limit when ``task.truncate`` is not set; ``invalid_value`` for a
                 token id outside the vocabulary.
+        """
+
+
+class TranscriptionBackend(Backend):
+    """A speech-to-text model (capability ``transcribe``)."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"transcribe"})
+
+    @abstractmethod
+    def transcribe(self, task: Transcribe, audio: Path) -> AsyncIterator[Segment | Transcribed]:
+        """Transcribe the audio file at ``audio`` (the task's upload, its digest checked)
+        from ``task.offset`` seconds on: ``Segment`` frames as they are decoded (``id``
+        counting on from the segments before the offset is the coordinator's business:
+        they start at 0), then one ``Transcribed`` (``receipt`` left for the agent).
+        Closing the iterator early stops the decoding.
+
+        Raises:
+            BackendError: ``invalid_value`` (param ``file``) when the file is not audio.
+        """
+
+
+class SpeechBackend(Backend):
+    """A text-to-speech model (capability ``speak``); ``offer.voices`` lists its voices."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"speak"})
+
+    @abstractmethod
+    def speak(self, task: Speak) -> AsyncIterator[SpeechChunk | Spoken]:
+        """Synthesize ``task.input``: ``SpeechChunk`` frames of the encoded file as each
+        sentence is ready, then one ``Spoken`` (``receipt`` left for the agent). Closing
+        the iterator early stops the synthesis.
+
+        Raises:
+            BackendError: ``invalid_value`` (param ``voice``) for a voice not in
+                ``offer.voices``.
+        """
+
+
+class ImageBackend(Backend):
+    """A text-to-image model (capability ``paint``)."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"paint"})
+
+    @abstractmethod
+    async def paint(self, task: Paint, progress: Callable[[int], None] | None = None
+                    ) -> Painted:
+        """Generate ``task.n`` PNG images, image ``i`` from seed ``task.seed + i``
+        (``receipt`` left for the agent); ``progress`` is told the denoising steps done so
+        far. Cancelling the call stops the work.
+
+        Raises:
+            BackendError: ``invalid_value`` (param ``size``) for a size the model cannot
+                make.
         """

@@ -1,7 +1,7 @@
 """Choosing and building a backend by name: a registry, so adding a runtime adds an entry.
 
 :func:`backend_for` picks a model's backend from its files (a ``.gguf`` file: llama.cpp; a
-sentence-transformers folder: sentence-transformers); :func:`build` constructs it from a
+sentence-transformers folder: sentence-transformers, and so on); :func:`build` constructs it from a
 :class:`ModelSettings`. Each builder imports its runtime only when called, so a miner that
 serves GGUF files never imports torch.
 """
@@ -73,6 +73,44 @@ def _sentence_transformers(s: ModelSettings) -> Backend:
         threads=s.threads, ask_prompt=s.ask_prompt))
 
 
+def _faster_whisper(s: ModelSettings) -> Backend:
+    try:
+        import faster_whisper  # noqa: F401 - fail here with advice, not deep inside
+
+        from covey.miner.backends.faster_whisper import TranscriptionConfig, WhisperBackend
+    except ImportError as exc:
+        raise BackendUnavailable("the faster-whisper backend needs: pip install 'covey[audio]'"
+                                 ) from exc
+    assert s.path is not None
+    return WhisperBackend(s.name, s.path, s.sha256, s.slots, TranscriptionConfig(
+        threads=s.threads, ask_prompt=s.ask_prompt))
+
+
+def _hibari(s: ModelSettings) -> Backend:
+    try:
+        import hibari  # noqa: F401 - fail here with advice, not deep inside
+
+        from covey.miner.backends.hibari import HibariBackend, SpeechConfig
+    except ImportError as exc:
+        raise BackendUnavailable("the hibari backend needs: pip install 'covey[audio]'"
+                                 ) from exc
+    return HibariBackend(s.name, s.sha256, s.slots, SpeechConfig(
+        threads=s.threads or 1, ask_prompt=s.ask_prompt))
+
+
+def _diffusers(s: ModelSettings) -> Backend:
+    try:
+        import diffusers  # noqa: F401 - fail here with advice, not deep inside
+
+        from covey.miner.backends.diffusers import DiffusersBackend, ImageConfig
+    except ImportError as exc:
+        raise BackendUnavailable("the diffusers backend needs: pip install 'covey[image]'"
+                                 ) from exc
+    assert s.path is not None
+    return DiffusersBackend(s.name, s.path, s.sha256, s.slots, ImageConfig(
+        threads=s.threads, ask_prompt=s.ask_prompt))
+
+
 def _synthetic(s: ModelSettings) -> Backend:
     from covey.miner.backends.synthetic import SyntheticBackend
 
@@ -82,24 +120,34 @@ def _synthetic(s: ModelSettings) -> Backend:
 BUILDERS: dict[str, Callable[[ModelSettings], Backend]] = {
     "llama.cpp": _llama_cpp,
     "sentence-transformers": _sentence_transformers,
+    "faster-whisper": _faster_whisper,
+    "hibari": _hibari,
+    "diffusers": _diffusers,
     "synthetic": _synthetic,
 }
 """Backend name → builder; ``covey miner --backend`` takes these names (or ``auto``)."""
 
 
 def backend_for(path: Path) -> str:
-    """The backend that serves the model at ``path``: ``llama.cpp`` for a file,
-    ``sentence-transformers`` for a folder with a ``modules.json``.
+    """The backend that serves the model at ``path``: ``llama.cpp`` for a file; for a
+    folder, ``sentence-transformers`` (a ``modules.json``), ``diffusers`` (a
+    ``model_index.json``), ``faster-whisper`` (a CTranslate2 ``model.bin``) or ``hibari``
+    (a ``hibari.onnx``).
 
     Raises:
         BackendUnavailable: a folder no backend here knows how to serve.
     """
     if path.is_file():
         return "llama.cpp"
-    if (path / "modules.json").is_file():
-        return "sentence-transformers"
-    raise BackendUnavailable(f"{path} is a folder without a sentence-transformers "
-                             "modules.json; no backend here serves it")
+    for marker, backend in (("modules.json", "sentence-transformers"),
+                            ("model_index.json", "diffusers"),
+                            ("model.bin", "faster-whisper"),
+                            ("hibari.onnx", "hibari")):
+        if (path / marker).is_file():
+            return backend
+    raise BackendUnavailable(f"{path} is a folder no backend here serves (expected a "
+                             "sentence-transformers, diffusers, CTranslate2 whisper or "
+                             "hibari folder)")
 
 
 def build(backend: str, settings: ModelSettings) -> Backend:

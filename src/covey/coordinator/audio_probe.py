@@ -1,0 +1,56 @@
+"""How long an uploaded audio file lasts, read by PyAV (FFmpeg) before any miner sees it.
+
+The escrow of a transcription holds the cost of the file's whole duration, so the duration
+must be known up front. The container's header gives it for most formats; otherwise the
+packets' durations are summed (demuxing only, nothing is decoded).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+MAX_PROBE_SECONDS = 24 * 3600
+"""Longest audio accepted (a day): beyond it a declared duration is implausible."""
+
+
+class NotAudio(ValueError):
+    """The bytes are not a media file with an audio stream FFmpeg can read."""
+
+
+def audio_seconds(data: bytes) -> float:
+    """Duration of the audio in ``data``, in seconds.
+
+    Raises:
+        NotAudio: empty, unreadable, without an audio stream, of no length, or longer
+            than :data:`MAX_PROBE_SECONDS`.
+    """
+    if not data:
+        raise NotAudio("the file is empty")
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            streams = container.streams.audio
+            if not streams:
+                raise NotAudio("the file has no audio stream")
+            stream = streams[0]
+            seconds = 0.0
+            if container.duration is not None and container.duration > 0:
+                seconds = container.duration / av.time_base
+            elif stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                for packet in container.demux(stream):
+                    if packet.duration is not None and packet.time_base is not None:
+                        seconds += float(packet.duration * packet.time_base)
+    except NotAudio:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
+        raise NotAudio(f"the file is not audio FFmpeg can read ({type(exc).__name__})"
+                       ) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise NotAudio("the file holds no audio")
+    if seconds > MAX_PROBE_SECONDS:
+        raise NotAudio(f"the audio claims to last {seconds:.0f} s, over a day")
+    return seconds

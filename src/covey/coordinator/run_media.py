@@ -1,0 +1,235 @@
+"""Running a media task (transcription, speech, images) with the failover policy, to an
+:class:`~covey.coordinator.outcome.Outcome`.
+
+The rules are :mod:`covey.coordinator.failover`'s: a miner that disconnects, stalls, errors
+or answers out of shape loses the task to another miner with the same weights. What may move
+depends on what the client already has:
+
+- a transcription resumes after the last segment delivered (the next miner starts at that
+  segment's end, ``Transcribe.offset``), its segments numbered on;
+- speech moves only while none of its audio has been delivered (a file cannot be spliced);
+- images move freely (nothing is delivered before the end).
+
+The finishing miner's receipt must cover the task (hence, for a transcription, the
+audio's SHA-256), its weights, the bytes it sent and its usage; usage above the escrow's
+bound is a false report (the outcome's ``fault``: nobody is paid, the verifier punishes).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from covey.coordinator.errors import ApiError
+from covey.coordinator.failover import FailoverPolicy, may_retry, no_takeover
+from covey.coordinator.job_faults import MinerFault, miner_error, protocol
+from covey.coordinator.link import Call, MinerLink, TaskRefused
+from covey.coordinator.miners import MinerSession
+from covey.coordinator.outcome import ImageAnswer, Outcome, SpeechAnswer, TranscriptAnswer
+from covey.coordinator.router import Dispatcher
+from covey.protocol import (
+    AudioChunk,
+    Paint,
+    Painted,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
+    Transcribe,
+    Transcribed,
+)
+from covey.protocol.audio import AUDIO_CHUNK_BYTES, transcript_digest
+from covey.protocol.image import images_digest
+from covey.protocol.receipts import Receipt, request_digest, verify_receipt
+
+log = logging.getLogger("covey.coordinator.run")
+
+MediaTask = Transcribe | Speak | Paint
+Deliver = Callable[[Segment | SpeechChunk], Awaitable[None]]
+"""Hands a segment (renumbered) or an audio chunk to the client as it arrives."""
+
+
+@dataclass
+class Delivered:
+    """What the client has been handed so far, over all miners of one request."""
+
+    segments: list[Segment] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(frozen=True)
+class MediaResult:
+    """The finishing miner's last frame and the request's ``outcome``; ``delivered``
+    holds every segment or audio byte the client got."""
+
+    last: Transcribed | Spoken | Painted
+    outcome: Outcome
+    delivered: Delivered
+
+
+async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
+                    policy: FailoverPolicy, bound: int, deliver: Deliver | None = None,
+                    audio: bytes = b"", checkable: bool = True) -> MediaResult:
+    """Run ``task`` on a miner of its model, failing over as the module docstring says.
+
+    ``bound`` is the most units (seconds, characters, tiles) the escrow was sized for;
+    ``audio`` a transcription's upload, sent in ``audio_chunk`` frames after the task.
+
+    Raises:
+        ApiError: 404/503/429 from routing, the miner's refusal of the request (400), or
+            the last miner's failure once the tries are spent (or once speech was partly
+            delivered).
+    """
+    tried: list[str] = []
+    sha256: str | None = None
+    fault: MinerFault | None = None
+    got = Delivered()
+    while fault is None or may_retry(policy, len(tried), fault):
+        if fault is not None and isinstance(task, Speak) and got.audio:
+            break  # audio already in the client's hands cannot be redone elsewhere
+        try:
+            session = await dispatcher.acquire(task.model, account, sha256, frozenset(tried),
+                                               priority=bool(tried))
+        except ApiError as exc:
+            if fault is None:
+                raise
+            raise no_takeover(fault, exc) from None
+        tried.append(session.miner_id)
+        offer = session.offer(task.model)
+        sha256 = sha256 or (offer.sha256 if offer else None)
+        update: dict[str, object] = {"model_sha256": sha256}
+        if isinstance(task, Transcribe) and got.segments:
+            update["offset"] = max(task.offset, got.segments[-1].end)
+        sent = task.model_copy(update=update)
+        try:
+            last, mine = await try_on(session, sent, policy.stall_timeout, audio, got,
+                                      deliver)
+        except MinerFault as exc:
+            fault = exc
+            log.warning("%s %s: miner %s failed (%s)", task.type, task.job_id,
+                        session.miner_id[:16], exc.reason)
+            if exc.blame:
+                dispatcher.scores.failure(session.miner_id)
+            continue
+        finally:
+            dispatcher.release(session, account, task.model)
+        receipt = _checked_receipt(session, sent, last, mine)
+        if receipt is None:
+            dispatcher.scores.failure(session.miner_id)
+        units = units_of(last)
+        usage_fault = None
+        if units > bound:
+            usage_fault = f"reported {units} units of usage, more than the request's {bound}"
+        elif receipt is not None:
+            dispatcher.scores.success(session.miner_id, None, None)
+        outcome = Outcome(task.job_id, account, task.model, "done", session.miner_id, offer,
+                          prompt_tokens=units, receipt=receipt, fault=usage_fault,
+                          failovers=len(tried) - 1, checkable=checkable,
+                          answer=_answer(sent, last, mine, audio, got))
+        return MediaResult(last, outcome, got)
+    assert fault is not None
+    raise fault.error
+
+
+def units_of(last: Transcribed | Spoken | Painted) -> int:
+    """The billed units a final frame reports: seconds, characters or tiles."""
+    if isinstance(last, Transcribed):
+        return last.seconds
+    if isinstance(last, Spoken):
+        return last.characters
+    return last.tiles
+
+
+async def try_on(session: MinerSession, task: MediaTask, stall_timeout: float,
+                 audio: bytes, got: Delivered, deliver: Deliver | None = None
+                 ) -> tuple[Transcribed | Spoken | Painted, list[str]]:
+    """One miner's go at ``task`` (``audio``: a transcription's upload), adding what it
+    streams to ``got``: (its last frame, what it sent: segment texts, audio chunks as
+    base64, or nothing for images).
+
+    Raises:
+        MinerFault: the miner failed or answered out of shape.
+        ApiError: the miner refused the request itself (400).
+    """
+    mine: list[str] = []
+    try:
+        async with MinerLink(session).call(task, stall_timeout) as call:
+            if isinstance(task, Transcribe):
+                await _upload(call, audio)
+            async for reply in call:
+                if isinstance(reply, Segment):
+                    numbered = reply.model_copy(update={"id": len(got.segments)})
+                    got.segments.append(numbered)
+                    mine.append(reply.text)
+                    if deliver is not None:
+                        await deliver(numbered)
+                elif isinstance(reply, SpeechChunk):
+                    got.audio += base64.b64decode(reply.data)
+                    mine.append(reply.data)
+                    if deliver is not None:
+                        await deliver(reply)
+                else:
+                    assert isinstance(reply, Transcribed | Spoken | Painted)
+                    _check_shape(task, reply)
+                    return reply, mine
+    except TaskRefused as refused:
+        error = miner_error(refused.frame)
+        if error.status == 400:
+            raise error from None
+        raise MinerFault("miner_error", error) from None
+    raise protocol("the answer ended without its last frame")  # pragma: no cover
+
+
+async def _upload(call: Call, audio: bytes) -> None:
+    for seq, start in enumerate(range(0, len(audio), AUDIO_CHUNK_BYTES)):
+        data = base64.b64encode(audio[start:start + AUDIO_CHUNK_BYTES]).decode()
+        await call.send(AudioChunk(job_id=call.task.job_id, seq=seq, data=data))
+
+
+def _check_shape(task: MediaTask, last: Transcribed | Spoken | Painted) -> None:
+    if isinstance(task, Paint) and isinstance(last, Painted) and len(last.images) != task.n:
+        raise protocol(f"{len(last.images)} images for n={task.n}")
+
+
+def _checked_receipt(session: MinerSession, task: MediaTask,
+                     last: Transcribed | Spoken | Painted, mine: list[str]
+                     ) -> tuple[Receipt, str] | None:
+    """The miner's receipt if signed by it and true to the task, its weights, what it
+    sent and its usage; else None (logged; counted against its reputation)."""
+    if isinstance(last, Transcribed):
+        output = transcript_digest(mine)
+    elif isinstance(last, Spoken):
+        digest = hashlib.sha256()
+        for chunk in mine:
+            digest.update(base64.b64decode(chunk))
+        output = digest.hexdigest()
+    else:
+        output = images_digest(last.images)
+    r, signature = last.receipt, last.signature
+    if r is None or signature is None:
+        problem = "no receipt"
+    elif r.miner != session.miner_id or not verify_receipt(r, signature):
+        problem = "a receipt not signed by this miner"
+    elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256, r.prompt_tokens,
+          r.completion_tokens) != (task.job_id, task.model_sha256, request_digest(task),
+                                   output, units_of(last), 0):
+        problem = "a receipt that does not match the task"
+    else:
+        return r, signature
+    log.warning("%s %s: miner %s sent %s", task.type, task.job_id, session.miner_id[:16],
+                problem)
+    return None
+
+
+def _answer(sent: MediaTask, last: Transcribed | Spoken | Painted, mine: list[str],
+            audio: bytes, got: Delivered) -> TranscriptAnswer | SpeechAnswer | ImageAnswer:
+    if isinstance(sent, Transcribe):
+        return TranscriptAnswer(sent, audio, "".join(mine))
+    if isinstance(sent, Speak):
+        assert isinstance(last, Spoken)
+        return SpeechAnswer(sent, bytes(got.audio), last.duration, last.sample_rate)
+    assert isinstance(last, Painted)
+    return ImageAnswer(sent, last.images)
