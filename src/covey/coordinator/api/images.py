@@ -26,6 +26,11 @@ from covey.protocol.openai_media import ImageRequest
 
 router = APIRouter()
 
+DEFAULT_STEPS = 20
+"""Denoising steps of a request that gives none. The coordinator fills them in, so the task
+says everything a validator needs to regenerate its images (a miner's own default could
+differ from the validator's)."""
+
 
 def _size(body: ImageRequest, sizes: list[str]) -> tuple[int, int]:
     """(width, height) of ``body.size`` (the model's first size when left out).
@@ -58,7 +63,7 @@ async def generations(body: ImageRequest, request: Request, account: Account) ->
         raise ApiError(400, f"'seed' + n must stay below 2^32; got seed {seed}.",
                        code="invalid_value", param="seed")
     task = Paint(job_id=new_id("img"), model=body.model, prompt=body.prompt, n=body.n,
-                 width=width, height=height, seed=seed, steps=body.steps)
+                 width=width, height=height, seed=seed, steps=body.steps or DEFAULT_STEPS)
     record = RequestRecord(task.job_id, task.model, account, False)
     request.state.logged = True
     serving.admit(record)
