@@ -15,7 +15,7 @@ Also prints the pHash distances the image check relies on: between honest runs o
 seed (in-process vs network, 1 vs 2 threads) and between different seeds, and the
 re-check cost at a 5 % check rate (one regeneration per checked request).
 
-Prints one JSON line. Usage: python bench/images.py [--rounds 10] [--steps 10]
+Prints one JSON line. Usage: python bench/images.py [--rounds 10] [--steps 20]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _start(tmp: Path, model: Path, threads: int) -> tuple[str, list[subprocess.P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import random
 import tempfile
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,9 @@ MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
 MAX_TOKENIZE_IDS = 2**20
 """Most token ids a ``tokens`` frame may carry (its field's bound)."""
+PROGRESS_INTERVAL = 1.0
+"""Least seconds between two ``progress`` frames of one task (the coordinator's stall
+timeout is 30 s by default)."""
 UPLOAD_STALL = 30.0
 """Seconds a transcription waits for the next chunk of its audio before giving up."""
 
@@ -400,10 +404,7 @@ class MinerAgent:
         backend = self._backend(task.model, task.model_sha256, "embed")
         assert isinstance(backend, EmbeddingBackend)
 
-        def progress(tokens: int) -> None:
-            self._send_soon(ws, Progress(job_id=task.job_id, prefilled=tokens))
-
-        reply = await backend.embed(task, progress)
+        reply = await backend.embed(task, self._progress(ws, task.job_id))
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           vectors_digest(reply.vectors)))
 
@@ -452,12 +453,24 @@ class MinerAgent:
         backend = self._backend(task.model, task.model_sha256, "paint")
         assert isinstance(backend, ImageBackend)
 
-        def progress(steps: int) -> None:
-            self._send_soon(ws, Progress(job_id=task.job_id, prefilled=steps))
-
-        reply = await backend.paint(task, progress)
+        reply = await backend.paint(task, self._progress(ws, task.job_id))
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           images_digest(reply.images)))
+
+    def _progress(self, ws: ClientConnection, job_id: str) -> Callable[[int], None]:
+        """A backend's progress callback: a ``progress`` frame at most every
+        :data:`PROGRESS_INTERVAL` seconds (the coordinator only needs to know the task is
+        alive; a frame per step would wake both event loops for nothing)."""
+        last = 0.0
+
+        def progress(done: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
+                self._send_soon(ws, Progress(job_id=job_id, prefilled=done))
+
+        return progress
 
     def _signed(self, task: Generate | Embed | Transcribe | Speak | Paint, last: R,
                 model_sha256: str, output_sha256: str) -> R:
