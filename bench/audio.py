@@ -11,9 +11,9 @@ of audio per second of wall time (median over rounds); ``*_ratio`` = network ÷ 
 (target ≥ 0.9).
 
 Re-check cost at a 5 % check rate: a transcription re-check re-runs the transcription (one
-more transcription per checked request); a speech re-check transcribes the answer's audio.
-``recheck_share`` = 0.05 × (validator seconds ÷ serving seconds), measured from the runs
-above. Also prints the round trip's word error rate and the honest re-transcription WER.
+more transcription per checked request); a speech re-check transcribes the answer's audio,
+sampled at ``SPEECH_CHECK_SCALE`` of the rate. ``recheck_share`` = rate × (validator seconds
+÷ serving seconds), measured from the runs above. Also prints the round trip's word error rate and the honest re-transcription WER.
 
 Prints one JSON line. Usage: python bench/audio.py [--rounds 8] [--threads 1]
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from covey.coordinator.verify.media import wer
+from covey.coordinator.verify.media import SPEECH_CHECK_SCALE, wer
 from covey.miner.models import BUNDLED_SPEECH_MODEL, BUNDLED_TRANSCRIPTION_MODEL, bundled_path
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Anyone with a spare computer can serve "
@@ -151,7 +151,7 @@ def main() -> None:
     # A transcription re-check runs the same transcription again; a speech re-check
     # transcribes the answer's audio (of speech's length) instead of synthesizing it.
     transcribe_check = CHECK_RATE
-    speech_check = CHECK_RATE * (med["sn"] / med["tn"])
+    speech_check = CHECK_RATE * SPEECH_CHECK_SCALE * (med["sn"] / med["tn"])
     print(json.dumps({
         "bench": "audio", "rounds": args.rounds, "threads": args.threads,
         "audio_seconds": round(seconds, 2),

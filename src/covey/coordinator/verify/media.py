@@ -57,6 +57,11 @@ noise or another text score near 1."""
 SECONDS_PER_CHAR = (0.03, 0.2)
 """Plausible seconds of speech per input character at speed 1 (the bundled voice reads
 ~0.065 s per character); a duration outside, scaled by the speed, fails."""
+SPEECH_CHECK_SCALE = 0.2
+"""Speech answers are re-checked at this share of the policy's rate (all of them when the
+rate is 1): a speech re-check transcribes the answer, and whisper tiny.en reads audio ~5×
+slower than hibari makes it (``bench/audio.py``), so at the full rate re-checks would cost
+~25 % of the serving compute instead of the 5 % a check rate of 5 % costs other kinds."""
 IMAGE_PHASH_BITS = 10
 """Most bits of 64 in which the pHash of a miner's image and the validator's regenerated
 one may differ."""
@@ -325,9 +330,12 @@ class MediaVerification:
                            answer: TranscriptAnswer | SpeechAnswer | ImageAnswer,
                            settlement: Awaitable[object]) -> None:
         """After a media request: punish false usage, else re-check a share
-        ``policy.rate`` of them (not answers that moved between miners)."""
-        if outcome.fault is None and (outcome.failovers
-                                      or self._rng.random() >= self.policy.rate):
+        ``policy.rate`` of them (speech: :data:`SPEECH_CHECK_SCALE` of it; not answers that
+        moved between miners)."""
+        rate = self.policy.rate
+        if isinstance(answer, SpeechAnswer) and rate < 1:
+            rate *= SPEECH_CHECK_SCALE
+        if outcome.fault is None and (outcome.failovers or self._rng.random() >= rate):
             return
         if outcome.fault is None and self._pending >= MAX_PENDING_CHECKS:
             self.metrics.checks.labels("sampled", "skipped").inc()

@@ -88,22 +88,52 @@ class HibariBackend(SpeechBackend):
             raise BackendError("invalid_value", f"Unknown voice {task.voice!r}; "
                                f"{self.offer.name} has: {', '.join(self.offer.voices)}.",
                                "voice")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[SpeechChunk | Spoken | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: SpeechChunk | Spoken | BaseException) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
         async with self._gate:
-            tts = await asyncio.to_thread(self._voice, task.voice)
-            sentences = await asyncio.to_thread(tts.phonemize, task.input)
-            seed = task.seed if task.seed is not None else random.getrandbits(63)
-            rng = _rng(seed)
-            encoder = Encoder(task.response_format, SAMPLE_RATE)
-            samples = 0
-            for phonemes in sentences:
-                audio = await asyncio.to_thread(tts.from_ids, tts.ids(phonemes), task.speed, rng)
-                samples += len(audio)
-                for frame in _chunks(task, encoder.add(audio)):
-                    yield frame
-            for frame in _chunks(task, encoder.finish()):
-                yield frame
-            yield Spoken(job_id=task.job_id, characters=len(task.input),
-                         duration=samples / SAMPLE_RATE, sample_rate=SAMPLE_RATE)
+            # One worker thread synthesizes and encodes every sentence: a thread hop per
+            # sentence cost ~10 % of the synthesis time.
+            worker = asyncio.ensure_future(asyncio.to_thread(self._run, task, cancel, put))
+            try:
+                while True:
+                    item = await out.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if isinstance(item, Spoken):
+                        break
+            finally:
+                cancel.set()  # the worker stops after its current sentence
+                await asyncio.shield(worker)
+
+    def _run(self, task: Speak, cancel: threading.Event, put: Any) -> None:
+        try:
+            self._synthesize(task, cancel, put)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            put(exc)
+
+    def _synthesize(self, task: Speak, cancel: threading.Event, put: Any) -> None:
+        tts = self._voice(task.voice)
+        seed = task.seed if task.seed is not None else random.getrandbits(63)
+        rng = _rng(seed)
+        encoder = Encoder(task.response_format, SAMPLE_RATE)
+        samples = 0
+        for phonemes in tts.phonemize(task.input):
+            if cancel.is_set():
+                return
+            audio = tts.from_ids(tts.ids(phonemes), task.speed, rng)
+            samples += len(audio)
+            for frame in _chunks(task, encoder.add(audio)):
+                put(frame)
+        for frame in _chunks(task, encoder.finish()):
+            put(frame)
+        put(Spoken(job_id=task.job_id, characters=len(task.input),
+                   duration=samples / SAMPLE_RATE, sample_rate=SAMPLE_RATE))
 
 
 def _rng(seed: int) -> Any:
