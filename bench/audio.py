@@ -13,7 +13,8 @@ of audio per second of wall time (median over rounds); ``*_ratio`` = network ÷ 
 Re-check cost at a 5 % check rate: a transcription re-check re-runs the transcription (one
 more transcription per checked request); a speech re-check transcribes the answer's audio,
 sampled at ``SPEECH_CHECK_SCALE`` of the rate. ``recheck_share`` = rate × (validator seconds
-÷ serving seconds), measured from the runs above. Also prints the round trip's word error rate and the honest re-transcription WER.
+÷ serving seconds), measured from the runs above. Also prints the round trip's word error
+rate and the honest re-transcription WER.
 
 Prints one JSON line. Usage: python bench/audio.py [--rounds 8] [--threads 1]
 """
