@@ -60,6 +60,16 @@ def test_up_prints_working_curl_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
         vectors = json.loads(pasted.stdout)
         assert [len(d["embedding"]) for d in vectors["data"]] == [384, 384]
         assert vectors["usage"]["prompt_tokens"] > 0
+
+        # The bundled voice and transcription model too: the two curl lines chain.
+        curl_speech = next(x.strip() for x in lines if "/v1/audio/speech" in x)
+        spoken = subprocess.run(curl_speech, shell=True, capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path)
+        assert spoken.returncode == 0 and (tmp_path / "hello.mp3").stat().st_size > 1000
+        curl_listen = next(x.strip() for x in lines if "/v1/audio/transcriptions" in x)
+        heard = subprocess.run(curl_listen, shell=True, capture_output=True, text=True,
+                               timeout=60, cwd=tmp_path)
+        assert "hello" in json.loads(heard.stdout)["text"].lower(), heard.stdout
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=20)

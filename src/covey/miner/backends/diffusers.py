@@ -80,12 +80,31 @@ class _Steps:
         return tensors
 
 
+def _quiet_imports() -> None:
+    # Read when the libraries are first imported: they advise at import time.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _quiet() -> None:
+    """Keep diffusers' and transformers' progress bars and advice out of a miner's log
+    (loading bars, optional packages it could use); errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def _load(path: Path, config: ImageConfig) -> tuple[Any, str]:
     """The pipeline at ``path`` on its device, and that device's name."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask a hub
+    _quiet_imports()
     import torch
     from diffusers import AutoPipelineForText2Image
 
+    _quiet()
     torch.set_num_threads(config.threads or 1)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, config.dtype) if config.dtype else (
@@ -261,6 +280,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """
     import tempfile
 
+    _quiet_imports()
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -270,6 +290,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    _quiet()
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix="covey-tokenizer-") as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(_write_byte_vocab(Path(tmp)))
