@@ -15,7 +15,8 @@ Also prints the pHash distances the image check relies on: between honest runs o
 seed (in-process vs network, 1 vs 2 threads) and between different seeds, and the
 re-check cost at a 5 % check rate (one regeneration per checked request).
 
-Prints one JSON line. Usage: python bench/images.py [--rounds 10] [--steps 20]
+Prints one JSON line. Usage: python bench/images.py [--rounds 10] [--steps 20] [--size 64]
+(the tiny pipeline announces 32, 64 and 128).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args()
 
     from openai import OpenAI
@@ -89,7 +91,7 @@ def main() -> None:
 
         def paint(seed: int) -> str:
             task = Paint(job_id=f"b{seed}", model=model.name, prompt="a lighthouse at dawn",
-                         width=64, height=64, seed=seed, steps=args.steps)
+                         width=args.size, height=args.size, seed=seed, steps=args.steps)
             return asyncio.run(local.paint(task)).images[0]
 
         url, procs = _start(Path(tmp), model, args.threads)
@@ -99,7 +101,8 @@ def main() -> None:
 
             def net_paint(seed: int) -> str:
                 return client.images.generate(
-                    model=model.name, prompt="a lighthouse at dawn", size="64x64",
+                    model=model.name, prompt="a lighthouse at dawn",
+                    size=f"{args.size}x{args.size}",  # type: ignore[arg-type]
                     extra_body={"seed": seed, "steps": args.steps}).data[0].b64_json or ""
 
             paint(0), net_paint(0)  # warm up
@@ -123,8 +126,8 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rate.items()}
     print(json.dumps({
-        "bench": "images", "rounds": args.rounds, "steps": args.steps, "size": "64x64",
-        "threads": args.threads,
+        "bench": "images", "rounds": args.rounds, "steps": args.steps,
+        "size": f"{args.size}x{args.size}", "threads": args.threads,
         "images_per_s_local": round(med["local"], 2),
         "images_per_s_network": round(med["network"], 2),
         "ratio": round(med["network"] / med["local"], 3),

@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 
 from covey import __version__
 from covey.miner.backends.base import (
+    PROGRESS_INTERVAL,
     Backend,
     BackendError,
     Capability,
@@ -97,9 +98,6 @@ MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
 MAX_TOKENIZE_IDS = 2**20
 """Most token ids a ``tokens`` frame may carry (its field's bound)."""
-PROGRESS_INTERVAL = 1.0
-"""Least seconds between two ``progress`` frames of one task (the coordinator's stall
-timeout is 30 s by default)."""
 UPLOAD_STALL = 30.0
 """Seconds a transcription waits for the next chunk of its audio before giving up."""
 

@@ -45,6 +45,36 @@ from covey.protocol import (
     Transcribed,
 )
 
+PROGRESS_INTERVAL = 1.0
+"""Least seconds between two progress reports a worker thread hands to the event loop."""
+
+
+def thread_reporter(progress: Callable[[int], None] | None,
+                    interval: float = PROGRESS_INTERVAL) -> Callable[[int], None]:
+    """A progress callback for a backend's worker thread: hands ``progress`` (which runs on
+    the calling event loop) at most one count per ``interval`` seconds. Each hand-off wakes
+    the event loop thread, which then contends for the GIL with the worker; one per step
+    of a fast model measurably slows it.
+
+    Must be called on the event loop that ``progress`` belongs to."""
+    import asyncio
+    import time
+
+    if progress is None:
+        return lambda _done: None
+    loop = asyncio.get_running_loop()
+    last = float("-inf")
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            loop.call_soon_threadsafe(progress, done)
+
+    return report
+
+
 Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint"]
 
 

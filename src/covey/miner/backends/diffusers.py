@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from covey.miner.backends.base import BackendError, ImageBackend
+from covey.miner.backends.base import BackendError, ImageBackend, thread_reporter
 from covey.protocol import ModelOffer, Paint, Painted
 
 SIZE_MULTIPLE = 8
@@ -184,12 +184,7 @@ class DiffusersBackend(ImageBackend):
         """
         self._check_size(task.width, task.height, self.offer.name)
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
-        def report(steps: int) -> None:
-            if progress is not None:
-                loop.call_soon_threadsafe(progress, steps)
-
+        report = thread_reporter(progress)
         async with self._gate:
             try:
                 return await asyncio.to_thread(self._paint, task, cancel, report)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from covey.miner.backends.base import BackendError, EmbeddingBackend
+from covey.miner.backends.base import BackendError, EmbeddingBackend, thread_reporter
 from covey.protocol import Embed, Embedded, ModelOffer
 from covey.protocol.embed import pack_vectors
 
@@ -91,12 +91,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
 
     async def embed(self, task: Embed, progress: Progress | None = None) -> Embedded:
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
-        def report(tokens: int) -> None:
-            if progress is not None:
-                loop.call_soon_threadsafe(progress, tokens)
-
+        report = thread_reporter(progress)
         async with self._gate:
             try:
                 return await asyncio.to_thread(self._embed, task, cancel, report)
