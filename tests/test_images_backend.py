@@ -5,12 +5,12 @@ seeds, bad sizes are refused, progress counts steps, and cancelling stops the wo
 from __future__ import annotations
 
 import asyncio
-import time
 import base64
 import io
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
