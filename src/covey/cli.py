@@ -53,6 +53,9 @@ def coordinator(
                                            "(failover).")] = 3,
     miner_timeout: Annotated[float, typer.Option(
         min=0.5, help="Seconds of silence after which a miner is evicted.")] = 6.0,
+    max_audio_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest audio upload for a transcription, MiB (OpenAI's is 25).")
+    ] = 25.0,
     key_concurrency: Annotated[int, typer.Option(
         min=0, help="Requests one API key may have open at once (0: no limit).")] = 32,
     key_rpm: Annotated[int, typer.Option(
@@ -148,6 +151,7 @@ def coordinator(
                                                   trials=trial),
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
+                               max_audio_bytes=int(max_audio_mb * 2**20),
                                record_traffic=record_traffic)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
