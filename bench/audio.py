@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+import network
 from covey.coordinator.verify.media import SPEECH_CHECK_SCALE, wer
 from covey.miner.models import BUNDLED_SPEECH_MODEL, BUNDLED_TRANSCRIPTION_MODEL, bundled_path
 
@@ -45,39 +43,6 @@ SPEECH_TEXT = " ".join([TEXT] * 4)
 settlement, ~20 ms) is measured apart, on one sentence (``speech_added_ms``)."""
 SHORT = "The quick brown fox jumps over the lazy dog."
 CHECK_RATE = 0.05
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(tmp: Path, threads: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    cov = [sys.executable, "-m", "covey"]
-    log = (tmp / "net.log").open("ab")
-    coord = subprocess.Popen([*cov, "coordinator", "--port", str(port), "--data-dir",
-                              str(tmp / "c"), "--check-rate", "0", "--log-level", "warning",
-                              "--key-rpm", "0", "--key-concurrency", "0"],
-                             stdout=log, stderr=log)
-    miner = subprocess.Popen([*cov, "miner", "--coordinator", url, "--model",
-                              BUNDLED_TRANSCRIPTION_MODEL, "--model", BUNDLED_SPEECH_MODEL,
-                              "--threads", str(threads), "--data-dir", str(tmp / "m"),
-                              "--log-level", "warning"], stdout=log, stderr=log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            models = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
-            if sum(1 for m in models if m["miners"]) >= 2:
-                return url, [miner, coord]
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        if coord.poll() is not None or miner.poll() is not None:
-            break
-        time.sleep(0.25)
-    raise RuntimeError(f"the network did not start; see {tmp / 'net.log'}")
 
 
 def main() -> None:
@@ -110,7 +75,8 @@ def main() -> None:
         return float(len(np.concatenate(list(voice.stream(text, seed=2)))) / 24_000)
 
     with tempfile.TemporaryDirectory() as tmp:
-        url, procs = _start(Path(tmp), args.threads)
+        served = [BUNDLED_TRANSCRIPTION_MODEL, BUNDLED_SPEECH_MODEL]
+        url, procs = network.start(Path(tmp), served, served, args.threads)
         try:
             key = httpx.post(f"{url}/v1/accounts", timeout=10).json()["api_key"]
             client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
@@ -144,9 +110,7 @@ def main() -> None:
                 net_speak(SHORT)
                 added.append((time.perf_counter() - t1) - (t1 - t0))
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+            network.stop(procs)
 
     med = {k: statistics.median(v) for k, v in rtf.items()}
     # A transcription re-check runs the same transcription again; a speech re-check

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+import network
 from covey.miner.models import BUNDLED_EMBEDDING_MODEL, bundled_path
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sentences(n: int) -> list[str]:
@@ -44,33 +36,6 @@ def _sentences(n: int) -> list[str]:
 
     words = " ".join(topics.topics.values()).split()
     return [" ".join(words[i * 17:i * 17 + 12 + i % 9]) for i in range(n)]
-
-
-def _start(tmp: Path, threads: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    cov = [sys.executable, "-m", "covey"]
-    log = (tmp / "net.log").open("ab")
-    coord = subprocess.Popen([*cov, "coordinator", "--port", str(port), "--data-dir",
-                              str(tmp / "c"), "--check-rate", "0", "--log-level", "warning",
-                              "--key-rpm", "0", "--key-concurrency", "0"],
-                             stdout=log, stderr=log)
-    miner = subprocess.Popen([*cov, "miner", "--coordinator", url, "--model",
-                              BUNDLED_EMBEDDING_MODEL, "--threads", str(threads),
-                              "--data-dir", str(tmp / "m"), "--log-level", "warning"],
-                             stdout=log, stderr=log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            models = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
-            if any(m["id"] == BUNDLED_EMBEDDING_MODEL and m["miners"] for m in models):
-                return url, [miner, coord]
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        if coord.poll() is not None or miner.poll() is not None:
-            break
-        time.sleep(0.25)
-    raise RuntimeError(f"the network did not start; see {tmp / 'net.log'}")
 
 
 def main() -> None:
@@ -87,7 +52,8 @@ def main() -> None:
     local = SentenceTransformer(str(bundled_path(BUNDLED_EMBEDDING_MODEL)), device="cpu")
     batch = _sentences(64)
     with tempfile.TemporaryDirectory() as d:
-        url, procs = _start(Path(d), args.threads)
+        url, procs = network.start(Path(d), [BUNDLED_EMBEDDING_MODEL],
+                                   [BUNDLED_EMBEDDING_MODEL], args.threads)
         try:
             key = httpx.post(f"{url}/v1/accounts", timeout=10).json()["api_key"]
             client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
@@ -117,9 +83,7 @@ def main() -> None:
                     lat["local"].append(timed(local.encode, [s])[0])
                     lat["network"].append(timed(remote, [s])[0])
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(30)
+            network.stop(procs)
     p50 = {k: statistics.median(v) * 1000 for k, v in lat.items()}
     rate = {k: statistics.median(v) for k, v in rates.items()}
     print(json.dumps({

@@ -24,49 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+import network
+
 CHECK_RATE = 0.05
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(tmp: Path, model: Path, threads: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    cov = [sys.executable, "-m", "covey"]
-    log = (tmp / "net.log").open("ab")
-    coord = subprocess.Popen([*cov, "coordinator", "--port", str(port), "--data-dir",
-                              str(tmp / "c"), "--check-rate", "0", "--log-level", "warning",
-                              "--key-rpm", "0", "--key-concurrency", "0"],
-                             stdout=log, stderr=log)
-    miner = subprocess.Popen([*cov, "miner", "--coordinator", url, "--model", str(model),
-                              "--threads", str(threads), "--data-dir", str(tmp / "m"),
-                              "--log-level", "warning"], stdout=log, stderr=log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            models = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
-            if any(m["id"] == model.name and m["miners"] for m in models):
-                return url, [miner, coord]
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        if coord.poll() is not None or miner.poll() is not None:
-            break
-        time.sleep(0.25)
-    raise RuntimeError(f"the network did not start; see {tmp / 'net.log'}")
 
 
 def main() -> None:
@@ -94,7 +61,7 @@ def main() -> None:
                          width=args.size, height=args.size, seed=seed, steps=args.steps)
             return asyncio.run(local.paint(task)).images[0]
 
-        url, procs = _start(Path(tmp), model, args.threads)
+        url, procs = network.start(Path(tmp), [str(model)], [model.name], args.threads)
         try:
             key = httpx.post(f"{url}/v1/accounts", timeout=10).json()["api_key"]
             client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
@@ -119,9 +86,7 @@ def main() -> None:
                 honest.append(phash_distance(a, b))
             other_seed = [phash_distance(paint(s), paint(s + 1000)) for s in range(4)]
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+            network.stop(procs)
             local.close()
 
     med = {k: statistics.median(v) for k, v in rate.items()}

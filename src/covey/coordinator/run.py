@@ -1,5 +1,6 @@
 """Running a single-reply task (an embedding) with the failover policy, to an
-:class:`~covey.coordinator.outcome.Outcome`.
+:class:`~covey.coordinator.outcome.Outcome`; :func:`with_failover` is the loop every
+non-streamed runner shares (media tasks too, :mod:`covey.coordinator.run_media`).
 
 A miner that disconnects, stalls, errors or answers out of shape loses the task to another
 miner with the same weights, up to :attr:`FailoverPolicy.max_tries` miners in all; a miner's
@@ -10,7 +11,9 @@ have their own runner (:mod:`covey.coordinator.jobs`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy, may_retry, no_takeover
@@ -24,6 +27,7 @@ from covey.protocol.embed import count_vectors, vectors_digest
 from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.run")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,58 @@ class EmbedResult:
 
     reply: Embedded
     outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Try:
+    """One miner's go at a task: the ``session`` (acquired for it, released afterwards),
+    the weights digest every try is pinned to (``sha256``; None until a miner announced
+    one) and how many miners had the task before (``failovers``)."""
+
+    session: MinerSession
+    sha256: str | None
+    failovers: int
+
+
+async def with_failover(dispatcher: Dispatcher, model: str, account: str,
+                        policy: FailoverPolicy, job_id: str,
+                        attempt: Callable[[Try], Awaitable[T]],
+                        may_move: Callable[[], bool] = lambda: True) -> T:
+    """``attempt`` on a miner of ``model``, then on others with the same weights while it
+    raises :class:`MinerFault` (the failover policy's tries; ``may_move`` False stops it
+    early, e.g. once part of an answer that cannot be resumed was delivered). The session
+    is released after each try; a miner at fault is counted against its reputation.
+
+    Raises:
+        ApiError: routing's 404/503/429 before any try, the miner's refusal of the
+            request (400, from ``attempt``), or the last miner's failure (a 502 saying no
+            other miner could take over).
+    """
+    tried: list[str] = []
+    sha256: str | None = None
+    fault: MinerFault | None = None
+    while fault is None or (may_retry(policy, len(tried), fault) and may_move()):
+        try:
+            session = await dispatcher.acquire(model, account, sha256, frozenset(tried),
+                                               priority=bool(tried))
+        except ApiError as exc:
+            if fault is None:
+                raise
+            raise no_takeover(fault, exc) from None
+        tried.append(session.miner_id)
+        offer = session.offer(model)
+        sha256 = sha256 or (offer.sha256 if offer else None)
+        try:
+            return await attempt(Try(session, sha256, len(tried) - 1))
+        except MinerFault as exc:
+            fault = exc
+            log.warning("%s: miner %s failed (%s)", job_id, session.miner_id[:16], exc.reason)
+            if exc.blame:
+                dispatcher.scores.failure(session.miner_id)
+        finally:
+            dispatcher.release(session, account, model)
+    assert fault is not None
+    raise fault.error
 
 
 async def run_embed(dispatcher: Dispatcher, task: Embed, account: str, policy: FailoverPolicy,
@@ -45,32 +101,11 @@ async def run_embed(dispatcher: Dispatcher, task: Embed, account: str, policy: F
         ApiError: 404/503/429 from routing, the miner's refusal of the request (400), or
             the last miner's failure once the tries are spent.
     """
-    tried: list[str] = []
-    sha256: str | None = None
-    fault: MinerFault | None = None
-    while fault is None or may_retry(policy, len(tried), fault):
-        try:
-            session = await dispatcher.acquire(task.model, account, sha256, frozenset(tried),
-                                               priority=bool(tried))
-        except ApiError as exc:
-            if fault is None:
-                raise
-            raise no_takeover(fault, exc) from None
-        tried.append(session.miner_id)
-        offer = session.offer(task.model)
-        sha256 = sha256 or (offer.sha256 if offer else None)
-        sent = task.model_copy(update={"model_sha256": sha256})
-        try:
-            reply = await _call(session, sent, policy)
-        except MinerFault as exc:
-            fault = exc
-            log.warning("embedding %s: miner %s failed (%s)", task.job_id,
-                        session.miner_id[:16], exc.reason)
-            if exc.blame:
-                dispatcher.scores.failure(session.miner_id)
-            continue
-        finally:
-            dispatcher.release(session, account, task.model)
+
+    async def attempt(go: Try) -> EmbedResult:
+        session = go.session
+        sent = task.model_copy(update={"model_sha256": go.sha256})
+        reply = await _call(session, sent, policy)
         receipt = _checked_receipt(session, sent, reply)
         if receipt is None:
             dispatcher.scores.failure(session.miner_id)
@@ -80,13 +115,14 @@ async def run_embed(dispatcher: Dispatcher, task: Embed, account: str, policy: F
                            f"inputs' {prompt_bound}-token bound")
         elif receipt is not None:
             dispatcher.scores.success(session.miner_id, None, None)
-        outcome = Outcome(task.job_id, account, task.model, "done", session.miner_id, offer,
-                          prompt_tokens=reply.prompt_tokens, receipt=receipt,
-                          fault=usage_fault, failovers=len(tried) - 1, checkable=checkable,
+        outcome = Outcome(task.job_id, account, task.model, "done", session.miner_id,
+                          session.offer(task.model), prompt_tokens=reply.prompt_tokens,
+                          receipt=receipt, fault=usage_fault, failovers=go.failovers,
+                          checkable=checkable,
                           answer=EmbedAnswer(sent, reply.vectors, reply.dimensions))
         return EmbedResult(reply, outcome)
-    assert fault is not None
-    raise fault.error
+
+    return await with_failover(dispatcher, task.model, account, policy, task.job_id, attempt)
 
 
 async def _call(session: MinerSession, task: Embed, policy: FailoverPolicy) -> Embedded:

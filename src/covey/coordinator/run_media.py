@@ -23,13 +23,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from covey.coordinator.errors import ApiError
-from covey.coordinator.failover import FailoverPolicy, may_retry, no_takeover
+from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.job_faults import MinerFault, miner_error, protocol
 from covey.coordinator.link import Call, MinerLink, TaskRefused
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import ImageAnswer, Outcome, SpeechAnswer, TranscriptAnswer
 from covey.coordinator.router import Dispatcher
+from covey.coordinator.run import Try, with_failover
 from covey.protocol import (
     AudioChunk,
     Paint,
@@ -83,39 +83,15 @@ async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
             the last miner's failure once the tries are spent (or once speech was partly
             delivered).
     """
-    tried: list[str] = []
-    sha256: str | None = None
-    fault: MinerFault | None = None
     got = Delivered()
-    while fault is None or may_retry(policy, len(tried), fault):
-        if fault is not None and isinstance(task, Speak) and got.audio:
-            break  # audio already in the client's hands cannot be redone elsewhere
-        try:
-            session = await dispatcher.acquire(task.model, account, sha256, frozenset(tried),
-                                               priority=bool(tried))
-        except ApiError as exc:
-            if fault is None:
-                raise
-            raise no_takeover(fault, exc) from None
-        tried.append(session.miner_id)
-        offer = session.offer(task.model)
-        sha256 = sha256 or (offer.sha256 if offer else None)
-        update: dict[str, object] = {"model_sha256": sha256}
+
+    async def attempt(go: Try) -> MediaResult:
+        session = go.session
+        update: dict[str, object] = {"model_sha256": go.sha256}
         if isinstance(task, Transcribe) and got.segments:
             update["offset"] = max(task.offset, got.segments[-1].end)
         sent = task.model_copy(update=update)
-        try:
-            last, mine = await try_on(session, sent, policy.stall_timeout, audio, got,
-                                      deliver)
-        except MinerFault as exc:
-            fault = exc
-            log.warning("%s %s: miner %s failed (%s)", task.type, task.job_id,
-                        session.miner_id[:16], exc.reason)
-            if exc.blame:
-                dispatcher.scores.failure(session.miner_id)
-            continue
-        finally:
-            dispatcher.release(session, account, task.model)
+        last, mine = await try_on(session, sent, policy.stall_timeout, audio, got, deliver)
         receipt = _checked_receipt(session, sent, last, mine)
         if receipt is None:
             dispatcher.scores.failure(session.miner_id)
@@ -125,13 +101,15 @@ async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
             usage_fault = f"reported {units} units of usage, more than the request's {bound}"
         elif receipt is not None:
             dispatcher.scores.success(session.miner_id, None, None)
-        outcome = Outcome(task.job_id, account, task.model, "done", session.miner_id, offer,
-                          prompt_tokens=units, receipt=receipt, fault=usage_fault,
-                          failovers=len(tried) - 1, checkable=checkable,
+        outcome = Outcome(task.job_id, account, task.model, "done", session.miner_id,
+                          session.offer(task.model), prompt_tokens=units, receipt=receipt,
+                          fault=usage_fault, failovers=go.failovers, checkable=checkable,
                           answer=_answer(sent, last, mine, audio, got))
         return MediaResult(last, outcome, got)
-    assert fault is not None
-    raise fault.error
+
+    # Audio already in the client's hands cannot be redone elsewhere.
+    return await with_failover(dispatcher, task.model, account, policy, task.job_id, attempt,
+                               may_move=lambda: not (isinstance(task, Speak) and got.audio))
 
 
 def units_of(last: Transcribed | Spoken | Painted) -> int:

@@ -10,17 +10,12 @@ its model when that backend declares the task's capability (``generate``, ``embe
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import logging
 import random
-import tempfile
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,17 +27,15 @@ from websockets.asyncio.client import ClientConnection
 
 from covey import __version__
 from covey.miner.backends.base import (
-    PROGRESS_INTERVAL,
     Backend,
     BackendError,
     Capability,
     EmbeddingBackend,
-    ImageBackend,
-    SpeechBackend,
     TextBackend,
-    TranscriptionBackend,
 )
 from covey.miner.hardware import detect_hardware
+from covey.miner.media_tasks import MediaTasks
+from covey.miner.sealed_jobs import unsealed, unsealed_check
 from covey.protocol import (
     AudioChunk,
     Cancel,
@@ -59,10 +52,7 @@ from covey.protocol import (
     ModelOffer,
     Paint,
     Painted,
-    Progress,
-    Segment,
     Speak,
-    SpeechChunk,
     Spoken,
     Started,
     Tokenize,
@@ -74,21 +64,10 @@ from covey.protocol import (
     encode_frame,
     sign_hello,
 )
-from covey.protocol.audio import transcript_digest
 from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
-from covey.protocol.image import images_digest
 from covey.protocol.receipts import request_digest, sign_receipt
-from covey.protocol.sealing import (
-    SealedContent,
-    SealingError,
-    open_delta,
-    open_job,
-    open_job_with,
-    open_key,
-    seal_delta,
-    sign_box_key,
-)
+from covey.protocol.sealing import SealingError, open_job, seal_delta, sign_box_key
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
@@ -98,8 +77,6 @@ MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
 MAX_TOKENIZE_IDS = 2**20
 """Most token ids a ``tokens`` frame may carry (its field's bound)."""
-UPLOAD_STALL = 30.0
-"""Seconds a transcription waits for the next chunk of its audio before giving up."""
 
 # Close codes after which retrying cannot help: our hello was refused.
 _FATAL_CLOSE = {1008}
@@ -134,7 +111,7 @@ class Backoff:
         return base * (1 + random.uniform(-self.jitter, self.jitter))
 
 
-class MinerAgent:
+class MinerAgent(MediaTasks):
     """Serves ``backends`` (one per model; a single backend is accepted too) to the
     coordinator at ``coordinator_url`` under ``key``.
 
@@ -406,70 +383,6 @@ class MinerAgent:
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           vectors_digest(reply.vectors)))
 
-    async def _transcribe(self, ws: ClientConnection, task: Transcribe,
-                          inbox: asyncio.Queue[AudioChunk]) -> None:
-        """Receive a transcription's audio, check it against the task's size and digest,
-        and stream its segments, then ``transcribed`` with a signed receipt."""
-        backend = self._backend(task.model, task.model_sha256, "transcribe")
-        assert isinstance(backend, TranscriptionBackend)
-        with tempfile.TemporaryDirectory(prefix="covey-audio-") as folder:
-            path = Path(folder) / "upload"
-            await _receive_upload(task, inbox, path)
-            self._uploads.pop(task.job_id, None)
-            texts: list[str] = []
-            gen = backend.transcribe(task, path)
-            try:
-                async for frame in gen:
-                    if isinstance(frame, Segment):
-                        texts.append(frame.text)
-                    else:
-                        frame = self._signed(task, frame, backend.offer.sha256,
-                                             transcript_digest(texts))
-                    await self._send(ws, frame)
-            finally:
-                await gen.aclose()
-
-    async def _speak(self, ws: ClientConnection, task: Speak) -> None:
-        """Stream a speech answer's audio, then ``spoken`` with a signed receipt over its
-        bytes."""
-        backend = self._backend(task.model, task.model_sha256, "speak")
-        assert isinstance(backend, SpeechBackend)
-        sent = hashlib.sha256()
-        gen = backend.speak(task)
-        try:
-            async for frame in gen:
-                if isinstance(frame, SpeechChunk):
-                    sent.update(base64.b64decode(frame.data))
-                else:
-                    frame = self._signed(task, frame, backend.offer.sha256, sent.hexdigest())
-                await self._send(ws, frame)
-        finally:
-            await gen.aclose()
-
-    async def _paint(self, ws: ClientConnection, task: Paint) -> None:
-        """Run a ``paint`` task and send its images with a signed receipt."""
-        backend = self._backend(task.model, task.model_sha256, "paint")
-        assert isinstance(backend, ImageBackend)
-
-        reply = await backend.paint(task, self._progress(ws, task.job_id))
-        await self._send(ws, self._signed(task, reply, backend.offer.sha256,
-                                          images_digest(reply.images)))
-
-    def _progress(self, ws: ClientConnection, job_id: str) -> Callable[[int], None]:
-        """A backend's progress callback: a ``progress`` frame at most every
-        :data:`PROGRESS_INTERVAL` seconds (the coordinator only needs to know the task is
-        alive; a frame per step would wake both event loops for nothing)."""
-        last = 0.0
-
-        def progress(done: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL:
-                last = now
-                self._send_soon(ws, Progress(job_id=job_id, prefilled=done))
-
-        return progress
-
     def _signed(self, task: Generate | Embed | Transcribe | Speak | Paint, last: R,
                 model_sha256: str, output_sha256: str) -> R:
         """``last`` (a task's final frame) with this miner's signed receipt for ``task``;
@@ -490,80 +403,6 @@ class MinerAgent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _receive_upload(task: Transcribe, inbox: asyncio.Queue[AudioChunk],
-                          path: Path) -> None:
-    """Write the task's audio chunks to ``path`` in order.
-
-    Raises:
-        BackendError: ``invalid_value`` (param ``file``) for chunks out of order, more
-            bytes than declared, or audio whose size or SHA-256 is not the task's;
-            ``upload_timeout`` when the next chunk does not come within
-            :data:`UPLOAD_STALL` seconds.
-    """
-    digest = hashlib.sha256()
-    size = 0
-    seq = 0
-    with path.open("wb") as out:
-        while size < task.audio_bytes:
-            try:
-                async with asyncio.timeout(UPLOAD_STALL):
-                    chunk = await inbox.get()
-            except TimeoutError:
-                raise BackendError("upload_timeout", f"The audio stopped after {size} of "
-                                   f"{task.audio_bytes} bytes.", "file") from None
-            try:
-                data = base64.b64decode(chunk.data, validate=True)
-            except binascii.Error:
-                data = b""
-            size += len(data)
-            if chunk.seq != seq or not data or size > task.audio_bytes:
-                raise BackendError("invalid_value", f"Audio chunk {chunk.seq} is out of "
-                                   "place or over the declared size.", "file")
-            seq += 1
-            digest.update(data)
-            out.write(data)
-    if digest.hexdigest() != task.audio_sha256:
-        raise BackendError("invalid_value", "The audio does not match its SHA-256.", "file")
-
-
-def unsealed(job: Generate, content: SealedContent) -> Generate:
-    """The plain job a sealed ``job`` stands for: its public settings (model, weights pin,
-    sampling settings, prompt bound) and the content from inside its box.
-
-    Raises:
-        BackendError: ``invalid_value`` when the box's resume point does not hold the
-            ``job.resume_tokens`` tokens the coordinator delivered.
-    """
-    resumed = len(content.resume.token_ids) if content.resume else 0
-    if resumed != job.resume_tokens:
-        raise BackendError("invalid_value", f"The sealed job resumes after {resumed} tokens, "
-                           f"but {job.resume_tokens} were delivered.", "resume")
-    params = job.params.model_copy(update={"stop": content.stop})
-    return job.model_copy(update={
-        "sealed": None, "messages": content.messages, "prompt": content.prompt,
-        "prompt_ids": content.prompt_ids, "stop_ids": content.stop_ids,
-        "resume": content.resume, "params": params})
-
-
-def unsealed_check(box: PrivateKey, check: Check) -> Check:
-    """A validator's plain view of a sealed job's check: the job and the miner's answer,
-    opened from the coordinator's copies with the session key the client sealed to us.
-
-    Raises:
-        SealingError: the key does not open the job or a delta (the client's fault).
-    """
-    key = open_key(box, check.sealed_key or "")
-    job = unsealed(check.job, open_job_with(key, check.job.sealed or ""))
-    texts: list[str] = []
-    ids: list[int] = []
-    for sealed in check.stream:
-        text, token_ids = open_delta(key, sealed)
-        texts.append(text)
-        ids.extend(token_ids)
-    return check.model_copy(update={"job": job, "token_ids": tuple(ids), "text": "".join(texts),
-                                    "sealed_key": None, "stream": ()})
 
 
 def _offer(backend: Backend) -> ModelOffer:

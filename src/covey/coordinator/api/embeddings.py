@@ -7,16 +7,16 @@ before any miner tokenizes it), runs as an :class:`~covey.protocol.Embed` task w
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from covey.coordinator.api import media
 from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import new_id
-from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
+from covey.coordinator.api.serving import Serving
 from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger.pricing import Price, cost
 from covey.coordinator.metrics import RequestRecord
@@ -28,7 +28,6 @@ from covey.protocol.openai_embeddings import (
     EmbeddingRequest,
     EmbeddingUsage,
 )
-from covey.protocol.openai_stream import unless_client_leaves
 
 router = APIRouter()
 
@@ -129,57 +128,23 @@ async def embeddings(body: EmbeddingRequest, request: Request, account: Account)
     request.state.logged = True
     serving.admit(record)
 
-    async def work() -> Response:
-        try:
-            result = await _run(serving, task, account, body.dimensions)
-        except ApiError as exc:
-            serving.finish(record, exc.status, exc.code)
-            raise
-        except asyncio.CancelledError:
-            serving.finish(record, CLIENT_CLOSED)
-            raise
-        except BaseException:
-            serving.finish(record, 500, "internal_error")
-            raise
-        reply, outcome = result.reply, result.outcome
-        record.miner, record.failovers = outcome.miner_id, outcome.failovers
-        record.prompt_tokens = reply.prompt_tokens
-        serving.finish(record, 200)
+    async def work() -> tuple[EmbedResult, Response]:
+        result = await _run(serving, task, account, body.dimensions)
+        reply = result.reply
         usage = EmbeddingUsage(prompt_tokens=reply.prompt_tokens,
                                total_tokens=reply.prompt_tokens)
         answer = EmbeddingList(id=task.job_id, model=task.model, usage=usage,
                                data=_data(reply.vectors, reply.dimensions,
                                           body.encoding_format))
-        return JSONResponse(answer.model_dump(mode="json"))
+        return result, JSONResponse(answer.model_dump(mode="json"))
 
-    stayed, response = await unless_client_leaves(request.receive, work())
-    return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
+    return await media.answer(serving, request, record, work)
 
 
 async def _run(serving: Serving, task: Embed, account: str, dimensions: int | None
                ) -> EmbedResult:
     """Hold the maximum cost, run ``task`` with failover, settle; the escrow is refunded
     whole on any failure (or when the client leaves)."""
-    dispatcher, billing = serving.dispatcher, serving.billing
     bound, max_cost, _ = _quote(serving, task, dimensions)
-    hold = asyncio.ensure_future(billing.hold(task.job_id, account, max_cost))
-    try:
-        await asyncio.shield(hold)
-    except asyncio.CancelledError:
-        billing.refund_after(hold, task.job_id, account)
-        raise
-    try:
-        result = await run_embed(dispatcher, task, account, serving.policy, bound)
-    except ApiError:
-        await billing.refund(task.job_id, account)
-        raise
-    except BaseException:  # cancelled: the refund runs on its own
-        billing.refund(task.job_id, account)
-        raise
-    settlement = billing.settle(result.outcome)
-    if serving.after_job is not None:
-        serving.after_job(result.outcome, settlement)
-    # Shielded: the answer waits for its charge (and receipt) to land, and a client that
-    # leaves now cannot cancel it.
-    await asyncio.shield(settlement)
-    return result
+    return await serving.billed(task.job_id, account, max_cost, lambda: run_embed(
+        serving.dispatcher, task, account, serving.policy, bound))

@@ -1,5 +1,6 @@
 """What the media routes (transcription, speech, images) share: finding a model of the
-right kind, holding the escrow, running the task with failover, settling, and streaming.
+right kind, holding the escrow, running the task with failover, settling, and streaming;
+:func:`answer` serves the embeddings route too.
 
 A request holds its maximum cost (``bound`` units at the highest price among the model's
 miners) before any miner sees it, settles what the finishing miner reports (the units its
@@ -15,7 +16,7 @@ from typing import TypeVar
 
 from fastapi import Request, Response
 
-from covey.coordinator.api.serving import CLIENT_CLOSED, Serving
+from covey.coordinator.api.serving import CLIENT_CLOSED, R, Serving
 from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger.pricing import Price, cost
 from covey.coordinator.metrics import RequestRecord
@@ -70,40 +71,19 @@ async def hold_and_run(serving: Serving, task: MediaTask, account: str, offers:
         ApiError: 402 too few credits, routing's 404/503/429, a miner's 400, a 502 when
             the miners failed.
     """
-    billing = serving.billing
     max_cost, _ = quote(serving, task.model, offers, bound)
-    hold = asyncio.ensure_future(billing.hold(task.job_id, account, max_cost))
-    try:
-        await asyncio.shield(hold)
-    except asyncio.CancelledError:
-        billing.refund_after(hold, task.job_id, account)
-        raise
-    try:
-        result = await run_media(serving.dispatcher, task, account, serving.policy, bound,
-                                 deliver, audio)
-    except ApiError:
-        await billing.refund(task.job_id, account)
-        raise
-    except BaseException:  # cancelled: the refund runs on its own
-        billing.refund(task.job_id, account)
-        raise
-    settlement = billing.settle(result.outcome)
-    if serving.after_job is not None:
-        serving.after_job(result.outcome, settlement)
-    # Shielded: the answer waits for its charge (and receipt) to land, and a client that
-    # leaves now cannot cancel it.
-    await asyncio.shield(settlement)
-    return result
+    return await serving.billed(task.job_id, account, max_cost, lambda: run_media(
+        serving.dispatcher, task, account, serving.policy, bound, deliver, audio))
 
 
 async def answer(serving: Serving, request: Request, record: RequestRecord,
-                 work: Callable[[], Awaitable[tuple[MediaResult, Response]]]) -> Response:
-    """Run a non-streamed media request: its record finished with the status, the work
-    cancelled (and refunded) when the client hangs up first."""
+                 work: Callable[[], Awaitable[tuple[R, Response]]]) -> Response:
+    """Run a non-streamed single-answer request (embeddings, transcription, images): its
+    record finished with the status, the work cancelled (and refunded) when the client
+    hangs up first."""
 
     async def run() -> Response:
-        result, response = await _recorded(serving, record, work())
-        record.prompt_tokens = result.outcome.prompt_tokens
+        _, response = await _recorded(serving, record, work())
         return response
 
     stayed, response = await unless_client_leaves(request.receive, run())
@@ -111,7 +91,7 @@ async def answer(serving: Serving, request: Request, record: RequestRecord,
 
 
 async def _recorded(serving: Serving, record: RequestRecord,
-                    work: Awaitable[tuple[MediaResult, T]]) -> tuple[MediaResult, T]:
+                    work: Awaitable[tuple[R, T]]) -> tuple[R, T]:
     try:
         result, out = await work
     except ApiError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
@@ -21,7 +22,7 @@ from covey.coordinator.metrics import Metrics, RequestRecord
 from covey.coordinator.outcome import Outcome
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Delta, Generate, ModelOffer
+from covey.protocol import Delta, Generate, JobId, ModelOffer
 from covey.protocol.openai import (
     ChatCompletion,
     Completion,
@@ -34,6 +35,14 @@ from covey.protocol.openai_stream import (
     Meta,
     sse,
 )
+
+
+class _Ran(Protocol):
+    @property
+    def outcome(self) -> Outcome: ...
+
+
+R = TypeVar("R", bound=_Ran)
 
 CLIENT_CLOSED = 499
 """Status logged for a request whose client left before the answer (nginx's convention)."""
@@ -121,6 +130,39 @@ class Serving:
             raise ApiError(400, f"'{job.model}' is a private model: its answers cannot be "
                            "watermarked (detection needs its vocabulary).",
                            code="invalid_value", param="watermark")
+
+    async def billed(self, job_id: JobId, account: str, max_cost: int,
+                     run: Callable[[], Awaitable[R]]) -> R:
+        """Hold ``max_cost`` µcr of ``account`` in escrow for ``job_id``, ``run`` the task
+        (a single-answer runner: embeddings, media), settle its outcome and hand it to the
+        verifier; the escrow is refunded whole on any failure, or when the caller is
+        cancelled. The result waits for its settlement, so the balance and the receipt are
+        current when the client reads the answer.
+
+        Raises:
+            ApiError: 402 too few credits, or whatever ``run`` raises.
+        """
+        billing = self.billing
+        hold = asyncio.ensure_future(billing.hold(job_id, account, max_cost))
+        try:
+            await asyncio.shield(hold)
+        except asyncio.CancelledError:
+            billing.refund_after(hold, job_id, account)
+            raise
+        try:
+            result = await run()
+        except ApiError:
+            await billing.refund(job_id, account)
+            raise
+        except BaseException:  # cancelled: the refund runs on its own
+            billing.refund(job_id, account)
+            raise
+        settlement = billing.settle(result.outcome)
+        if self.after_job is not None:
+            self.after_job(result.outcome, settlement)
+        # Shielded: a client that leaves now cannot cancel the charge.
+        await asyncio.shield(settlement)
+        return result
 
     def admit(self, record: RequestRecord) -> None:
         """Apply the account's limits to a new request.

@@ -42,7 +42,6 @@ from covey.coordinator.outcome import (
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.verify.embeddings import (
     MAX_PENDING_CHECKS,
-    VALIDATOR_ACCOUNT,
     EmbeddingReference,
     EmbeddingVerification,
     load_references,
@@ -50,6 +49,7 @@ from covey.coordinator.verify.embeddings import (
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
 from covey.coordinator.verify.media import MediaVerification
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
+from covey.coordinator.verify.validators import VALIDATOR_ACCOUNT
 from covey.protocol import (
     Check,
     CheckReport,

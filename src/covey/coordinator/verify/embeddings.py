@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 
 from covey.coordinator.api.requests import new_id
-from covey.coordinator.errors import ApiError
 from covey.coordinator.job_faults import MinerFault
 from covey.coordinator.ledger.penalties import Evidence
 from covey.coordinator.link import MinerLink, TaskRefused
@@ -30,6 +29,7 @@ from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import EmbedAnswer, Outcome
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
+from covey.coordinator.verify.validators import validator
 from covey.protocol import Embed, Embedded, ModelOffer
 from covey.protocol.embed import cosine, unpack_vectors
 
@@ -37,8 +37,6 @@ log = logging.getLogger("covey.coordinator.verify")
 
 MAX_PENDING_CHECKS = 16
 """Re-checks that may wait for or run on validators at once (see the checker's)."""
-VALIDATOR_ACCOUNT = "covey:validator"
-"""The account re-checks queue under for a validator's slot (fair-queued like a user)."""
 
 EMBED_COSINE = 0.999
 """Least cosine similarity an honest vector has to the reference: a cosine distance of
@@ -200,19 +198,10 @@ class EmbeddingVerification:
         Raises:
             EmbeddingUnavailable: none is free within the timeout, or it failed.
         """
-        d = self.dispatcher
-        try:
-            async with asyncio.timeout(self.policy.timeout):
-                session = await d.acquire(task.model, VALIDATOR_ACCOUNT, task.model_sha256,
-                                          frozenset(exclude), priority=True)
-        except (ApiError, TimeoutError) as exc:
-            raise EmbeddingUnavailable(getattr(exc, "message", "no validator was free")
-                                       ) from None
-        try:
+        async with validator(self.dispatcher, task.model, task.model_sha256, exclude,
+                             self.policy.timeout, EmbeddingUnavailable) as session:
             again = task.model_copy(update={"job_id": new_id("chk")})
             return await embed_on(session, again, self.policy.timeout), session.miner_id
-        finally:
-            d.release(session, VALIDATOR_ACCOUNT, task.model)
 
     def _maybe_check_embedding(self, outcome: Outcome, answer: EmbedAnswer,
                                settlement: Awaitable[object]) -> None:

@@ -37,8 +37,9 @@ from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import ImageAnswer, Outcome, SpeechAnswer, TranscriptAnswer
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.run_media import Delivered, MediaTask, try_on
-from covey.coordinator.verify.embeddings import MAX_PENDING_CHECKS, VALIDATOR_ACCOUNT
+from covey.coordinator.verify.embeddings import MAX_PENDING_CHECKS
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
+from covey.coordinator.verify.validators import validator
 from covey.protocol import ModelOffer, Paint, Painted, Speak, Transcribe, Transcribed
 
 log = logging.getLogger("covey.coordinator.verify")
@@ -296,20 +297,11 @@ class MediaVerification:
         Raises:
             MediaUnavailable: none is free within the timeout, or it failed.
         """
-        d = self.dispatcher
-        try:
-            async with asyncio.timeout(self.policy.timeout):
-                session = await d.acquire(task.model, VALIDATOR_ACCOUNT, task.model_sha256,
-                                          frozenset(exclude), priority=True)
-        except (ApiError, TimeoutError) as exc:
-            raise MediaUnavailable(getattr(exc, "message", "no validator was free")
-                                   ) from None
-        try:
+        async with validator(self.dispatcher, task.model, task.model_sha256, exclude,
+                             self.policy.timeout, MediaUnavailable) as session:
             again = task.model_copy(update={"job_id": new_id("chk")})
             last, got = await run_on(session, again, self.policy.timeout, audio)
             return last, got, session.miner_id
-        finally:
-            d.release(session, VALIDATOR_ACCOUNT, task.model)
 
     async def _round_trip(self, audio: bytes, fmt: str, sample_rate: int,
                           exclude: Sequence[str]) -> tuple[str, str]:

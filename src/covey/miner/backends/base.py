@@ -19,10 +19,12 @@ Backends are built by name from :mod:`covey.miner.backends.registry`.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 from covey.protocol import (
     Check,
@@ -57,7 +59,6 @@ def thread_reporter(progress: Callable[[int], None] | None,
     of a fast model measurably slows it.
 
     Must be called on the event loop that ``progress`` belongs to."""
-    import asyncio
     import time
 
     if progress is None:
@@ -73,6 +74,47 @@ def thread_reporter(progress: Callable[[int], None] | None,
             loop.call_soon_threadsafe(progress, done)
 
     return report
+
+
+T = TypeVar("T")
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def thread_stream(produce: Callable[[Callable[[T], None], threading.Event], None]
+                        ) -> AsyncIterator[T]:
+    """Run ``produce(put, cancel)`` in a worker thread and yield what it ``put``s, in
+    order, as soon as it does; an exception it raises is raised here. Closing the iterator
+    early sets ``cancel`` (the producer checks it between pieces of work) and waits for the
+    thread to end, so a backend's slot is free again when the close returns."""
+    loop = asyncio.get_running_loop()
+    out: asyncio.Queue[object] = asyncio.Queue()
+    cancel = threading.Event()
+    end = object()
+
+    def put(item: object) -> None:
+        loop.call_soon_threadsafe(out.put_nowait, item)
+
+    def run() -> None:
+        try:
+            produce(put, cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            put(_Raised(exc))
+        finally:
+            put(end)
+
+    worker = asyncio.ensure_future(asyncio.to_thread(run))
+    try:
+        while (item := await out.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item  # type: ignore[misc]
+    finally:
+        cancel.set()
+        await asyncio.shield(worker)
 
 
 Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint"]

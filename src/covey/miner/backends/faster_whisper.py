@@ -10,6 +10,7 @@ an ``offset`` (a failover's resume point) decodes from there with ``clip_timesta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from covey.miner.backends.base import BackendError, TranscriptionBackend
+from covey.miner.backends.base import BackendError, TranscriptionBackend, thread_stream
 from covey.protocol import ModelOffer, Segment, Transcribe, Transcribed
 from covey.protocol.audio import Word
 
@@ -70,34 +71,11 @@ class WhisperBackend(TranscriptionBackend):
         if self.english_only and task.language not in (None, "en"):
             raise BackendError("invalid_value", f"{self.offer.name} transcribes English "
                                f"only; got language {task.language!r}.", "language")
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue[Segment | Transcribed | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Segment | Transcribed | BaseException) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-
-        async with self._gate:
-            worker = asyncio.ensure_future(asyncio.to_thread(self._run, task, audio, cancel,
-                                                             put))
-            try:
-                while True:
-                    item = await out.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, Transcribed):
-                        break
-            finally:
-                cancel.set()  # the decoding thread stops after its current segment
-                await asyncio.shield(worker)
-
-    def _run(self, task: Transcribe, path: Path, cancel: threading.Event,
-             put: Any) -> None:
-        try:
-            self._decode(task, path, cancel, put)
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-            put(exc)
+        async with self._gate, contextlib.aclosing(thread_stream(
+                lambda put, cancel: self._decode(task, audio, cancel, put))) as frames:
+            # The decoding thread stops after its current segment when this is closed.
+            async for frame in frames:
+                yield frame
 
     def _decode(self, task: Transcribe, path: Path, cancel: threading.Event,
                 put: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import threading
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from covey.miner.backends.audio_encode import Encoder
-from covey.miner.backends.base import BackendError, SpeechBackend
+from covey.miner.backends.base import BackendError, SpeechBackend, thread_stream
 from covey.protocol import ModelOffer, Speak, SpeechChunk, Spoken
 from covey.protocol.audio import AUDIO_CHUNK_BYTES, MAX_SPEECH_CHARS
 
@@ -88,34 +89,12 @@ class HibariBackend(SpeechBackend):
             raise BackendError("invalid_value", f"Unknown voice {task.voice!r}; "
                                f"{self.offer.name} has: {', '.join(self.offer.voices)}.",
                                "voice")
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue[SpeechChunk | Spoken | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: SpeechChunk | Spoken | BaseException) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-
-        async with self._gate:
-            # One worker thread synthesizes and encodes every sentence: a thread hop per
-            # sentence cost ~10 % of the synthesis time.
-            worker = asyncio.ensure_future(asyncio.to_thread(self._run, task, cancel, put))
-            try:
-                while True:
-                    item = await out.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, Spoken):
-                        break
-            finally:
-                cancel.set()  # the worker stops after its current sentence
-                await asyncio.shield(worker)
-
-    def _run(self, task: Speak, cancel: threading.Event, put: Any) -> None:
-        try:
-            self._synthesize(task, cancel, put)
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-            put(exc)
+        # One worker thread synthesizes and encodes every sentence: a thread hop per
+        # sentence cost ~10 % of the synthesis time.
+        async with self._gate, contextlib.aclosing(thread_stream(
+                lambda put, cancel: self._synthesize(task, cancel, put))) as frames:
+            async for frame in frames:  # closing stops the thread after its sentence
+                yield frame
 
     def _synthesize(self, task: Speak, cancel: threading.Event, put: Any) -> None:
         tts = self._voice(task.voice)
