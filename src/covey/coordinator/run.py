@@ -22,12 +22,13 @@ from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import EmbedAnswer, Outcome
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Embed, Embedded
+from covey.protocol import Embed, Embedded, Paint, Speak, Transcribe
 from covey.protocol.embed import count_vectors, vectors_digest
 from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.run")
 T = TypeVar("T")
+MediaTask = Transcribe | Speak | Paint
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ async def run_embed(dispatcher: Dispatcher, task: Embed, account: str, policy: F
         session = go.session
         sent = task.model_copy(update={"model_sha256": go.sha256})
         reply = await _call(session, sent, policy)
-        receipt = _checked_receipt(session, sent, reply)
+        receipt = checked_receipt(session, sent, reply.receipt, reply.signature,
+                                  vectors_digest(reply.vectors), reply.prompt_tokens)
         if receipt is None:
             dispatcher.scores.failure(session.miner_id)
         usage_fault = None
@@ -152,20 +154,22 @@ async def _call(session: MinerSession, task: Embed, policy: FailoverPolicy) -> E
     return reply
 
 
-def _checked_receipt(session: MinerSession, task: Embed, reply: Embedded
-                     ) -> tuple[Receipt, str] | None:
-    """The miner's receipt if signed by it and true to the task, its weights, the vectors
-    it sent and its usage; else None (logged; counted against its reputation)."""
-    r, signature = reply.receipt, reply.signature
+def checked_receipt(session: MinerSession, task: Embed | MediaTask, receipt: Receipt | None,
+                    signature: str | None, output_sha256: str, units: int
+                    ) -> tuple[Receipt, str] | None:
+    """The miner's receipt of a single-answer task if signed by it and true to the task,
+    its weights, what it sent (``output_sha256``) and its usage (``units``, no completion
+    tokens); else None (logged; the caller counts it against the miner's reputation)."""
+    r = receipt
     if r is None or signature is None:
         problem = "no receipt"
     elif r.miner != session.miner_id or not verify_receipt(r, signature):
         problem = "a receipt not signed by this miner"
     elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256, r.prompt_tokens,
           r.completion_tokens) != (task.job_id, task.model_sha256, request_digest(task),
-                                   vectors_digest(reply.vectors), reply.prompt_tokens, 0):
+                                   output_sha256, units, 0):
         problem = "a receipt that does not match the task"
     else:
         return r, signature
-    log.warning("embedding %s: miner %s sent %s", task.job_id, session.miner_id[:16], problem)
+    log.warning("%s: miner %s sent %s", task.job_id, session.miner_id[:16], problem)
     return None

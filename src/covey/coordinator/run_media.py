@@ -29,7 +29,7 @@ from covey.coordinator.link import Call, MinerLink, TaskRefused
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import ImageAnswer, Outcome, SpeechAnswer, TranscriptAnswer
 from covey.coordinator.router import Dispatcher
-from covey.coordinator.run import Try, with_failover
+from covey.coordinator.run import MediaTask, Try, checked_receipt, with_failover
 from covey.protocol import (
     AudioChunk,
     Paint,
@@ -43,11 +43,9 @@ from covey.protocol import (
 )
 from covey.protocol.audio import AUDIO_CHUNK_BYTES, transcript_digest
 from covey.protocol.image import images_digest
-from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
 log = logging.getLogger("covey.coordinator.run")
 
-MediaTask = Transcribe | Speak | Paint
 Deliver = Callable[[Segment | SpeechChunk], Awaitable[None]]
 """Hands a segment (renumbered) or an audio chunk to the client as it arrives."""
 
@@ -92,7 +90,8 @@ async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
             update["offset"] = max(task.offset, got.segments[-1].end)
         sent = task.model_copy(update=update)
         last, mine = await try_on(session, sent, policy.stall_timeout, audio, got, deliver)
-        receipt = _checked_receipt(session, sent, last, mine)
+        receipt = checked_receipt(session, sent, last.receipt, last.signature,
+                                  _output_digest(last, mine), units_of(last))
         if receipt is None:
             dispatcher.scores.failure(session.miner_id)
         units = units_of(last)
@@ -172,34 +171,16 @@ def _check_shape(task: MediaTask, last: Transcribed | Spoken | Painted) -> None:
         raise protocol(f"{len(last.images)} images for n={task.n}")
 
 
-def _checked_receipt(session: MinerSession, task: MediaTask,
-                     last: Transcribed | Spoken | Painted, mine: list[str]
-                     ) -> tuple[Receipt, str] | None:
-    """The miner's receipt if signed by it and true to the task, its weights, what it
-    sent and its usage; else None (logged; counted against its reputation)."""
+def _output_digest(last: Transcribed | Spoken | Painted, mine: list[str]) -> str:
+    """What a receipt's ``output_sha256`` must be for what the miner sent."""
     if isinstance(last, Transcribed):
-        output = transcript_digest(mine)
-    elif isinstance(last, Spoken):
+        return transcript_digest(mine)
+    if isinstance(last, Spoken):
         digest = hashlib.sha256()
         for chunk in mine:
             digest.update(base64.b64decode(chunk))
-        output = digest.hexdigest()
-    else:
-        output = images_digest(last.images)
-    r, signature = last.receipt, last.signature
-    if r is None or signature is None:
-        problem = "no receipt"
-    elif r.miner != session.miner_id or not verify_receipt(r, signature):
-        problem = "a receipt not signed by this miner"
-    elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256, r.prompt_tokens,
-          r.completion_tokens) != (task.job_id, task.model_sha256, request_digest(task),
-                                   output, units_of(last), 0):
-        problem = "a receipt that does not match the task"
-    else:
-        return r, signature
-    log.warning("%s %s: miner %s sent %s", task.type, task.job_id, session.miner_id[:16],
-                problem)
-    return None
+        return digest.hexdigest()
+    return images_digest(last.images)
 
 
 def _answer(sent: MediaTask, last: Transcribed | Spoken | Painted, mine: list[str],

@@ -29,7 +29,7 @@ from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import EmbedAnswer, Outcome
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
-from covey.coordinator.verify.validators import validator
+from covey.coordinator.verify.validators import NoVerdict, SampledChecks, validator
 from covey.protocol import Embed, Embedded, ModelOffer
 from covey.protocol.embed import cosine, unpack_vectors
 
@@ -52,7 +52,7 @@ TRIAL_INPUTS: tuple[str, ...] = (
 """The inputs of an embedding trial; references hold their vectors."""
 
 
-class EmbeddingUnavailable(Exception):
+class EmbeddingUnavailable(NoVerdict):
     """The miner could not embed (refused, failed, left, or took too long)."""
 
 
@@ -154,7 +154,7 @@ async def embed_on(session: MinerSession, task: Embed, timeout: float) -> Embedd
 
 
 
-class EmbeddingVerification:
+class EmbeddingVerification(SampledChecks):
     """The :class:`~covey.coordinator.verify.checker.Verifier`'s part for embedding
     models: judging a trial, and the sampled re-check after a request."""
 
@@ -218,34 +218,13 @@ class EmbeddingVerification:
 
     async def _sampled_embedding(self, outcome: Outcome, answer: EmbedAnswer,
                                  settlement: Awaitable[object]) -> None:
-        assert outcome.miner_id is not None
-        kind = "usage" if outcome.fault is not None else "sampled"
-        validator: str | None = None
-        try:
-            await settlement
-            if outcome.fault is not None:
-                verdict = Verdict([outcome.fault], {"receipt": outcome.receipt[0].model_dump()
-                                                    if outcome.receipt else None})
-            else:
-                trusted, validator = await self._embed_by_validator(answer.sent,
-                                                                    [outcome.miner_id])
-                rows = unpack_vectors(trusted.vectors, trusted.dimensions)
-                got = Embedded(job_id=answer.sent.job_id, dimensions=answer.dimensions,
-                               vectors=answer.vectors, prompt_tokens=outcome.prompt_tokens)
-                verdict = compare(rows, trusted.prompt_tokens, got)
-        except EmbeddingUnavailable as exc:
-            self.metrics.checks.labels("sampled", "skipped").inc()
-            log.info("embedding %s not re-checked: %s", outcome.job_id, exc)
-            return
-        except Exception:  # noqa: BLE001 - the settlement logs its own failure
-            return
-        finally:
-            self._pending -= 1
-        self.metrics.checks.labels(kind, "passed" if verdict.passed else "failed").inc()
-        if verdict.passed:
-            return
-        log.warning("embedding %s: miner %s failed a %s check: %s", outcome.job_id,
-                    outcome.miner_id[:16], kind, "; ".join(verdict.reasons))
-        await self.punish(Evidence(new_id("chk"), kind, outcome.job_id, outcome.miner_id,
-                                   answer.sent.model_sha256 or "", verdict.as_dict(),
-                                   outcome.account, validator))
+        async def recheck() -> tuple[Verdict, str | None]:
+            assert outcome.miner_id is not None
+            trusted, validator_id = await self._embed_by_validator(answer.sent,
+                                                                   [outcome.miner_id])
+            rows = unpack_vectors(trusted.vectors, trusted.dimensions)
+            got = Embedded(job_id=answer.sent.job_id, dimensions=answer.dimensions,
+                           vectors=answer.vectors, prompt_tokens=outcome.prompt_tokens)
+            return compare(rows, trusted.prompt_tokens, got), validator_id
+
+        await self._sampled_single(outcome, answer.sent.model_sha256 or "", settlement, recheck)

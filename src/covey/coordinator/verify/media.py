@@ -39,7 +39,7 @@ from covey.coordinator.router import Dispatcher
 from covey.coordinator.run_media import Delivered, MediaTask, try_on
 from covey.coordinator.verify.embeddings import MAX_PENDING_CHECKS
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
-from covey.coordinator.verify.validators import validator
+from covey.coordinator.verify.validators import NoVerdict, SampledChecks, validator
 from covey.protocol import ModelOffer, Paint, Painted, Speak, Transcribe, Transcribed
 
 log = logging.getLogger("covey.coordinator.verify")
@@ -72,7 +72,7 @@ TRIAL_TEXT = ("The quick brown fox jumps over the lazy dog. Anyone with a spare 
 """The words spoken in the bundled trial clip ``transcription_trial.ogg``."""
 
 
-class MediaUnavailable(Exception):
+class MediaUnavailable(NoVerdict):
     """No miner could do the validator's part (none online, busy, or it failed)."""
 
 
@@ -202,7 +202,7 @@ async def run_on(session: MinerSession, task: MediaTask, timeout: float, audio: 
     return last, got
 
 
-class MediaVerification:
+class MediaVerification(SampledChecks):
     """The :class:`~covey.coordinator.verify.checker.Verifier`'s part for media models."""
 
     dispatcher: Dispatcher
@@ -338,37 +338,12 @@ class MediaVerification:
     async def _sampled_media(self, outcome: Outcome,
                              answer: TranscriptAnswer | SpeechAnswer | ImageAnswer,
                              settlement: Awaitable[object]) -> None:
-        assert outcome.miner_id is not None
-        kind = "usage" if outcome.fault is not None else "sampled"
-        validator: str | None = None
-        try:
-            await settlement
-            if outcome.fault is not None:
-                verdict = Verdict([outcome.fault], {"receipt": outcome.receipt[0].model_dump()
-                                                    if outcome.receipt else None})
-            else:
-                verdict, validator = await self._recheck_media(outcome, answer)
-        except MediaUnavailable as exc:
-            self.metrics.checks.labels("sampled", "skipped").inc()
-            log.info("%s not re-checked: %s", outcome.job_id, exc)
-            return
-        except Exception:  # noqa: BLE001 - the settlement logs its own failure
-            log.exception("re-check of %s failed", outcome.job_id)
-            return
-        finally:
-            self._pending -= 1
-        self.metrics.checks.labels(kind, "passed" if verdict.passed else "failed").inc()
-        if verdict.passed:
-            return
-        log.warning("%s: miner %s failed a %s check: %s", outcome.job_id,
-                    outcome.miner_id[:16], kind, "; ".join(verdict.reasons))
-        await self.punish(Evidence(new_id("chk"), kind, outcome.job_id, outcome.miner_id,
-                                   answer.sent.model_sha256 or "", verdict.as_dict(),
-                                   outcome.account, validator))
+        await self._sampled_single(outcome, answer.sent.model_sha256 or "", settlement,
+                            lambda: self._recheck_media(outcome, answer))
 
     async def _recheck_media(self, outcome: Outcome,
                              answer: TranscriptAnswer | SpeechAnswer | ImageAnswer
-                             ) -> tuple[Verdict, str]:
+                             ) -> tuple[Verdict, str | None]:
         assert outcome.miner_id is not None
         exclude = [outcome.miner_id]
         if isinstance(answer, TranscriptAnswer):
