@@ -4,7 +4,8 @@ One WebSocket per miner carries JSON objects, each with a ``type`` field naming 
 The handshake is ``challenge`` (coordinator) → ``hello`` (miner, signed) → ``welcome``.
 A task (:data:`Task`) is answered by its own reply frames: a generation is ``generate`` →
 ``started`` → ``progress``* → ``delta``* → ``done`` | ``error``, an embedding ``embed`` →
-``embedded`` | ``error``; ``cancel`` from the coordinator stops either; a re-check is
+``embedded`` | ``error``, media tasks as :mod:`covey.protocol.audio` and
+:mod:`covey.protocol.image` say; ``cancel`` from the coordinator stops any; a re-check is
 ``check`` → ``check_report`` | ``error``; ``heartbeat`` flows both ways. Watermark
 detection asks a miner for token ids: ``tokenize`` → ``tokens`` | ``error``.
 
@@ -43,7 +44,7 @@ __all__ = ["AudioChunk", "Base64", "Embed", "Embedded", "JobId", "MinerId", "Pai
            "Receipt", "Segment", "Sha256Hex", "Speak", "SpeechChunk", "Spoken", "TokenId",
            "Transcribe", "Transcribed"]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 class Hardware(_Frame):
     """What the miner runs on: logical CPUs, RAM in bytes, GPU names (empty when none)."""
