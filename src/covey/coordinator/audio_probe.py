@@ -47,8 +47,7 @@ def audio_seconds(data: bytes) -> float:
     except NotAudio:
         raise
     except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
-        raise NotAudio(f"the file is not audio FFmpeg can read ({type(exc).__name__})"
-                       ) from None
+        raise NotAudio(f"FFmpeg cannot read it ({type(exc).__name__})") from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise NotAudio("the file holds no audio")
     if seconds > MAX_PROBE_SECONDS:
