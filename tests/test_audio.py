@@ -285,3 +285,56 @@ def test_receipts_cover_the_uploaded_audio_and_the_returned_bytes(net, clip: Pat
     from covey.protocol.frames import Receipt
 
     assert verify_receipt(Receipt(**found["receipt"]), found["miner_signature"])
+
+
+def test_a_header_that_understates_the_length_gets_what_it_declared(net, clip: Path):
+    """A FLAC whose STREAMINFO says 1 s but which holds the whole clip: the escrow is sized
+    from the header, the miner decodes no further than that, bills within it, and is not
+    blamed for the client's file."""
+    import av
+    import numpy as np
+
+    samples, rate = sf.read(str(clip), dtype="int16")
+    out = io.BytesIO()
+    with av.open(out, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples)[None, :], format="s16",
+                                           layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    flac = bytearray(out.getvalue())
+    assert flac[:4] == b"fLaC"
+    flac[21] &= 0xF0  # STREAMINFO's total samples (36 bits from byte 21): one second
+    flac[22:26] = rate.to_bytes(4, "big")
+    headers = sign_up(net)
+    before = account(net, headers)["balance"]
+    r = httpx.post(f"{net.url}/v1/audio/transcriptions", headers=headers, timeout=60,
+                   files={"file": ("short.flac", bytes(flac), "audio/flac")},
+                   data={"model": WHISPER})
+    assert r.status_code == 200, r.text
+    seconds = r.json()["usage"]["seconds"]
+    assert 1 <= seconds <= 2  # the declared second, plus the bound's second of slack
+    assert before - account(net, headers)["balance"] == seconds * 4
+    miner = httpx.get(f"{net.url}/v1/miners").json()["data"][0]["id"]
+    assert httpx.get(f"{net.url}/v1/miners/{miner}/checks").json()["data"] == []
+
+
+@pytest.mark.parametrize("text", ["你好世界", "   ", "😀😀😀"])
+def test_speech_with_nothing_to_read_is_400_and_free(net, text: str):
+    headers = sign_up(net)
+    before = account(net, headers)["balance"]
+    r = httpx.post(f"{net.url}/v1/audio/speech", headers=headers, timeout=30,
+                   json={"model": VOICE_MODEL, "voice": "heart", "input": text})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "input"
+    after = account(net, headers)
+    assert after["balance"] == before and after["held"] == 0
+
+
+def test_a_form_field_given_twice_is_400(net, clip: Path):
+    r = httpx.post(f"{net.url}/v1/audio/transcriptions", headers=net.headers, timeout=30,
+                   files=[("file", ("a.wav", clip.read_bytes(), "audio/wav")),
+                          ("model", (None, WHISPER)), ("model", (None, VOICE_MODEL))])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "model"

@@ -2,7 +2,9 @@
 
 The escrow of a transcription holds the cost of the file's whole duration, so the duration
 must be known up front. The container's header gives it for most formats; otherwise the
-packets' durations are summed (demuxing only, nothing is decoded).
+packets' durations are summed (demuxing only, nothing is decoded). A header may understate
+the length: the task then carries the probed bound (``Transcribe.max_seconds``) and the
+miner decodes no further. Probing a large file takes seconds: call it off the event loop.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import io
 import math
 
-MAX_PROBE_SECONDS = 24 * 3600
-"""Longest audio accepted (a day): beyond it a declared duration is implausible."""
+MAX_PROBE_SECONDS = 2 * 3600
+"""Longest audio accepted (2 h, what a miner decodes at most)."""
 
 
 class NotAudio(ValueError):
@@ -44,6 +46,8 @@ def audio_seconds(data: bytes) -> float:
                 for packet in container.demux(stream):
                     if packet.duration is not None and packet.time_base is not None:
                         seconds += float(packet.duration * packet.time_base)
+                    if seconds > MAX_PROBE_SECONDS:
+                        break
     except NotAudio:
         raise
     except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
@@ -51,5 +55,6 @@ def audio_seconds(data: bytes) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise NotAudio("the file holds no audio")
     if seconds > MAX_PROBE_SECONDS:
-        raise NotAudio(f"the audio claims to last {seconds:.0f} s, over a day")
+        raise NotAudio(f"it lasts over {MAX_PROBE_SECONDS // 3600} hours, the most one "
+                       "request may transcribe")
     return seconds

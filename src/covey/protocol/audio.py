@@ -60,6 +60,10 @@ class Transcribe(_Frame):
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
     words: bool = False
     offset: float = Field(default=0.0, ge=0.0)
+    max_seconds: int | None = Field(default=None, ge=1)
+    """The most seconds of audio the request paid for (its escrow's bound, from the file's
+    declared duration): the miner decodes no further and bills at most this, so a file
+    whose header understates its length gets the length it declared transcribed."""
 
 
 class AudioChunk(_Frame):

@@ -37,6 +37,10 @@ ROUTES: dict[str, str] = {
 elsewhere)."""
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def offers_of(serving: Serving, model: str, kind: ModelKind) -> list[ModelOffer]:
     """The live offers of ``model``, which must be a ``kind`` model.
 
@@ -48,7 +52,7 @@ def offers_of(serving: Serving, model: str, kind: ModelKind) -> list[ModelOffer]
     offers = serving.offers(model)
     if any(o.kind != kind for o in offers):
         other = offers[0].kind
-        raise ApiError(400, f"'{model}' is a {other} model, not a {kind} model: send it to "
+        raise ApiError(400, f"'{model}' is {_a(other)} model, not {_a(kind)} model: send it to "
                        f"{ROUTES[other]}. GET /v1/models lists each model's kind.",
                        code="invalid_value", param="model")
     return offers

@@ -13,6 +13,7 @@ another miner after the last segment delivered.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -73,6 +74,8 @@ async def _form(request: Request, cap: int) -> tuple[dict[str, str | list[str]],
                 listed = fields.setdefault(key.removesuffix("[]"), [])
                 assert isinstance(listed, list)
                 listed.append(value)
+            elif key in fields:
+                raise _bad(f"'{key}' is given twice; send it once.", key)
             else:
                 fields[key] = value
         if upload is None:
@@ -151,11 +154,12 @@ async def transcriptions(request: Request, account: Account) -> Response:
     task, fmt, stream = _task(fields, data, filename)
     offers = offers_of(serving, task.model, "transcription")
     try:
-        seconds = audio_seconds(data)
+        seconds = await asyncio.to_thread(audio_seconds, data)
     except NotAudio as exc:
         raise _bad(f"The file is not audio: {exc}.", "file") from None
     # Rounding and decoders differ by a frame or two: one second of slack in the bound.
     bound = math.ceil(seconds) + 1
+    task = task.model_copy(update={"max_seconds": bound})
     record = RequestRecord(task.job_id, task.model, account, stream)
     request.state.logged = True
     serving.admit(record)

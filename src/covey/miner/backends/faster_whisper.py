@@ -26,6 +26,43 @@ SAMPLE_RATE = 16_000
 """Whisper's input rate in Hz (faster-whisper resamples every file to it)."""
 CONTEXT_TOKENS = 448
 """Whisper's decoder context in tokens."""
+MAX_SECONDS = 2 * 3600
+"""Most seconds of audio decoded for one task (2 h: ~460 MB of float32 samples at 16 kHz),
+whatever the file holds."""
+
+
+def load_audio(path: Path, limit: float, cancel: threading.Event | None = None
+               ) -> Any:
+    """The first ``limit`` seconds of the audio at ``path`` as float32 mono samples at
+    16 kHz (numpy), decoded by PyAV and stopping there: a file that decodes far longer than
+    its header says never fills the miner's memory.
+
+    Raises:
+        av.error.FFmpegError, ValueError: not audio PyAV can read.
+    """
+    import av
+    import numpy as np
+
+    wanted = int(limit * SAMPLE_RATE)
+    parts: list[Any] = []
+    have = 0
+    with av.open(str(path), mode="r") as container:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunk = out.to_ndarray().reshape(-1)
+                parts.append(chunk)
+                have += len(chunk)
+            if have >= wanted or (cancel is not None and cancel.is_set()):
+                break
+        else:
+            for out in resampler.resample(None):
+                chunk = out.to_ndarray().reshape(-1)
+                parts.append(chunk)
+                have += len(chunk)
+    samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return samples[:wanted]
 
 
 @dataclass(frozen=True)
@@ -79,10 +116,9 @@ class WhisperBackend(TranscriptionBackend):
 
     def _decode(self, task: Transcribe, path: Path, cancel: threading.Event,
                 put: Any) -> None:
-        from faster_whisper import decode_audio
-
+        limit = min(task.max_seconds or MAX_SECONDS, MAX_SECONDS)
         try:
-            samples = decode_audio(str(path), sampling_rate=SAMPLE_RATE)
+            samples = load_audio(path, limit, cancel)
         except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds for a bad file
             raise BackendError("invalid_value", "The file is not audio this miner can "
                                f"decode ({type(exc).__name__}).", "file") from None

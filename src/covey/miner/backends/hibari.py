@@ -102,7 +102,11 @@ class HibariBackend(SpeechBackend):
         rng = _rng(seed)
         encoder = Encoder(task.response_format, SAMPLE_RATE)
         samples = 0
-        for phonemes in tts.phonemize(task.input):
+        sentences = tts.phonemize(task.input)
+        if not sentences:
+            raise BackendError("invalid_value", "The input has nothing this voice can read "
+                               "aloud (no words in the language it speaks).", "input")
+        for phonemes in sentences:
             if cancel.is_set():
                 return
             audio = tts.from_ids(tts.ids(phonemes), task.speed, rng)
