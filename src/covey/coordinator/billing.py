@@ -138,7 +138,8 @@ class Billing:
         except InsufficientFunds as exc:
             raise ApiError(
                 402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
-                f"cost ({exc.needed} µcr). Lower max_tokens or add credits.",
+                f"cost ({exc.needed} µcr). Ask for less (max_tokens, a shorter input, fewer or "
+                "smaller images) or add credits.",
                 code="insufficient_quota", type="insufficient_quota") from None
 
     def apply(self, op: LedgerOp) -> asyncio.Future[object]:
