@@ -43,6 +43,7 @@ from covey.protocol import (
 )
 from covey.protocol.audio import AUDIO_CHUNK_BYTES, transcript_digest
 from covey.protocol.image import images_digest
+from covey.protocol.receipts import billed_units
 
 log = logging.getLogger("covey.coordinator.run")
 
@@ -90,11 +91,11 @@ async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
             update["offset"] = max(task.offset, got.segments[-1].end)
         sent = task.model_copy(update=update)
         last, mine = await try_on(session, sent, policy.stall_timeout, audio, got, deliver)
+        units = billed_units(last)
         receipt = checked_receipt(session, sent, last.receipt, last.signature,
-                                  _output_digest(last, mine), units_of(last))
+                                  _output_digest(last, mine, got), units)
         if receipt is None:
             dispatcher.scores.failure(session.miner_id)
-        units = units_of(last)
         usage_fault = None
         if units > bound:
             usage_fault = f"reported {units} units of usage, more than the request's {bound}"
@@ -111,21 +112,12 @@ async def run_media(dispatcher: Dispatcher, task: MediaTask, account: str,
                                may_move=lambda: not (isinstance(task, Speak) and got.audio))
 
 
-def units_of(last: Transcribed | Spoken | Painted) -> int:
-    """The billed units a final frame reports: seconds, characters or tiles."""
-    if isinstance(last, Transcribed):
-        return last.seconds
-    if isinstance(last, Spoken):
-        return last.characters
-    return last.tiles
-
-
 async def try_on(session: MinerSession, task: MediaTask, stall_timeout: float,
                  audio: bytes, got: Delivered, deliver: Deliver | None = None
                  ) -> tuple[Transcribed | Spoken | Painted, list[str]]:
     """One miner's go at ``task`` (``audio``: a transcription's upload), adding what it
-    streams to ``got``: (its last frame, what it sent: segment texts, audio chunks as
-    base64, or nothing for images).
+    streams to ``got``: (its last frame, the texts of the segments it sent; empty for
+    speech, whose audio is all in ``got``, and images).
 
     Raises:
         MinerFault: the miner failed or answered out of shape.
@@ -145,7 +137,6 @@ async def try_on(session: MinerSession, task: MediaTask, stall_timeout: float,
                         await deliver(numbered)
                 elif isinstance(reply, SpeechChunk):
                     got.audio += base64.b64decode(reply.data)
-                    mine.append(reply.data)
                     if deliver is not None:
                         await deliver(reply)
                 else:
@@ -171,15 +162,14 @@ def _check_shape(task: MediaTask, last: Transcribed | Spoken | Painted) -> None:
         raise protocol(f"{len(last.images)} images for n={task.n}")
 
 
-def _output_digest(last: Transcribed | Spoken | Painted, mine: list[str]) -> str:
-    """What a receipt's ``output_sha256`` must be for what the miner sent."""
+def _output_digest(last: Transcribed | Spoken | Painted, mine: list[str], got: Delivered
+                   ) -> str:
+    """What a receipt's ``output_sha256`` must be for what the miner sent. Speech never
+    moves once audio was delivered, so all of ``got.audio`` is the finishing miner's."""
     if isinstance(last, Transcribed):
         return transcript_digest(mine)
     if isinstance(last, Spoken):
-        digest = hashlib.sha256()
-        for chunk in mine:
-            digest.update(base64.b64decode(chunk))
-        return digest.hexdigest()
+        return hashlib.sha256(got.audio).hexdigest()
     return images_digest(last.images)
 
 

@@ -66,7 +66,7 @@ from covey.protocol import (
 )
 from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
-from covey.protocol.receipts import request_digest, sign_receipt
+from covey.protocol.receipts import billed_units, request_digest, sign_receipt
 from covey.protocol.sealing import SealingError, open_job, seal_delta, sign_box_key
 
 log = logging.getLogger("covey.miner")
@@ -389,12 +389,9 @@ class MinerAgent(MediaTasks):
         the receipt's ``prompt_tokens`` holds the task's input units (tokens, seconds,
         characters or tiles)."""
         completion = last.completion_tokens if isinstance(last, Done) else 0
-        units = {Done: lambda f: f.prompt_tokens, Embedded: lambda f: f.prompt_tokens,
-                 Transcribed: lambda f: f.seconds, Spoken: lambda f: f.characters,
-                 Painted: lambda f: f.tiles}[type(last)](last)
         receipt = Receipt(job_id=task.job_id, miner=self.miner_id, model_sha256=model_sha256,
                           request_sha256=request_digest(task), output_sha256=output_sha256,
-                          prompt_tokens=units, completion_tokens=completion)
+                          prompt_tokens=billed_units(last), completion_tokens=completion)
         return last.model_copy(update={"receipt": receipt,
                                        "signature": sign_receipt(self.key, receipt)})
 

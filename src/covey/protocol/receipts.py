@@ -14,13 +14,14 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from covey.protocol.audio import Speak, Transcribe
-from covey.protocol.embed import Embed
-from covey.protocol.frames import Generate, Receipt
-from covey.protocol.image import Paint
+from covey.protocol.audio import Speak, Spoken, Transcribe, Transcribed
+from covey.protocol.embed import Embed, Embedded
+from covey.protocol.frames import Done, Generate, Receipt
+from covey.protocol.image import Paint, Painted
 from covey.protocol.signing import canonical_json
 
-__all__ = ["Receipt", "countersign", "output_digest", "request_digest", "sign_receipt",
+__all__ = ["Receipt", "billed_units", "countersign", "output_digest", "request_digest",
+           "sign_receipt",
            "verify_countersignature", "verify_receipt"]
 
 _RECEIPT_DOMAIN = b"covey-receipt-v1\n"
@@ -57,6 +58,18 @@ def request_digest(job: Generate | Embed | Transcribe | Speak | Paint) -> str:
         if value:
             body[field] = list(value) if isinstance(value, tuple) else value
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def billed_units(last: Done | Embedded | Transcribed | Spoken | Painted) -> int:
+    """The input units a task's final frame reports, which its receipt's ``prompt_tokens``
+    holds: tokens (text, embeddings), seconds of audio, characters or image tiles."""
+    if isinstance(last, Transcribed):
+        return last.seconds
+    if isinstance(last, Spoken):
+        return last.characters
+    if isinstance(last, Painted):
+        return last.tiles
+    return last.prompt_tokens
 
 
 def output_digest(text: str) -> str:
