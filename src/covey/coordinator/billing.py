@@ -120,9 +120,17 @@ class Billing:
         if scheme.lower() != "bearer" or not key.strip():
             raise _unauthorized("You didn't provide an API key. Send 'Authorization: Bearer "
                                 "<key>'; get a key with `covey signup` or POST /v1/accounts.")
-        account = self.bank.cached_account(key.strip())  # the common case: no thread hop
+        return await self.account_of(key.strip())
+
+    async def account_of(self, key: str) -> str:
+        """The account an API key belongs to.
+
+        Raises:
+            ApiError: 401 for an unknown or revoked key.
+        """
+        account = self.bank.cached_account(key)  # the common case: no thread hop
         if account is None:
-            account = await asyncio.to_thread(self.bank.authenticate, key.strip())
+            account = await asyncio.to_thread(self.bank.authenticate, key)
         if account is None:
             raise _unauthorized("Incorrect API key provided.")
         return account

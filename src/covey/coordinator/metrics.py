@@ -45,8 +45,36 @@ class RequestRecord:
     failovers: int = 0
 
 
+@dataclass
+class ModelSpeed:
+    """A model's measured speed over its recent answers: moving averages (weight
+    :data:`SPEED_WEIGHT` on the newest) of the time to first token (seconds from arrival) and
+    of the decode rate (tokens per second after the first); None until measured."""
+
+    ttft_s: float | None = None
+    decode_tps: float | None = None
+    answers: int = 0
+
+    def add(self, ttft_s: float | None, decode_tps: float | None) -> None:
+        """Fold one answer's figures in."""
+        self.answers += 1
+        if ttft_s is not None:
+            self.ttft_s = _average(self.ttft_s, ttft_s)
+        if decode_tps is not None:
+            self.decode_tps = _average(self.decode_tps, decode_tps)
+
+
+SPEED_WEIGHT = 0.2
+"""Weight of the newest answer in :class:`ModelSpeed`: about the last ten answers count."""
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + SPEED_WEIGHT * (new - old)
+
+
 class Metrics:
-    """The coordinator's Prometheus instruments.
+    """The coordinator's Prometheus instruments, and each model's :class:`ModelSpeed` (for
+    the catalog).
 
     ``queue_depth``, ``miners_online`` and ``jobs_running`` are read from the given
     callables when scraped.
@@ -55,6 +83,7 @@ class Metrics:
     def __init__(self, queue_depth: Callable[[], float], miners_online: Callable[[], float],
                  jobs_running: Callable[[], float] = lambda: 0.0) -> None:
         self.registry = CollectorRegistry()
+        self.speeds: dict[str, ModelSpeed] = {}
         r = self.registry
         self.requests = Counter("covey_requests", "API requests by model and final status.",
                                 ["model", "status"], registry=r)
@@ -100,6 +129,9 @@ class Metrics:
             self.ttft.labels(record.model).observe(record.ttft_s)
         if record.decode_tps is not None:
             self.decode.labels(record.model).observe(record.decode_tps)
+        if status == 200 and (record.ttft_s is not None or record.decode_tps is not None):
+            self.speeds.setdefault(record.model, ModelSpeed()).add(record.ttft_s,
+                                                                   record.decode_tps)
         fields = asdict(record)
         fields.pop("arrived")
         fields["duration_s"] = round(time.monotonic() - record.arrived, 4)

@@ -26,6 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from covey.protocol.frames import Base64, SamplingParams
 from covey.protocol.openai import ErrorBody
 
+SUBPROTOCOL = "covey-sealed.v1"
+"""The WebSocket subprotocol a browser asks for on ``/v1/sealed``."""
+KEY_SUBPROTOCOL = "bearer."
+"""Prefix of the second subprotocol a browser offers: ``bearer.<API key>`` (API keys are
+URL-safe base64, valid in a subprotocol token). Browsers cannot set ``Authorization`` on a
+WebSocket, and a key in the URL would reach access logs."""
+
 RequestId = Annotated[str, Field(min_length=1, max_length=64)]
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Hex128 = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]

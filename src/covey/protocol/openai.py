@@ -190,6 +190,16 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ModelPrice(BaseModel):
+    """µcr per ``per`` units of ``unit``: ``prompt`` for input (prompt tokens, seconds of
+    audio, characters, 256-pixel image tiles), ``completion`` for generated tokens."""
+
+    prompt: int
+    completion: int
+    unit: str = "tokens"
+    per: int = 1_000_000
+
+
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models``; ``miners`` is how many live miners serve it."""
 
@@ -209,6 +219,17 @@ class ModelCard(BaseModel):
     sizes: list[str] | None = None
     """An image model's sizes, ``WIDTHxHEIGHT``, the default first (None for other
     kinds)."""
+    status: Literal["up", "trial", "offline"] = "up"
+    """``up``: live miners serve it; ``trial``: miners offer it but are still on their
+    trial; ``offline``: no live miner offers it."""
+    miners_on_trial: int = 0
+    """Live miners that offer the model and await their trial."""
+    price: ModelPrice | None = None
+    """What a request costs (the network's floor, or the dearest live miner's ask)."""
+    ttft_s: float | None = None
+    """Measured time to first token over recent answers, seconds (None before any)."""
+    decode_tps: float | None = None
+    """Measured decode rate over recent answers, tokens per second (None before any)."""
 
 
 class ModelList(BaseModel):

@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter, Request
 
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
-from covey.protocol.openai import ModelCard, ModelList
+from covey.protocol.openai import ModelCard, ModelList, ModelPrice
 
 router = APIRouter()
+
+
+UNITS = {"transcription": "seconds", "speech": "characters", "image": "tiles"}
+"""The usage unit of each kind's price that is not tokens (DESIGN.md, "Tasks")."""
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     """Every known model, with how many live miners serve it now, its context length, its
     kind (chat, embedding, transcription, speech, image) and, by kind, its vectors'
-    dimensions, its voices or its image sizes."""
+    dimensions, its voices or its image sizes; for the catalog also its ``status``, miners
+    awaiting a trial, ``price`` and measured speed (TTFT in seconds, decode tokens/s)."""
     registry: MinerRegistry = request.app.state.registry
+    billing = request.app.state.serving.billing
+    speeds = request.app.state.metrics.speeds
     created = request.app.state.started_at
+    on_trial = Counter(m for s in registry.sessions.values() if not s.closed for m in s.held)
+    known = registry.models()
+    for name in on_trial.keys() - known.keys():  # offered, but only by miners on trial
+        held = registry.announced(name)
+        known[name] = (0, held.context_length if held else 0)
     cards = []
-    for name, (miners, ctx) in sorted(registry.models().items()):
+    for name, (miners, ctx) in sorted(known.items()):
         offer = registry.announced(name)
-        cards.append(ModelCard(id=name, created=created, miners=miners, context_length=ctx,
-                               kind=offer.kind if offer else "chat",
-                               dimensions=offer.dimensions if offer else None,
-                               voices=list(offer.voices) if offer and offer.voices else None,
-                               sizes=list(offer.sizes) if offer and offer.sizes else None))
+        kind = offer.kind if offer else "chat"
+        offers = [o for s in registry.serving(name) if (o := s.offer(name)) is not None]
+        price = billing.price(name, offers or ([offer] if offer else []))
+        speed = speeds.get(name)
+        cards.append(ModelCard(
+            id=name, created=created, miners=miners, context_length=ctx, kind=kind,
+            dimensions=offer.dimensions if offer else None,
+            voices=list(offer.voices) if offer and offer.voices else None,
+            sizes=list(offer.sizes) if offer and offer.sizes else None,
+            status="up" if miners else "trial" if on_trial[name] else "offline",
+            miners_on_trial=on_trial[name],
+            price=ModelPrice(prompt=price.prompt, completion=price.completion,
+                             unit=UNITS.get(kind, "tokens")),
+            ttft_s=None if speed is None or speed.ttft_s is None else round(speed.ttft_s, 4),
+            decode_tps=None if speed is None or speed.decode_tps is None
+            else round(speed.decode_tps, 2)))
     return ModelList(data=cards)
 
 

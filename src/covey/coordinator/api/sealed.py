@@ -25,6 +25,8 @@ from covey.coordinator.miners import MinerSession
 from covey.protocol import Delta, Generate
 from covey.protocol.e2e import (
     CLIENT_MESSAGE,
+    KEY_SUBPROTOCOL,
+    SUBPROTOCOL,
     CancelRequest,
     CheckKey,
     CheckRoute,
@@ -248,11 +250,20 @@ class SealedChannel:
 
 @router.websocket("/v1/sealed")
 async def sealed_channel(ws: WebSocket) -> None:
-    """Open a sealed channel (``Authorization: Bearer <API key>``)."""
+    """Open a sealed channel, authenticated by ``Authorization: Bearer <API key>`` or, from
+    a browser (which cannot set headers on a WebSocket), by the subprotocols
+    :data:`~covey.protocol.e2e.SUBPROTOCOL` and ``KEY_SUBPROTOCOL + <API key>``; the answer
+    names only the first."""
     serving: Serving = ws.app.state.serving
-    await ws.accept()
+    offered: list[str] = ws.scope.get("subprotocols") or []
+    key = next((p.removeprefix(KEY_SUBPROTOCOL) for p in offered
+                if p.startswith(KEY_SUBPROTOCOL)), None)
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     try:
-        account = await serving.billing.authenticate(ws)  # type: ignore[arg-type]
+        if key is not None and "authorization" not in ws.headers:
+            account = await serving.billing.account_of(key)
+        else:
+            account = await serving.billing.authenticate(ws)  # type: ignore[arg-type]
     except ApiError as exc:
         await ws.close(CLOSE_UNAUTHORIZED, exc.message[:120])
         return

@@ -1,150 +1,197 @@
-// Covey's first page: list the models and try one in the playground of its kind: chat over
-// the streaming API, compare two sentences with an embedding model, transcribe an upload or a
-// recording, read text aloud, or make images.
+// Covey's web app, core: the API key and account line in the header, calls to the API,
+// DOM helpers, and the hash router that shows one view at a time. The views live in their
+// own files (catalog.js, chat.js, media.js, account.js, miners.js, explorer.js) and register
+// themselves with registerView(); scripts are classic, loaded in order, sharing these names.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let current = null;      // selected model id
-let models = {};         // id -> entry of GET /v1/models
-let history = [];        // chat messages sent so far
-let controller = null;   // AbortController of the running request
-// A cap per answer: small models can ramble until the context is full.
-const MAX_TOKENS = 512;
 const KEY_STORE = "covey.api_key";
+let current = null;      // the model open in a playground
+let models = {};         // id -> entry of GET /v1/models
+let health = null;       // last GET /healthz: {miners, coordinator, invite_only, …}
 
 function apiKey() { return localStorage.getItem(KEY_STORE); }
+function setApiKey(key) {
+  if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+  showAccount();
+}
 function authHeaders() { return { Authorization: `Bearer ${apiKey()}` }; }
+// µcr -> credits, with all six decimals (a request often costs a few µcr).
 function credits(ucr) { return (ucr / 1e6).toFixed(6); }
+
+// Build an element: el("a", {href: "#", className: "x", dataset: {id: 1}}, "text", child).
+// Text goes in as text nodes, never as HTML.
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k in node && !k.includes("-")) node[k] = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c !== null && c !== undefined && c !== false) node.append(c instanceof Node ? c : String(c));
+  }
+  return node;
+}
+
+// An API error answer: OpenAI's {"error": {message, type, param, code}} and the HTTP status.
+class ApiFailure extends Error {
+  constructor(status, error) {
+    super(error && error.message ? error.message : `HTTP ${status}`);
+    this.status = status;
+    this.code = error ? error.code : null;
+    this.param = error ? error.param : null;
+  }
+}
+
+// Call the API and return the parsed JSON body; throws ApiFailure on an error answer and
+// TypeError when the coordinator is unreachable. opts: {method, body (JSON), auth (default
+// true: send the key), signal}.
+async function api(path, opts = {}) {
+  const headers = {};
+  if (opts.auth !== false && apiKey()) Object.assign(headers, authHeaders());
+  if (opts.body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, {
+    method: opts.method || (opts.body !== undefined ? "POST" : "GET"),
+    headers,
+    body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
+    signal: opts.signal,
+  });
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) throw new ApiFailure(resp.status, body && body.error);
+  return body;
+}
+
+function failureText(e) {
+  return e instanceof TypeError ? "coordinator unreachable" : e.message;
+}
+
+// Relative time of a Unix time in seconds, for tables.
+function since(unixSeconds) {
+  const s = Math.max(0, Date.now() / 1000 - unixSeconds);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+  return new Date(unixSeconds * 1000).toISOString().slice(0, 10);
+}
+
+// Download text as a file (conversation exports).
+function download(name, type, text) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const a = el("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+// libsodium (WebAssembly), loaded the first time a view needs it (sealing, verifying), so
+// the catalog's first render does not wait for it.
+let sodiumReady = null;
+function loadSodium() {
+  if (!sodiumReady) {
+    const script = (src) => new Promise((resolve, reject) => {
+      const s = el("script", { src });
+      s.addEventListener("load", resolve);
+      s.addEventListener("error", () => reject(new Error(`could not load ${src}`)));
+      document.head.append(s);
+    });
+    sodiumReady = script("/static/vendor/libsodium.js")
+      .then(() => script("/static/vendor/libsodium-wrappers.js"))
+      .then(() => window.sodium.ready)
+      .then(() => window.sodium);
+  }
+  return sodiumReady;
+}
+
+// ---- the account line in the header ----
 
 async function showAccount() {
   const has = Boolean(apiKey());
   $("key-form").hidden = has;
   $("forget").hidden = !has;
   if (!has) { $("account-info").textContent = "no API key"; return; }
-  const resp = await fetch("/v1/account", { headers: authHeaders() });
-  if (!resp.ok) { $("account-info").textContent = "key refused"; return; }
-  const a = await resp.json();
-  $("account-info").textContent = `account ${a.id}: ${credits(a.balance)} credits`;
-}
-
-async function signUp() {
-  const resp = await fetch("/v1/accounts", { method: "POST" });
-  const body = await resp.json();
-  if (!resp.ok) { $("account-info").textContent = body.error.message; return; }
-  localStorage.setItem(KEY_STORE, body.api_key);
-  showAccount();
-}
-
-async function loadModels() {
   try {
-    const resp = await fetch("/v1/models");
-    const body = await resp.json();
-    models = Object.fromEntries(body.data.map((m) => [m.id, m]));
-    const list = $("models");
-    list.replaceChildren();
-    for (const m of body.data) {
-      const li = document.createElement("li");
-      const b = document.createElement("button");
-      b.dataset.model = m.id;
-      b.dataset.kind = m.kind;
-      b.textContent = `${m.id} — ${m.miners} miner${m.miners === 1 ? "" : "s"}`;
-      const kind = document.createElement("span");
-      kind.className = "kind";
-      kind.textContent = m.kind;
-      b.append(kind);
-      b.disabled = m.miners === 0;
-      if (m.id === current) b.classList.add("active");
-      b.addEventListener("click", () => openModel(models[m.id] || m));
-      li.append(b);
-      list.append(li);
-    }
-    // One miner may serve several models: count miners, not (model, miner) pairs.
-    const health = await (await fetch("/healthz")).json();
-    $("status").textContent = `${body.data.length} model(s), ${health.miners} miner(s)`;
+    const a = await api("/v1/account");
+    $("account-info").textContent = `account ${a.id}: ${credits(a.balance)} credits`;
   } catch (e) {
-    $("status").textContent = "coordinator unreachable";
+    $("account-info").textContent = e instanceof ApiFailure ? "key refused" : "coordinator unreachable";
   }
 }
 
-const PANES = ["chat-pane", "compare-pane", "transcribe-pane", "speech-pane", "image-pane"];
+// Sign up; with an invite-only coordinator the Account view asks for the code.
+async function signUp(inviteCode) {
+  const body = inviteCode ? { invite_code: inviteCode } : undefined;
+  const account = await api("/v1/accounts", { method: "POST", body, auth: false });
+  setApiKey(account.api_key);
+  return account;
+}
 
+async function signUpFromHeader() {
+  if (health && health.invite_only) { navigate("#/account"); return; }
+  try {
+    await signUp();
+  } catch (e) {
+    if (e instanceof ApiFailure && e.code === "invite_required") navigate("#/account");
+    else $("account-info").textContent = failureText(e);
+  }
+}
+
+// ---- views and the router ----
+// A view: {pane: section id, show(args): called with the route's parts after the name}.
+
+const views = {};
+
+function registerView(name, pane, show) { views[name] = { pane, show }; }
+
+function navigate(hash) {
+  if (location.hash === hash) route(); else location.hash = hash;
+}
+
+// Show one section of <main>, hide the others.
 function showPane(id) {
-  for (const pane of PANES) $(pane).hidden = pane !== id;
-  // One column on a phone: bring the playground up from below the list.
-  if (window.matchMedia("(max-width: 720px)").matches) $(id).scrollIntoView({ block: "start" });
+  for (const section of document.querySelectorAll("main > section")) section.hidden = section.id !== id;
+  const view = Object.keys(views).find((n) => views[n].pane === id) || "catalog";
+  for (const a of document.querySelectorAll("nav a")) {
+    if (a.dataset.nav === view || (view in PLAYGROUNDS && a.dataset.nav === "catalog")) {
+      a.setAttribute("aria-current", "page");
+    } else {
+      a.removeAttribute("aria-current");
+    }
+  }
+  window.scrollTo(0, 0);
 }
 
-function openModel(m) {
-  const open = { embedding: openCompare, transcription: openTranscribe, speech: openSpeech,
-                 image: openImage }[m.kind] || openChat;
-  open(m.id);
-}
+// Playground views by model kind; each opener takes a model id.
+const PLAYGROUNDS = {};
 
 function select(model) {
   current = model;
-  for (const b of document.querySelectorAll("#models button")) {
+  for (const b of document.querySelectorAll("#models button[data-model]")) {
     b.classList.toggle("active", b.dataset.model === model);
   }
 }
 
-function openCompare(model) {
-  select(model);
-  $("compare-model").textContent = model;
-  showPane("compare-pane");
-  $("similarity").textContent = "";
-  $("compare-usage").textContent = "";
-}
-
-function cosine(a, b) {
-  let dot = 0, na = 0, nb = 0;
-  for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
-  return na && nb ? dot / Math.sqrt(na * nb) : 0;
-}
-
-async function compare(ev) {
-  ev.preventDefault();
-  const out = $("similarity");
-  out.className = "";
-  if (!apiKey()) { out.textContent = "Get a test account or paste a key first."; return; }
-  $("compare").disabled = true;
-  out.textContent = "…";
-  try {
-    const resp = await fetch("/v1/embeddings", {
-      method: "POST",
-      headers: { ...authHeaders(), "Content-Type": "application/json" },
-      body: JSON.stringify({ model: current, input: [$("sentence-a").value, $("sentence-b").value] }),
-    });
-    const body = await resp.json();
-    if (!resp.ok) { out.className = "error"; out.textContent = body.error.message; return; }
-    const sim = cosine(body.data[0].embedding, body.data[1].embedding);
-    out.dataset.value = sim.toFixed(4);
-    out.textContent = `cosine similarity: ${sim.toFixed(3)}`;
-    $("compare-usage").textContent = `${body.usage.prompt_tokens} input tokens`;
-    showAccount();
-  } catch (e) {
-    out.className = "error";
-    out.textContent = "coordinator unreachable";
-  } finally {
-    $("compare").disabled = false;
+// Routes: #/ (catalog), #/use/<model> (its playground), #/<view>[/<arg>…].
+function route() {
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const name = parts[0] || "catalog";
+  if (name === "use") {
+    const m = models[parts[1]];
+    if (!m) { showPane("catalog-pane"); return; }
+    const open = PLAYGROUNDS[m.kind] || PLAYGROUNDS.chat;
+    select(m.id);
+    open(m.id, parts.slice(2));
+    return;
   }
+  const view = views[name] || views.catalog;
+  showPane(view.pane);
+  view.show(parts.slice(1));
 }
 
-function openChat(model) {
-  if (current !== model) { history = []; $("log").replaceChildren(); }
-  select(model);
-  $("chat-model").textContent = model;
-  showPane("chat-pane");
-  $("prompt").focus();
-}
-
-function addMessage(role, text) {
-  const p = document.createElement("p");
-  p.className = `msg ${role}`;
-  p.textContent = text;
-  $("log").append(p);
-  $("log").scrollTop = $("log").scrollHeight;
-  return p;
-}
+function openModel(m) { navigate(`#/use/${encodeURIComponent(m.id)}`); }
 
 // Parse a server-sent event stream, calling onData for every `data:` payload.
 async function readSSE(resp, onData) {
@@ -166,68 +213,24 @@ async function readSSE(resp, onData) {
   }
 }
 
-async function send(ev) {
-  ev.preventDefault();
-  const text = $("prompt").value.trim();
-  if (!text || !current || controller) return;
-  if (!apiKey()) { addMessage("error", "Get a test account or paste an API key first."); return; }
-  $("prompt").value = "";
-  addMessage("user", text);
-  history.push({ role: "user", content: text });
-  const out = addMessage("assistant", "");
-  controller = new AbortController();
-  $("send").disabled = true; $("stop").disabled = false; $("usage").textContent = "";
-  let answer = "";
-  try {
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ model: current, messages: history, stream: true,
-                             max_tokens: MAX_TOKENS, stream_options: { include_usage: true } }),
-      signal: controller.signal,
-    });
-    if (!resp.ok) {
-      const body = await resp.json().catch(() => ({}));
-      throw new Error(body.error ? body.error.message : `HTTP ${resp.status}`);
-    }
-    await readSSE(resp, (data) => {
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      for (const c of chunk.choices) {
-        if (c.delta && c.delta.content) { answer += c.delta.content; out.textContent = answer; }
-      }
-      if (chunk.usage) {
-        $("usage").textContent = `${chunk.usage.prompt_tokens} prompt + ` +
-          `${chunk.usage.completion_tokens} completion tokens`;
-      }
-      $("log").scrollTop = $("log").scrollHeight;
-    });
-    history.push({ role: "assistant", content: answer });
-    out.dataset.done = "true";
-  } catch (e) {
-    if (e.name !== "AbortError") { out.classList.add("error"); out.textContent = `error: ${e.message}`; }
-    else { history.push({ role: "assistant", content: answer }); }
-    out.dataset.done = "true";
-  } finally {
-    showAccount();
-    controller = null;
-    $("send").disabled = false; $("stop").disabled = true;
-  }
+async function loadHealth() {
+  try { health = await api("/healthz", { auth: false }); } catch (e) { health = null; }
+  return health;
 }
 
-$("chat-form").addEventListener("submit", send);
-$("compare-form").addEventListener("submit", compare);
-$("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
-});
-$("stop").addEventListener("click", () => controller && controller.abort());
-$("signup").addEventListener("click", signUp);
-$("use-key").addEventListener("click", () => {
-  const key = $("key").value.trim();
-  if (key) { localStorage.setItem(KEY_STORE, key); $("key").value = ""; showAccount(); }
-});
-$("forget").addEventListener("click", () => { localStorage.removeItem(KEY_STORE); showAccount(); });
-showAccount();
-loadModels();
-setInterval(loadModels, 5000);
+// Called once every script has loaded.
+async function start() {
+  $("signup").addEventListener("click", signUpFromHeader);
+  $("use-key").addEventListener("click", () => {
+    const key = $("key").value.trim();
+    if (key) { $("key").value = ""; setApiKey(key); }
+  });
+  $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") $("use-key").click(); });
+  $("forget").addEventListener("click", () => setApiKey(null));
+  window.addEventListener("hashchange", route);
+  showAccount();
+  loadHealth();
+  await loadModels();
+  route();
+  setInterval(loadModels, 5000);
+}

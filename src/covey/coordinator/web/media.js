@@ -307,3 +307,46 @@ $("speed").addEventListener("input", () => {
 $("image-form").addEventListener("submit", paint);
 submitOnCtrlEnter($("speech-input"));
 submitOnCtrlEnter($("image-prompt"));
+
+// ---- embeddings: compare two sentences ----
+
+function openCompare(model) {
+  select(model);
+  $("compare-model").textContent = model;
+  showPane("compare-pane");
+  $("similarity").textContent = "";
+  $("compare-usage").textContent = "";
+}
+
+function cosine(a, b) {
+  let dot = 0, na = 0, nb = 0;
+  for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
+  return na && nb ? dot / Math.sqrt(na * nb) : 0;
+}
+
+async function compare(ev) {
+  ev.preventDefault();
+  const out = $("similarity");
+  out.className = "";
+  if (!apiKey()) { out.textContent = NO_KEY; return; }
+  $("compare").disabled = true;
+  out.textContent = "…";
+  try {
+    const body = await api("/v1/embeddings", {
+      body: { model: current, input: [$("sentence-a").value, $("sentence-b").value] } });
+    const sim = cosine(body.data[0].embedding, body.data[1].embedding);
+    out.dataset.value = sim.toFixed(4);
+    out.textContent = `cosine similarity: ${sim.toFixed(3)}`;
+    $("compare-usage").textContent = `${body.usage.prompt_tokens} input tokens`;
+    showAccount();
+  } catch (e) {
+    out.className = "error";
+    out.textContent = failureText(e);
+  } finally {
+    $("compare").disabled = false;
+  }
+}
+
+$("compare-form").addEventListener("submit", compare);
+Object.assign(PLAYGROUNDS, { embedding: openCompare, transcription: openTranscribe,
+                             speech: openSpeech, image: openImage });

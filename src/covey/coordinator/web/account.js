@@ -1,0 +1,3 @@
+// placeholder: the account view
+"use strict";
+registerView("account", "account-pane", () => {});

@@ -1,0 +1,3 @@
+// placeholder: the explorer view
+"use strict";
+registerView("explorer", "explorer-pane", () => {});

@@ -1,0 +1,3 @@
+// placeholder: the miners view
+"use strict";
+registerView("miners", "miners-pane", () => {});
