@@ -65,6 +65,9 @@ def coordinator(
              "postgresql+psycopg://user@host/db.")] = None,
     grant: Annotated[int, typer.Option(help="µcr the faucet gives each new account.")
                      ] = 10_000_000,
+    invite_only: Annotated[bool, typer.Option(
+        "--invite-only", help="Sign-up needs an invite code (make them with `covey invite "
+        "create`).")] = False,
     fee_bps: Annotated[int, typer.Option(min=0, max=10_000, help="Protocol fee in basis "
                                          "points of a miner's pay.")] = 500,
     min_stake: Annotated[int, typer.Option(min=0, help="µcr a miner must have staked to "
@@ -152,7 +155,7 @@ def coordinator(
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
                                max_audio_bytes=int(max_audio_mb * 2**20),
-                               record_traffic=record_traffic)
+                               record_traffic=record_traffic, invite_only=invite_only)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
@@ -362,6 +365,7 @@ def _maybe_adversary(served: Backend) -> Backend:
 
 def _register_up() -> None:
     from covey.cli_audit import audit
+    from covey.cli_invite import invite_app
     from covey.cli_model import model_app
     from covey.cli_money import ledger_app, signup, wallet
     from covey.cli_proxy import proxy
@@ -378,6 +382,7 @@ def _register_up() -> None:
     app.add_typer(receipts_app, name="receipts")
     app.add_typer(trials_app, name="trials")
     app.add_typer(model_app, name="model")
+    app.add_typer(invite_app, name="invite")
 
 
 _register_up()

@@ -23,6 +23,7 @@ from covey.coordinator.api import (
     checks,
     embeddings,
     images,
+    keys,
     models,
     receipts,
     sealed,
@@ -97,6 +98,8 @@ class CoordinatorConfig:
     """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
     max_audio_bytes: int = 25 * 2**20
     """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
+    invite_only: bool = False
+    """Sign-up needs an invite code (``covey invite create``); off: anyone may sign up."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -157,6 +160,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.include_router(speech.router)
     app.include_router(images.router)
     app.include_router(accounts.router)
+    app.include_router(keys.router)
     app.include_router(receipts.router)
     app.include_router(checks.router)
     app.include_router(sealed.router)

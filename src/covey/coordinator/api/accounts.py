@@ -17,6 +17,7 @@ from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger import InsufficientFunds, LedgerError
 from covey.coordinator.ledger.bank import user
+from covey.coordinator.ledger.invites import MAX_CODE_CHARS, InvalidInvite
 from covey.coordinator.link import encode_task
 from covey.protocol import verify_action
 from covey.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -37,11 +38,53 @@ async def current_account(request: Request) -> str:
 Account = Annotated[str, Depends(current_account)]
 
 
+class SignUpBody(BaseModel):
+    """``POST /v1/accounts``'s optional body: an invite code from the network's operator."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    invite_code: str | None = Field(default=None, min_length=1, max_length=MAX_CODE_CHARS)
+
+
+INVITE_REQUIRED = ("This network is invite-only: sign up with an invite code (the operator "
+                   "makes them with `covey invite create`).")
+
+
+async def _sign_up_body(request: Request) -> SignUpBody:
+    """The body, where an empty one (today's clients send none) means no invite code.
+
+    Raises:
+        ApiError: 400 when it is not JSON or not a :class:`SignUpBody`.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        return SignUpBody()
+    try:
+        return SignUpBody.model_validate(json.loads(raw))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep
+        raise ApiError(400, "We could not parse the JSON body of your request.",
+                       code="invalid_json") from None
+
+
 @router.post("/v1/accounts", status_code=201)
 async def sign_up(request: Request) -> dict[str, object]:
-    """Create an account; the API key in the answer is shown this once."""
+    """Create an account; the API key in the answer is shown this once. With an invite code
+    the account gets the code's grant; on an invite-only network a code is required.
+
+    Errors: 403 ``invite_required`` (invite-only, no code), 403 ``invalid_invite`` (unknown
+    or used-up code), 400 for a malformed body.
+    """
+    body = await _sign_up_body(request)
+    if body.invite_code is None and request.app.state.config.invite_only:
+        raise ApiError(403, INVITE_REQUIRED, param="invite_code", code="invite_required",
+                       type="invalid_request_error")
     bank = billing_of(request).bank
-    account_id, api_key = await asyncio.to_thread(bank.sign_up)
+    try:
+        account_id, api_key = await asyncio.to_thread(bank.sign_up, body.invite_code)
+    except InvalidInvite as exc:
+        raise ApiError(403, str(exc), param="invite_code", code="invalid_invite",
+                       type="invalid_request_error") from None
     balance = await asyncio.to_thread(bank.ledger.balance, user(account_id))
     return {"object": "account", "id": account_id, "api_key": api_key, "balance": balance}
 

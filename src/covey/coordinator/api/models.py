@@ -87,7 +87,9 @@ def _measured(score: MinerScore) -> dict[str, object]:
 
 @router.get("/healthz")
 async def healthz(request: Request) -> dict[str, object]:
-    """Liveness: ``{"status": "ok", "miners": N, "coordinator": public key (hex)}``; the key
-    signs the ledger head and countersigns receipts."""
+    """Liveness: ``{"status": "ok", "miners": N, "coordinator": public key (hex),
+    "invite_only": bool}``; the key signs the ledger head and countersigns receipts;
+    ``invite_only``: sign-up needs an invite code."""
     return {"status": "ok", "miners": len(request.app.state.registry.sessions),
-            "coordinator": request.app.state.coordinator_key}
+            "coordinator": request.app.state.coordinator_key,
+            "invite_only": request.app.state.config.invite_only}

@@ -7,25 +7,33 @@ key>``, ``unbonding:<public key>``, ``treasury``, ``faucet``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from sqlalchemy import Table, func, insert, select
+from sqlalchemy import Table, func, literal_column, select
 
+from covey.coordinator.ledger import keys
+from covey.coordinator.ledger.invites import claim
+from covey.coordinator.ledger.keys import KeyInfo, hash_key
 from covey.coordinator.ledger.pricing import Settlement, settle
 from covey.coordinator.ledger.schema import api_keys, balances, receipts, transfers, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 from covey.protocol.receipts import Receipt, countersign
 from covey.protocol.signing import canonical_json
 
-KEY_PREFIX = "sk-covey-"
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{16}")
 _MINER_ID = re.compile(r"[0-9a-f]{64}")
+DAY_US = 86_400_000_000
+"""A UTC day in microseconds (the ledger's clock unit)."""
+KEY_CACHE_S = 60.0
+"""Seconds a key's account is trusted from memory before the database is asked again: a key
+revoked through another coordinator replica stops working here within this time (one
+revoked here, at once)."""
 
 
 def user(account_id: str) -> str:
@@ -46,12 +54,6 @@ def stake_account(miner_id: str) -> str:
 
 def unbonding(miner_id: str) -> str:
     return f"unbonding:{miner_id}"
-
-
-def hash_key(api_key: str) -> str:
-    """SHA-256 hex of an API key: keys are random 256-bit strings, so a fast hash suffices
-    (a slow password hash protects low-entropy secrets, which these are not)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -81,44 +83,65 @@ class Bank:
     def __init__(self, ledger: Ledger, policy: BankPolicy) -> None:
         self.ledger = ledger
         self.policy = policy
-        self._key_cache: dict[str, str] = {}
+        # key hash → (account, when it was read from the database, monotonic seconds)
+        self._key_cache: dict[str, tuple[str, float]] = {}
 
     # --- accounts and keys ---------------------------------------------------------------
 
-    def sign_up(self) -> tuple[str, str]:
-        """Create an account with one API key and the faucet grant: (account id, key).
+    def sign_up(self, invite_code: str | None = None) -> tuple[str, str]:
+        """Create an account with one API key (named "default") and its grant: (account
+        id, key). The key is returned once and stored only as its hash.
 
-        The key is returned once and stored only as its hash.
+        The grant is the invite's (µcr) when ``invite_code`` is given and the code has one,
+        else the faucet's (``policy.grant``). The invite's use and the key are written in one
+        transaction, so a failed sign-up spends no use.
+
+        Raises:
+            InvalidInvite: ``invite_code`` is unknown or used up.
         """
         account_id = secrets.token_hex(8)
-        return account_id, self.new_key(account_id)
-
-    def new_key(self, account_id: str) -> str:
-        """A fresh API key for ``account_id``; grants the faucet amount on first use."""
-        api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+        grant = self.policy.grant
         with self.ledger.engine.begin() as conn:
-            conn.execute(insert(api_keys).values(
-                key_hash=hash_key(api_key), account=account_id, prefix=api_key[:12],
-                created_us=time.time_ns() // 1000))
-        if self.policy.grant > 0:
+            if invite_code is not None:
+                invited = claim(conn, invite_code)
+                grant = grant if invited is None else invited
+            api_key, _ = keys.insert_key(conn, account_id, keys.DEFAULT_NAME)
+        if grant > 0:  # idempotent by account: an account is granted once, ever
             self.ledger.post(f"grant:{account_id}",
-                             [Transfer(FAUCET, user(account_id), self.policy.grant, "grant")])
-        return api_key
+                             [Transfer(FAUCET, user(account_id), grant, "grant")])
+        return account_id, api_key
+
+    def new_key(self, account_id: str, name: str) -> tuple[str, KeyInfo]:
+        """Another API key for an existing account (no grant): (the key, shown once; its
+        info). Raises :class:`~covey.coordinator.ledger.keys.TooManyKeys`."""
+        return keys.create_key(self.ledger.engine, account_id, name)
+
+    def revoke_key(self, account_id: str, key_id: str) -> None:
+        """Revoke one of the account's keys by its public id; it stops working at once here.
+
+        Raises:
+            KeyNotFound, LastKey: see :func:`~covey.coordinator.ledger.keys.revoke_key`.
+        """
+        self._key_cache.pop(keys.revoke_key(self.ledger.engine, account_id, key_id), None)
 
     def cached_account(self, api_key: str) -> str | None:
-        """The account of a key seen before, without touching the database (None if not)."""
-        return self._key_cache.get(hash_key(api_key))
+        """The account of a key seen in the last :data:`KEY_CACHE_S` seconds, without
+        touching the database (None if not)."""
+        hit = self._key_cache.get(hash_key(api_key))
+        if hit is None or time.monotonic() - hit[1] > KEY_CACHE_S:
+            return None
+        return hit[0]
 
     def authenticate(self, api_key: str) -> str | None:
-        """The account id an API key belongs to, or None."""
-        digest = hash_key(api_key)
-        account = self._key_cache.get(digest)
+        """The account id an active (not revoked) API key belongs to, or None."""
+        account = self.cached_account(api_key)
         if account is None:
+            digest = hash_key(api_key)
             with self.ledger.engine.connect() as conn:
-                account = conn.execute(select(api_keys.c.account)
-                                       .where(api_keys.c.key_hash == digest)).scalar()
+                account = conn.execute(select(api_keys.c.account).where(
+                    api_keys.c.key_hash == digest, api_keys.c.revoked_us.is_(None))).scalar()
             if account is not None:
-                self._key_cache[digest] = account
+                self._key_cache[digest] = (account, time.monotonic())
         return account
 
     def transfer(self, from_account: str, to_account: str, amount: int, op: str) -> bool:
@@ -218,6 +241,28 @@ class Bank:
             return {m: {"requests": int(n), "prompt_tokens": int(p or 0),
                         "completion_tokens": int(c or 0), "cost": int(cost or 0)}
                     for m, n, p, c, cost in conn.execute(q)}
+
+    def usage_by_day(self, account_id: str, days: int, now_us: int | None = None
+                     ) -> list[dict[str, object]]:
+        """Usage of ``account_id`` per UTC day and model over the last ``days`` days (today
+        included), oldest first: ``{"date": "YYYY-MM-DD", "model", "requests",
+        "prompt_tokens", "completion_tokens", "cost"}`` (µcr); days without usage are
+        absent."""
+        now_us = time.time_ns() // 1000 if now_us is None else now_us
+        first = (now_us // DAY_US - (days - 1)) * DAY_US
+        # Integer division is portable (SQLite and PostgreSQL both truncate BIGINT / BIGINT);
+        # a literal, not a bound parameter, so GROUP BY repeats the very same expression.
+        day = usage.c.created_us // literal_column(str(DAY_US))
+        q = (select(day, usage.c.model, func.count(), func.sum(usage.c.prompt_tokens),
+                    func.sum(usage.c.completion_tokens), func.sum(usage.c.cost))
+             .where(usage.c.account == account_id, usage.c.created_us >= first)
+             .group_by(day, usage.c.model).order_by(day, usage.c.model))
+        with self.ledger.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [{"date": datetime.fromtimestamp(int(d) * 86_400, UTC).date().isoformat(),
+                 "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
+                 "completion_tokens": int(c or 0), "cost": int(cost or 0)}
+                for d, m, n, p, c, cost in rows]
 
     def miner_earnings(self, miner_id: str) -> dict[str, int]:
         """A miner's jobs paid, tokens served and µcr earned (after the fee)."""

@@ -57,7 +57,23 @@ api_keys = Table(
     Column("account", String(200), nullable=False, index=True),
     Column("prefix", String(16), nullable=False),
     Column("created_us", BigInteger, nullable=False),
+    Column("name", String(64), nullable=False, server_default=""),
+    Column("revoked_us", BigInteger, nullable=True),
 )
+"""API keys, stored only as SHA-256 hashes. A revoked key keeps its row (``revoked_us`` set)
+so its id stays taken and the account's history stays readable; keys made before names
+existed have the name ``""``."""
+
+invites = Table(
+    "invites", metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("grant", BigInteger, nullable=True),
+    Column("max_uses", Integer, nullable=False),
+    Column("used", Integer, nullable=False, server_default="0"),
+    Column("created_us", BigInteger, nullable=False),
+)
+"""Invite codes (SHA-256 hashes only): µcr each sign-up with the code receives (NULL: the
+faucet's grant), and how many sign-ups it allows."""
 
 usage = Table(
     "usage", metadata,
