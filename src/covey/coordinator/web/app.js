@@ -77,6 +77,22 @@ function since(unixSeconds) {
   return new Date(unixSeconds * 1000).toISOString().slice(0, 10);
 }
 
+// A small padlock icon (inline SVG: no icon font, no emoji font needed).
+function lockIcon() {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 16 16");
+  svg.setAttribute("width", "12");
+  svg.setAttribute("height", "12");
+  svg.setAttribute("aria-hidden", "true");
+  svg.classList.add("icon");
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", "M4 7V5a4 4 0 0 1 8 0v2h1v8H3V7zm2 0h4V5a2 2 0 0 0-4 0z");
+  path.setAttribute("fill", "currentColor");
+  svg.append(path);
+  return svg;
+}
+
 // Download text as a file (conversation exports).
 function download(name, type, text) {
   const url = URL.createObjectURL(new Blob([text], { type }));
@@ -153,9 +169,11 @@ function navigate(hash) {
 // Show one section of <main>, hide the others.
 function showPane(id) {
   for (const section of document.querySelectorAll("main > section")) section.hidden = section.id !== id;
-  const view = Object.keys(views).find((n) => views[n].pane === id) || "catalog";
+  const view = Object.keys(views).find((n) => views[n].pane === id);
   for (const a of document.querySelectorAll("nav a")) {
-    if (a.dataset.nav === view || (view in PLAYGROUNDS && a.dataset.nav === "catalog")) {
+    // A media playground belongs to the catalog; the chat has its own tab.
+    const playground = !Object.values(views).some((v) => v.pane === id);
+    if (a.dataset.nav === view || (playground && a.dataset.nav === "catalog")) {
       a.setAttribute("aria-current", "page");
     } else {
       a.removeAttribute("aria-current");

@@ -12,6 +12,8 @@ when it is set). Behaviours (``ENV=<name>[:<argument>]``):
   ``length`` finish.
 - ``inflate[:SHARE]`` — report SHARE (default 0.3) more prompt and completion tokens than
   were used.
+- ``inject:TEXT`` — send TEXT as the text of the answer's first delta (its token ids stay
+  honest): a hostile miner's markup, which clients must render as untrusted.
 
 An embedding model (:class:`AdversaryEmbedding`) knows ``random-vectors`` (random unit
 vectors of the right shape) and ``wrong-model:PATH`` (another model folder served under the
@@ -76,7 +78,9 @@ class AdversaryBackend(TextBackend):
         self.offer = inner.offer
         self.slots = inner.slots
         self.behaviour = behaviour
-        self.share = float(arg) if arg else (0.2 if behaviour == "random-tokens" else 0.3)
+        self.inject = arg if behaviour == "inject" else ""
+        self.share = 0.0 if self.inject else float(arg) if arg else (
+            0.2 if behaviour == "random-tokens" else 0.3)
         self._piece = piece
         self._vocab = vocab
         self._honest_left = int(os.environ.get(HONEST_FIRST_ENV, "0"))
@@ -103,6 +107,7 @@ class AdversaryBackend(TextBackend):
             return
         cap = job.params.max_tokens or 256
         sent = prompt = 0
+        inject = self.inject
         gen = self.inner.generate(job)
         try:
             async for frame in gen:
@@ -118,6 +123,9 @@ class AdversaryBackend(TextBackend):
                     if ids != frame.token_ids:
                         text = b"".join(self._piece(t) for t in ids).decode(errors="ignore")
                         frame = Delta(job_id=job.job_id, text=text, token_ids=ids)
+                elif isinstance(frame, Delta) and inject:
+                    frame = frame.model_copy(update={"text": inject})
+                    inject = ""
                 elif isinstance(frame, Delta) and self.behaviour == "stop-early":
                     sent += len(frame.token_ids)
                     yield frame
