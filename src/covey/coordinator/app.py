@@ -31,6 +31,7 @@ from covey.coordinator.api import (
     transcriptions,
     watermark,
 )
+from covey.coordinator.api import ledger as ledger_api  # `ledger` names the Ledger below
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.api.transcriptions import TRANSCRIPTIONS
 from covey.coordinator.billing import Billing
@@ -163,6 +164,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(receipts.router)
     app.include_router(checks.router)
+    app.include_router(ledger_api.router)
     app.include_router(sealed.router)
     app.include_router(watermark.router)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from fastapi import APIRouter, Request
 
+from covey.coordinator.ledger.miner_stats import earnings_of
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
 from covey.protocol.openai import ModelCard, ModelList, ModelPrice
@@ -58,10 +60,17 @@ async def list_models(request: Request) -> ModelList:
 async def list_miners(request: Request) -> dict[str, object]:
     """Live miners: id (public key), models, slots, running and completed jobs, hardware,
     and what routing has measured: reputation, decode tokens/s, TTFT in seconds. ``held``:
-    models awaiting a trial (no jobs yet); ``refused``: models whose trial failed."""
+    models awaiting a trial (no jobs yet); ``refused``: models whose trial failed.
+    ``earnings``: from the ledger, as ``GET /v1/miners/{id}/earnings`` (paid ``jobs``,
+    ``completion_tokens``, µcr ``balance`` and ``staked``), read for all miners at once;
+    ``min_stake``: µcr a miner must stake to get paid jobs here (0: none)."""
     registry: MinerRegistry = request.app.state.registry
-    scores = request.app.state.dispatcher.scores
-    return {"object": "list", "data": [
+    dispatcher = request.app.state.dispatcher
+    scores = dispatcher.scores
+    sessions = list(registry.sessions.values())
+    ledger = request.app.state.serving.billing.bank.ledger
+    earned = await asyncio.to_thread(earnings_of, ledger, [s.miner_id for s in sessions])
+    return {"object": "list", "min_stake": dispatcher.min_stake, "data": [
         {
             "id": s.miner_id,
             "models": [m.model_dump() for m in s.hello.models],
@@ -73,8 +82,9 @@ async def list_miners(request: Request) -> dict[str, object]:
             "held": sorted(s.held),
             "refused": sorted(s.refused),
             **_measured(scores.get(s.miner_id)),
+            "earnings": earned[s.miner_id],
         }
-        for s in registry.sessions.values()
+        for s in sessions
     ]}
 
 

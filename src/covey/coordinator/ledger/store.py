@@ -132,6 +132,13 @@ Record = Callable[[], "list[Row] | Row | None"]
 or None)."""
 
 
+def _read_head(conn: Connection) -> dict[str, object]:
+    """The ``chain_head`` row: seq, hash, signature, public_key."""
+    row = conn.execute(select(chain_head.c.seq, chain_head.c.hash, chain_head.c.signature,
+                              chain_head.c.public_key).where(chain_head.c.id == 1)).one()
+    return dict(row._mapping)
+
+
 def _check(ops: Sequence[Transfer]) -> None:
     for t in ops:
         if not isinstance(t.amount, int) or t.amount <= 0 or t.debit == t.credit:
@@ -389,6 +396,12 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def head(self) -> dict[str, object]:
+        """The chain head: ``seq`` and ``hash`` of the last entry, the coordinator's
+        ``signature`` over them and its ``public_key`` (hex)."""
+        with self.engine.connect() as conn:
+            return _read_head(conn)
+
     def entries_with_key_prefix(self, prefix: str) -> list[dict[str, object]]:
         """Transfers whose idempotency key starts with ``prefix``, in order."""
         q = select(transfers).where(transfers.c.key.startswith(prefix)).order_by(transfers.c.seq)
@@ -424,12 +437,13 @@ class Ledger:
                 derived[row.debit] -= row.amount
                 derived[row.credit] += row.amount
                 report.entries += 1
-            head = conn.execute(select(chain_head).where(chain_head.c.id == 1)).one()
+            head = _read_head(conn)
             cached = dict(conn.execute(select(balances.c.account, balances.c.balance))
                           .tuples().all())
-        if head.seq != seq or head.hash != prev:
-            report.problems.append(f"chain head ({head.seq}) does not match the log ({seq})")
-        if not verify_head(public_key or head.public_key, head.seq, head.hash, head.signature):
+        if head["seq"] != seq or head["hash"] != prev:
+            report.problems.append(f"chain head ({head['seq']}) does not match the log ({seq})")
+        if not verify_head(str(public_key or head["public_key"]), int(head["seq"]),
+                           str(head["hash"]), str(head["signature"])):
             report.problems.append("chain head signature is invalid")
         for account in set(derived) | set(cached):
             if derived.get(account, 0) != cached.get(account, 0):
