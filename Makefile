@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on any x86-64 machine.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install up test lint bench clean
+.PHONY: install up test lint bench vendor clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ test: install lint
 bench: install
 	$(PY) -m pip install -q -e '.[llama,embed,audio,image,bench]'
 	$(PY) bench/overhead.py
+
+# Refresh the web page's pinned libraries (libsodium, marked, DOMPurify; axe-core for the
+# tests) from npm; versions and checksums land in vendor/VENDOR.json. Needs npm, only here.
+vendor:
+	python3 scripts/vendor_web.py
 
 clean:
 	rm -rf $(VENV) .covey

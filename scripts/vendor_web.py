@@ -28,11 +28,13 @@ TEST_VENDOR = ROOT / "tests/vendor"
 PINS: dict[str, tuple[str, list[tuple[str, str]], list[str], Path]] = {
     # libsodium compiled to WebAssembly (with an asm.js fallback), and its JS wrappers:
     # X25519 + XSalsa20-Poly1305 boxes, sealed boxes, Ed25519 and SHA-256, the same
-    # primitives PyNaCl gives the Python side.
-    "libsodium": ("0.8.4", [("dist/modules/libsodium.js", "libsodium.js")],
-                  ["LICENSE"], WEB_VENDOR),
-    "libsodium-wrappers": ("0.8.4", [("dist/modules/libsodium-wrappers.js",
-                                      "libsodium-wrappers.js")], ["LICENSE"], WEB_VENDOR),
+    # primitives PyNaCl gives the Python side. The "sumo" build, because only it has
+    # SHA-256 (receipts and the ledger head are signed over SHA-256 digests), and the
+    # browser's own (WebCrypto) exists only on https or localhost pages.
+    "libsodium-sumo": ("0.8.4", [("dist/modules-sumo/libsodium-sumo.js", "libsodium.js")],
+                       ["LICENSE"], WEB_VENDOR),
+    "libsodium-wrappers-sumo": ("0.8.4", [("dist/modules-sumo/libsodium-wrappers.js",
+                                           "libsodium-wrappers.js")], ["LICENSE"], WEB_VENDOR),
     # Markdown for chat answers; its HTML is always passed through DOMPurify.
     "marked": ("18.2.1", [("lib/marked.umd.js", "marked.umd.js")], ["LICENSE"], WEB_VENDOR),
     "dompurify": ("3.4.18", [("dist/purify.min.js", "purify.min.js")], ["LICENSE"],

@@ -392,3 +392,18 @@ def _upgrade_from_0003(url: str) -> None:
             ("2024-10-04", 2, 6), ("2024-10-05", 1, 3)]
     finally:
         ledger.close()
+
+
+def test_covey_signup_takes_an_invite_code(net: Network):
+    def signup(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "covey", "signup", "--url", net.url,
+                               *args], capture_output=True, text=True, timeout=60)
+
+    refused = signup()
+    assert refused.returncode == 1 and "invite-only" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    joined = signup("--invite", new_code(net))
+    assert joined.returncode == 0, joined.stderr
+    key = joined.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-covey-")
+    assert httpx.get(f"{net.url}/v1/account", headers=bearer(key)).json()["balance"] == GRANT

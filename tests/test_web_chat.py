@@ -23,6 +23,7 @@ from webui import assert_accessible, browser, page_of, shoot
 SECRET = "Quimbleworth"
 PLAIN_SECRET = "Xylophanta"
 GRANT = 10_000_000  # µcr: the faucet's default grant
+CANCELLED = f'covey_requests_total{{model="{MODEL}",status="499"}}'  # the client's cancel
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_stop_before_the_first_token_costs_nothing(net, chromium):
         _wait(lambda: net.active_jobs() == 1, what="the miner to be busy")
         with page_of(chromium, net.url) as page:
             _open_chat(page)
-            cancelled = metric(net, 'covey_requests_total{model="%s",status="499"}' % MODEL)
+            cancelled = metric(net, CANCELLED)
             page.fill("#prompt", "Tell me about the sea.")
             page.click("#send")
             _wait(lambda: metric(net, "covey_queue_depth") == 1, what="the request to queue")
@@ -152,8 +153,8 @@ def test_stop_before_the_first_token_costs_nothing(net, chromium):
             page.wait_for_selector(".msg.assistant[data-done=true]")
             # The coordinator cancelled it: counted as the client's cancel, out of the queue.
             _wait(lambda: metric(net, "covey_queue_depth") == 0, what="the queue to empty")
-            _wait(lambda: metric(net, 'covey_requests_total{model="%s",status="499"}' % MODEL)
-                  == cancelled + 1, what="the cancel to be counted")
+            _wait(lambda: metric(net, CANCELLED) == cancelled + 1,
+                  what="the cancel to be counted")
             assert "stopped" in page.inner_text("#usage")
             account = _account(net, page)
             assert (account["balance"], account["held"], account["usage"]) == (GRANT, 0, {})

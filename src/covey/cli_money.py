@@ -65,13 +65,21 @@ def call_api(method: str, url: str, api_key: str | None, **kw: object) -> dict:
 
 def signup(url: Url = "http://127.0.0.1:8000",
            save: Annotated[bool, typer.Option(help="Also write the key to .covey/api_key.")
-                           ] = False) -> None:
+                           ] = False,
+           invite: Annotated[str | None, typer.Option(
+               help="Invite code (an invite-only network refuses sign-up without one).")
+           ] = None) -> None:
     """Create an account and print its API key (shown once)."""
     try:
-        body = httpx.post(f"{url}/v1/accounts", timeout=30).json()
-    except httpx.HTTPError as exc:
+        r = httpx.post(f"{url}/v1/accounts", timeout=30,
+                       json={"invite_code": invite} if invite else None)
+        body = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
         err.print(f"[red]error:[/red] cannot reach {url}: {exc}")
         raise typer.Exit(1) from exc
+    if r.status_code >= 400:
+        err.print(f"[red]error:[/red] {body.get('error', {}).get('message', r.text)}")
+        raise typer.Exit(1)
     out.print(f"account {body['id']}, balance {credits(body['balance'])} credits")
     out.print(body["api_key"], highlight=False)
     if save:

@@ -30,7 +30,7 @@ function panel(title, id, ...children) {
 // Replace a node's children, leaving out the nulls of optional parts.
 function put(node, ...children) { node.replaceChildren(...children.filter(Boolean)); }
 function errorLine(id) { return el("p", { id, className: "error", role: "alert", hidden: true }); }
-function showError(node, e) { node.textContent = e ? failureText(e) : ""; node.hidden = !e; }
+function showFailure(node, e) { node.textContent = e ? failureText(e) : ""; node.hidden = !e; }
 
 // ---- the key shown once ----
 
@@ -69,7 +69,7 @@ function signedOut(refused) {
   const button = el("button", { id: "account-signup", type: "submit" }, "Sign up");
   async function submit(e) {
     e.preventDefault();
-    showError(err, null);
+    showFailure(err, null);
     button.disabled = true;
     acct.busy = true;
     try {
@@ -78,7 +78,7 @@ function signedOut(refused) {
       acct.revealed = { key: a.api_key, what: `Your API key for account ${a.id}` };
       renderAccount();
     } catch (ex) {
-      showError(err, ex);
+      showFailure(err, ex);
       if (ex instanceof ApiFailure && ex.param === "invite_code") code.focus();
     } finally { button.disabled = false; acct.busy = false; }
   }
@@ -145,7 +145,7 @@ function keysPanel(list) {
   }
   async function revoke(k, current, button) {
     button.disabled = true;
-    showError(err, null);
+    showFailure(err, null);
     acct.busy = true;
     try {
       await api(`/v1/account/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" });
@@ -156,7 +156,7 @@ function keysPanel(list) {
       }
       renderAccount();
     } catch (e) {
-      showError(err, e);
+      showFailure(err, e);
       button.disabled = false;
     } finally { acct.busy = false; }
   }
@@ -180,12 +180,12 @@ function keysPanel(list) {
                              autocomplete: "off", placeholder: "laptop" });
   async function create(e) {
     e.preventDefault();
-    showError(err, null);
+    showFailure(err, null);
     try {
       const k = await api("/v1/account/keys", { body: { name: name.value.trim() } });
       acct.revealed = { key: k.api_key, id: k.id, what: `New API key “${k.name}”` };
       renderAccount();
-    } catch (ex) { showError(err, ex); }
+    } catch (ex) { showFailure(err, ex); }
   }
   return panel("API keys", "account-keys-title",
     el("div", { className: "table-wrap" }, el("table", { id: "account-keys" },

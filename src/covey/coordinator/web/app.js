@@ -247,8 +247,7 @@ async function start() {
   $("forget").addEventListener("click", () => setApiKey(null));
   window.addEventListener("hashchange", route);
   showAccount();
-  loadHealth();
-  await loadModels();
+  await loadModels();  // reads /healthz too
   route();
   setInterval(loadModels, 5000);
 }

@@ -192,6 +192,7 @@ function usageText(msg) {
   const u = msg.usage;
   const parts = [`${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`];
   if (msg.cost !== undefined) parts.push(`${credits(msg.cost)} credits`);
+  if (msg.ttft_ms !== undefined) parts.push(`first token ${msg.ttft_ms} ms`);
   if (msg.finish_reason === "cancelled") parts.push("stopped");
   if (msg.miner) parts.push(`${msg.sealed ? "sealed to" : "served by"} miner ${msg.miner.slice(0, 12)}…`);
   return parts.join(" · ");
@@ -293,7 +294,10 @@ async function ask(text) {
   $("send").disabled = true; $("stop").disabled = false; $("regenerate").disabled = true;
   $("usage").textContent = s.sealed ? "sealing…" : "";
   let pending = false;
+  const asked = performance.now();
   const show = () => {
+    // Time to first token as the user sees it: from Send to the first text on screen.
+    if (answer.ttft_ms === undefined) answer.ttft_ms = Math.round(performance.now() - asked);
     if (pending) return;
     pending = true;
     requestAnimationFrame(() => {
