@@ -131,7 +131,8 @@ async function showAccount() {
   if (!has) { $("account-info").textContent = "no API key"; return; }
   try {
     const a = await api("/v1/account");
-    $("account-info").textContent = `account ${a.id}: ${credits(a.balance)} credits`;
+    $("account-info").replaceChildren(el("span", { className: "account-id" }, `account ${a.id}: `),
+                                      `${credits(a.balance)} credits`);
   } catch (e) {
     $("account-info").textContent = e instanceof ApiFailure ? "key refused" : "coordinator unreachable";
   }
