@@ -16,14 +16,12 @@ import pytest
 from conftest import Network
 from covey.miner.models import BUNDLED_SPEECH_MODEL as VOICE_MODEL
 from covey.miner.models import BUNDLED_TRANSCRIPTION_MODEL as WHISPER
-from test_web import CHROMIUM, CHROMIUM_ARGS, _browser_or_skip
+from webui import browser, page_of, shoot
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("hibari")
 
 TEXT = "The quick brown fox jumps over the lazy dog."
-SHOTS = Path("/tmp/web-shots")
-WIDTHS = {"desktop": 1440, "phone": 390}
 FAKE_MICROPHONE = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
@@ -77,33 +75,15 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    sync_playwright = _browser_or_skip()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=[*CHROMIUM_ARGS, *FAKE_MICROPHONE])
-        try:
-            yield browser
-        finally:
-            browser.close()
+def chromium():
+    with browser(*FAKE_MICROPHONE) as b:
+        yield b
 
 
 @pytest.fixture
-def page(browser, net):
-    context = browser.new_context(viewport={"width": WIDTHS["desktop"], "height": 900},
-                                  permissions=["microphone"])
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(net.url + "/")
-    page.click("#signup")
-    page.wait_for_function(
-        "document.querySelector('#account-info').textContent.includes('credits')")
-    try:
+def page(chromium, net):
+    with page_of(chromium, net.url, permissions=["microphone"]) as page:
         yield page
-        assert not errors, errors
-    finally:
-        context.close()
 
 
 def _open(page, model: str, kind: str) -> None:
@@ -112,20 +92,6 @@ def _open(page, model: str, kind: str) -> None:
     assert kind in button.locator(".kind").inner_text()
     button.click()
     assert "active" in (button.get_attribute("class") or "")
-
-
-def _shoot(page, name: str) -> None:
-    """Full-page screenshots at desktop and phone widths; the page must not scroll
-    sideways at either."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for label, width in WIDTHS.items():
-        page.set_viewport_size({"width": width, "height": 900})
-        page.wait_for_timeout(100)
-        overflow = page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 0, f"{name} scrolls sideways by {overflow}px at {width}px"
-        page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
-    page.set_viewport_size({"width": WIDTHS["desktop"], "height": 900})
 
 
 def _words(text: str) -> str:
@@ -160,7 +126,7 @@ def test_speech_playground_plays_what_it_reads(page, net):
     assert page.get_attribute("#speech-download", "download") == "speech.mp3"
     assert page.inner_text("#speech-usage") == f"{len(TEXT)} characters billed"
     assert not page.is_visible("#speech-error")
-    _shoot(page, "speech")
+    shoot(page, "speech")
 
 
 def test_speech_playground_shows_the_api_error_as_text(page, net):
@@ -187,7 +153,7 @@ def test_transcription_playground_streams_an_upload(page, net, tmp_path: Path):
     assert "error" not in (page.get_attribute("#transcript", "class") or "")
     assert "quick brown fox" in _words(page.inner_text("#transcript"))
     assert re.fullmatch(r"\d+ seconds? billed", page.inner_text("#transcribe-usage"))
-    _shoot(page, "transcription")
+    shoot(page, "transcription")
 
 
 def test_transcription_playground_shows_the_api_error(page, net, tmp_path: Path):
@@ -205,7 +171,7 @@ def test_transcription_playground_shows_the_api_error(page, net, tmp_path: Path)
     assert page.inner_text("#transcript") == expected
     assert "not audio" in expected
     assert page.inner_text("#transcribe-usage") == ""
-    _shoot(page, "transcription-error")
+    shoot(page, "transcription-error")
 
 
 def test_transcription_playground_records_the_microphone(page, net):
@@ -254,7 +220,7 @@ def test_image_playground_paints_at_the_chosen_size(page, net):
     captions = page.eval_on_selector_all("#images figcaption", "fs => fs.map(f => f.innerText)")
     assert "seed 42" in captions[0] and "seed 43" in captions[1]
     assert not page.is_visible("#image-error")
-    _shoot(page, "image")
+    shoot(page, "image")
 
     # A size the model does not make: the API's message, as text.
     page.eval_on_selector("#image-size", "s => s.add(new Option('7x7', '7x7'))")

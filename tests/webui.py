@@ -20,11 +20,12 @@ SERIOUS = ("serious", "critical")
 
 
 @contextmanager
-def browser() -> Iterator[object]:
-    """A headless Chromium (skips, or fails under COVEY_REQUIRE_BROWSER, without one)."""
+def browser(*args: str) -> Iterator[object]:
+    """A headless Chromium with ``args`` added to the usual ones (skips, or fails under
+    COVEY_REQUIRE_BROWSER, without one)."""
     sync_playwright = _browser_or_skip()
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *args])
         try:
             yield b
         finally:
@@ -32,11 +33,13 @@ def browser() -> Iterator[object]:
 
 
 @contextmanager
-def page_of(b, url: str, signup: bool = True, width: int = WIDTHS["desktop"]
-            ) -> Iterator[object]:
+def page_of(b, url: str, signup: bool = True, width: int = WIDTHS["desktop"],
+            permissions: list[str] | None = None) -> Iterator[object]:
     """A fresh page (its own storage) at ``url``, signed up through the header's button when
-    ``signup``; fails at the end if the page threw a JavaScript error."""
-    context = b.new_context(viewport={"width": width, "height": 900})
+    ``signup``, with browser ``permissions`` granted (e.g. ``microphone``); fails at the end
+    if the page threw a JavaScript error."""
+    context = b.new_context(viewport={"width": width, "height": 900},
+                            permissions=permissions or [])
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
