@@ -106,11 +106,21 @@ def test_sealed_chat_hides_the_words_from_the_coordinator(net, chromium):
             capture_output=True, text=True)
         assert audit.returncode == 0 and "not found" in audit.stdout, audit.stdout + audit.stderr
 
+        # The answer's receipt, one click away, checked in the browser.
+        answer.locator("a", has_text="Receipt").click()
+        page.wait_for_selector("text=Receipt valid")
+
         # Positive control: the same page with encryption off sends words the audit finds.
+        page.go_back()
+        page.wait_for_selector("#prompt")
         page.uncheck("#sealed-toggle")
         assert "not encrypted" in page.inner_text("#seal-status")
         _ask(page, f"My name is {PLAIN_SECRET}. Say hello.")
         assert {w for w, _ in traces(net, PLAIN_SECRET)} == {PLAIN_SECRET}
+        # Off for that conversation only: a new chat is sealed again.
+        page.click("#new-chat")
+        assert page.is_checked("#sealed-toggle")
+        assert "end-to-end encrypted" in page.inner_text("#seal-status")
 
 
 def _occupy(net: Network, stop: threading.Event) -> threading.Thread:
@@ -188,6 +198,7 @@ def test_stop_after_the_first_token_pays_for_what_was_sent(net, chromium):
         assert usage["completion_tokens"] == delivered, (usage, delivered)
         assert account["held"] == 0
         assert account["balance"] == GRANT - usage["cost"]
+        assert message["cost"] == usage["cost"]  # what the page says it cost
         assert "stopped" in page.inner_text("#usage")
 
 

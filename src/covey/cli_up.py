@@ -179,7 +179,7 @@ def up(
         out.print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
                   f"-H 'Authorization: Bearer {api_key}' -d '{body}'", soft_wrap=True,
                   highlight=False, markup=False)
-        out.print(f"  covey chat --url {base} \"What is the capital of France?\"",
+        out.print(f"  covey chat --url {base} \"Say hello in five words.\"",
                   highlight=False, markup=False)
         if len(models) > 1:
             emb = json.dumps({"model": BUNDLED_EMBEDDING_MODEL,

@@ -47,8 +47,12 @@ function revealPanel() {
   }
   return el("section", { className: "panel acct-reveal", "aria-labelledby": "account-new-key-title" },
     el("h3", { id: "account-new-key-title" }, r.what),
-    el("p", { className: "acct-warn" }, el("strong", {}, "Shown once: "),
-      "copy it now and keep it somewhere safe. The coordinator stores only its hash, so nobody can show it to you again."),
+    r.browser
+      ? el("p", { className: "acct-warn" }, "The key this browser signs in with, to use the same account from ",
+        el("code", {}, "curl"), ", the ", el("code", {}, "openai"), " SDK or ", el("code", {}, "covey"),
+        ". Anyone who has it can spend this account's credits.")
+      : el("p", { className: "acct-warn" }, el("strong", {}, "Shown once: "),
+        "copy it now and keep it somewhere safe. The coordinator stores only its hash, so nobody can show it to you again."),
     el("label", { htmlFor: "account-new-key" }, "API key"),
     el("div", { className: "row wrap" }, field,
       el("button", { type: "button", id: "account-copy", onclick: copy }, "Copy"),
@@ -194,6 +198,10 @@ function keysPanel(list) {
         el("th", { scope: "col" }, "Created"), el("th", { scope: "col" }, el("span", { className: "acct-sr" }, "Actions")))),
       tbody)),
     err,
+    el("button", { type: "button", id: "account-show-key", onclick: () => {
+      acct.revealed = { key: apiKey(), what: "This browser's API key", browser: true };
+      renderAccount();
+    } }, "Show this browser's key"),
     el("form", { id: "account-key-form", onsubmit: create },
       el("label", { htmlFor: "account-key-name" }, "New key's name"),
       el("div", { className: "row wrap" }, name, el("button", { type: "submit" }, "Create key"))));

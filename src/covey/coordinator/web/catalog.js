@@ -3,8 +3,6 @@
 "use strict";
 
 let kindFilter = "all";
-const KIND_LABELS = { chat: "chat", embedding: "embedding", transcription: "speech → text",
-                      speech: "text → speech", image: "image" };
 const STATUS_LABELS = { up: "up", trial: "on trial", offline: "no miner" };
 
 // Credits with the trailing zeros trimmed: 0.25, 0.000004.
@@ -65,7 +63,7 @@ function renderFilter(list) {
     type: "button", className: "chip", dataset: { kind: k },
     "aria-pressed": String(k === kindFilter),
     onclick: () => { kindFilter = k; renderCatalog(); },
-  }, k === "all" ? "all" : KIND_LABELS[k] || k)));
+  }, k)));
 }
 
 function renderCatalog() {
@@ -96,7 +94,8 @@ async function loadModels() {
     }
     // One miner may serve several models: count miners, not (model, miner) pairs.
     const h = await loadHealth();
-    $("status").textContent = h ? `${body.data.length} model(s), ${h.miners} miner(s)` : "";
+    const n = (count, what) => `${count} ${what}${count === 1 ? "" : "s"}`;
+    $("status").textContent = h ? `${n(body.data.length, "model")}, ${n(h.miners, "miner")}` : "";
   } catch (e) {
     $("status").textContent = "coordinator unreachable";
   }

@@ -6,7 +6,8 @@
 const CONVERSATIONS_STORE = "covey.conversations";
 const SETTINGS_STORE = "covey.chat_settings";
 const MAX_CONVERSATIONS = 100;
-const DEFAULTS = { system: "", temperature: 0.7, top_p: 1, max_tokens: 512, sealed: true };
+const OPEN_STORE = "covey.open_conversation";
+const DEFAULTS = { system: "", temperature: 0.7, top_p: 1, max_tokens: 512 };
 
 let conversations = [];   // newest first: {id, model, title, created, messages: [...]}
 let conversation = null;  // the one shown
@@ -35,10 +36,11 @@ function saveSettings() {
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     max_tokens: Number($("max-tokens").value),
-    sealed: $("sealed-toggle").checked,
   };
   localStorage.setItem(SETTINGS_STORE, JSON.stringify(s));
-  return s;
+  // Encryption belongs to the conversation (on in every new one), not to the settings:
+  // turning it off once to compare must not leave later chats in the clear.
+  return { ...s, sealed: $("sealed-toggle").checked };
 }
 
 // ---- markdown ----
@@ -93,7 +95,7 @@ function buildChatPane() {
           el("span", { id: "seal-status", className: "seal", "aria-live": "polite" })),
         el("div", { className: "row wrap chat-tools" },
           el("label", { className: "check" },
-            el("input", { id: "sealed-toggle", type: "checkbox", checked: s.sealed }),
+            el("input", { id: "sealed-toggle", type: "checkbox", checked: true }),
             " End-to-end encrypted"),
           el("button", { id: "export-json", type: "button" }, "Export JSON"),
           el("button", { id: "export-md", type: "button" }, "Export markdown")),
@@ -123,12 +125,21 @@ function buildChatPane() {
   });
   $("stop").addEventListener("click", () => chatController && chatController.abort());
   $("regenerate").addEventListener("click", regenerate);
-  $("new-chat").addEventListener("click", () => { conversation = null; openChat(current); });
+  $("new-chat").addEventListener("click", () => {
+    conversation = newConversation(current);
+    localStorage.removeItem(OPEN_STORE);
+    openChat(current);
+  });
   $("export-json").addEventListener("click", () => exportConversation("json"));
   $("export-md").addEventListener("click", () => exportConversation("md"));
-  for (const id of ["system-prompt", "temperature", "top-p", "max-tokens", "sealed-toggle"]) {
-    $(id).addEventListener("change", () => { saveSettings(); showSealStatus(); });
+  for (const id of ["system-prompt", "temperature", "top-p", "max-tokens"]) {
+    $(id).addEventListener("change", saveSettings);
   }
+  $("sealed-toggle").addEventListener("change", () => {
+    conversation.sealed = $("sealed-toggle").checked;
+    if (conversations.includes(conversation)) saveConversations();
+    showSealStatus();
+  });
 }
 
 function showSealStatus(miner) {
@@ -162,21 +173,27 @@ function deleteConversation(c) {
 
 function showConversation(c) {
   conversation = c;
+  localStorage.setItem(OPEN_STORE, c.id);
   if (c.model !== current && models[c.model]) { navigate(`#/use/${encodeURIComponent(c.model)}`); return; }
+  $("sealed-toggle").checked = c.sealed !== false;
+  showSealStatus();
   renderLog();
   renderConversationList();
 }
 
 function newConversation(model) {
   return { id: `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`,
-           model, title: "", created: Date.now() / 1000, messages: [] };
+           model, title: "", created: Date.now() / 1000, messages: [], sealed: true };
 }
 
 function openChat(model) {
   if (!$("chat-model")) buildChatPane();
   if (!conversation || conversation.model !== model) {
-    conversation = conversations.find((c) => c.model === model && !c.messages.length) || newConversation(model);
+    const last = conversations.find((c) => c.id === localStorage.getItem(OPEN_STORE));
+    conversation = (last && last.model === model ? last : null)
+      || conversations.find((c) => c.model === model && !c.messages.length) || newConversation(model);
   }
+  $("sealed-toggle").checked = conversation.sealed !== false;
   $("chat-model").textContent = model;
   showPane("chat-pane");
   showSealStatus();
@@ -208,6 +225,10 @@ function messageNode(msg, index) {
     node.dataset.done = "true";
     const actions = el("div", { className: "msg-actions" },
       el("button", { type: "button", className: "link", onclick: (e) => copyText(msg.content, e.target) }, "Copy"),
+      msg.id && msg.usage && msg.usage.completion_tokens
+        ? el("a", { className: "small", href: `#/explorer/${encodeURIComponent(msg.id)}`,
+                    title: `The signed receipt of ${msg.id}, checked in your browser` }, "Receipt")
+        : null,
       el("span", { className: "muted small msg-usage" }, usageText(msg)));
     node.append(actions);
   } else {
@@ -273,15 +294,15 @@ function costOf(usage) {
 
 async function ask(text) {
   if (!apiKey()) {
-    conversation.messages.push({ role: "user", content: text },
-                               { role: "assistant", content: "", error: "Get a test account or paste an API key first." });
-    renderLog();
+    $("prompt").value = text;
+    $("usage").textContent = "Get a test account (top right) or paste an API key first.";
     return;
   }
   const s = saveSettings();
   conversation.messages.push({ role: "user", content: text });
   if (!conversation.title) conversation.title = text.slice(0, 60);
   if (!conversations.includes(conversation)) conversations.unshift(conversation);
+  localStorage.setItem(OPEN_STORE, conversation.id);
   renderLog();
   renderConversationList();
   const history = conversation.messages.filter((m) => !m.error).map((m) => ({ role: m.role, content: m.content }));
@@ -314,7 +335,7 @@ async function ask(text) {
     answer.usage = { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
     answer.finish_reason = done.finish_reason;
     answer.id = done.job_id;
-    if (done.finish_reason !== "cancelled") answer.cost = costOf(answer.usage);
+    answer.cost = costOf(answer.usage);
   } catch (e) {
     answer.error = e.message;
   } finally {
