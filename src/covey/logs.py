@@ -24,14 +24,19 @@ class JsonFormatter(logging.Formatter):
 
 
 _BEARER = re.compile(r"(?i)\bbearer\s+[^\s'\"]+")
+_API_KEY = re.compile(r"sk-covey-[A-Za-z0-9_\-]+")
+"""Anything shaped like a Covey API key, wherever it stands (a browser's ``bearer.<key>``
+WebSocket subprotocol, a key pasted into the wrong field)."""
 
 
 def redact_secrets(record: logging.LogRecord) -> bool:
-    """Logging filter: replace ``Bearer <key>`` in a record's message by ``Bearer
-    [redacted]``. uvicorn logs every WebSocket handshake header at debug level, API keys in
-    ``Authorization`` among them, and a key must never reach a log."""
+    """Logging filter: replace ``Bearer <key>`` and anything shaped like a Covey API key in
+    a record's message by ``[redacted]``. uvicorn logs every WebSocket handshake header at
+    debug level (``Authorization``, and the subprotocols a browser sends its key in), and a
+    key must never reach a log."""
     message = record.getMessage()
-    if _BEARER.search(message):
+    if _BEARER.search(message) or _API_KEY.search(message):
+        message = _API_KEY.sub("sk-covey-[redacted]", message)
         record.msg, record.args = _BEARER.sub("Bearer [redacted]", message), None
     return True
 

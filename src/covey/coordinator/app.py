@@ -60,6 +60,20 @@ def default_database_url(data_dir: Path) -> str:
     """SQLite in ``data_dir`` (WAL mode), the single-machine default."""
     return f"sqlite:///{(data_dir / 'covey.db').resolve()}"
 
+PAGE_HEADERS = {
+    # Model output is rendered as HTML (sanitized): the policy is the second wall. Nothing
+    # loads from another origin (an answer's <img src=http://…> would carry the chat away),
+    # no inline script runs, WebAssembly (libsodium) may compile, and no other site frames
+    # the page.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+        "img-src 'self' data: blob:; media-src 'self' data: blob:; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Headers of the web page (``GET /``)."""
+
 DEFAULT_CATALOG = {"smollm2-135m-instruct": 8192}
 """Models a fresh coordinator knows by name before any miner offers them (name → context
 length in tokens), so a request for one gets 503 "no miner" rather than 404."""
@@ -181,8 +195,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     index_html = web.joinpath("index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> str:
-        return index_html
+    async def index() -> HTMLResponse:
+        return HTMLResponse(index_html, headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(packages=[("covey.coordinator", "web")]), name="static")
     return app

@@ -47,6 +47,10 @@ async def keys_list(request: Request, account_id: Account) -> dict[str, object]:
             "data": [{**_shown(info), "current": info.id == current} for _, info in rows]}
 
 
+_UNSHOWN = ("Cc", "Cs", "Cf", "Co", "Cn", "Zl", "Zp")
+"""Unicode categories a key's name may not hold (see ``NewKey``)."""
+
+
 class NewKey(BaseModel):
     """``POST /v1/account/keys``: ``name``, 1 to 64 characters, to tell keys apart."""
 
@@ -57,9 +61,14 @@ class NewKey(BaseModel):
     @classmethod
     def _printable(cls, name: str) -> str:
         # Control characters (NUL above all, which PostgreSQL refuses) and lone surrogates
-        # (which no database encodes) would fail in the database, not here.
-        if not name.strip() or any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
-            raise ValueError("a name needs visible characters and no control characters")
+        # (which no database encodes) would fail in the database, not here; format
+        # characters (a right-to-left override, zero-width spaces), line separators,
+        # private-use and unassigned code points make a name that misleads or shows as
+        # blank.
+        if any(unicodedata.category(c) in _UNSHOWN for c in name) or not any(
+                unicodedata.category(c)[0] in "LNPS" for c in name):
+            raise ValueError("a name needs visible characters, and no control or invisible "
+                             "ones")
         return name
 
 

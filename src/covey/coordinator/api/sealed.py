@@ -61,9 +61,10 @@ def _client_gone() -> ApiError:
 class SealedChannel:
     """One client's sealed channel: its requests by ``id``, and the replies they wait for."""
 
-    def __init__(self, ws: WebSocket, account: str, serving: Serving) -> None:
+    def __init__(self, ws: WebSocket, account: str, serving: Serving, key: str) -> None:
         self.ws = ws
         self.account = account
+        self.key = key
         self.serving = serving
         self._send_lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -116,7 +117,7 @@ class SealedChannel:
         message is not a request with a usable id."""
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         if not isinstance(body, dict) or body.get("type") != "request":
             return False
@@ -207,6 +208,7 @@ class SealedChannel:
         job = watermarked(job, self.ws.app.state.config.watermark_models)
         record = RequestRecord(job.job_id, job.model, self.account, stream=True)
         try:
+            await self._check_key()
             self.serving.admit(record)
             running, _ = await self.serving.start(job, request.chat, record,
                                                   sealer=self._sealer(request, job),
@@ -223,6 +225,21 @@ class SealedChannel:
                 id=request.id, finish_reason="cancelled", prompt_tokens=record.prompt_tokens,
                 completion_tokens=record.completion_tokens)))
             raise
+
+    async def _check_key(self) -> None:
+        """Re-check the channel's API key before each request: a key revoked while its
+        channel is open stops here, and the channel closes (4401).
+
+        Raises:
+            ApiError: 401 when the key no longer works.
+        """
+        try:
+            account = await self.serving.billing.account_of(self.key)
+        except ApiError as exc:
+            asyncio.ensure_future(self.ws.close(CLOSE_UNAUTHORIZED, "The API key was revoked."))
+            raise ApiError(401, "This channel's API key was revoked.", code=exc.code,
+                           type=exc.type) from None
+        assert account == self.account  # a key never moves between accounts
 
     async def _stream(self, request_id: str, running: RunningJob) -> None:
         assert running.started is not None
@@ -260,11 +277,12 @@ async def sealed_channel(ws: WebSocket) -> None:
                 if p.startswith(KEY_SUBPROTOCOL)), None)
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     try:
-        if key is not None and "authorization" not in ws.headers:
-            account = await serving.billing.account_of(key)
-        else:
+        if key is None or "authorization" in ws.headers:
             account = await serving.billing.authenticate(ws)  # type: ignore[arg-type]
+            key = ws.headers["authorization"].partition(" ")[2].strip()
+        else:
+            account = await serving.billing.account_of(key)
     except ApiError as exc:
         await ws.close(CLOSE_UNAUTHORIZED, exc.message[:120])
         return
-    await SealedChannel(ws, account, serving).serve()
+    await SealedChannel(ws, account, serving, key).serve()

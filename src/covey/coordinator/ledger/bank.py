@@ -85,6 +85,8 @@ class Bank:
         self.policy = policy
         # key hash → (account, when it was read from the database, monotonic seconds)
         self._key_cache: dict[str, tuple[str, float]] = {}
+        self._revoked: set[str] = set()
+        """Hashes of keys revoked by this process: never cached again (64 bytes each)."""
 
     # --- accounts and keys ---------------------------------------------------------------
 
@@ -122,7 +124,9 @@ class Bank:
         Raises:
             KeyNotFound, LastKey: see :func:`~covey.coordinator.ledger.keys.revoke_key`.
         """
-        self._key_cache.pop(keys.revoke_key(self.ledger.engine, account_id, key_id), None)
+        digest = keys.revoke_key(self.ledger.engine, account_id, key_id)
+        self._revoked.add(digest)
+        self._key_cache.pop(digest, None)
 
     def cached_account(self, api_key: str) -> str | None:
         """The account of a key seen in the last :data:`KEY_CACHE_S` seconds, without
@@ -140,8 +144,12 @@ class Bank:
             with self.ledger.engine.connect() as conn:
                 account = conn.execute(select(api_keys.c.account).where(
                     api_keys.c.key_hash == digest, api_keys.c.revoked_us.is_(None))).scalar()
-            if account is not None:
+            # A revoke that committed after the read above must not be undone by caching
+            # what the read saw.
+            if account is not None and digest not in self._revoked:
                 self._key_cache[digest] = (account, time.monotonic())
+            elif digest in self._revoked:
+                account = None
         return account
 
     def transfer(self, from_account: str, to_account: str, amount: int, op: str) -> bool:

@@ -237,7 +237,10 @@ async function loadHealth() {
   return health;
 }
 
-// Called once every script has loaded.
+// Runs once every script has loaded (they are at the end of <body>; no inline script, which
+// the page's Content-Security-Policy forbids).
+document.addEventListener("DOMContentLoaded", () => start());
+
 async function start() {
   $("signup").addEventListener("click", signUpFromHeader);
   $("use-key").addEventListener("click", () => {
