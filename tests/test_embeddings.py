@@ -324,7 +324,8 @@ def test_the_web_page_compares_two_sentences(net):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            # The page's CSP forbids the eval that wait_for_function uses.
+            page = browser.new_page(bypass_csp=True)
             page.goto(net.url + "/")
             button = page.locator(f'#models button[data-model="{EMBED}"]')
             button.wait_for()

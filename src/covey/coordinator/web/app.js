@@ -210,7 +210,10 @@ function route() {
   view.show(parts.slice(1));
 }
 
-function openModel(m) { navigate(`#/use/${encodeURIComponent(m.id)}`); }
+function openModel(m) {
+  select(m.id);  // at once: the route runs on the hashchange event, a moment later
+  navigate(`#/use/${encodeURIComponent(m.id)}`);
+}
 
 // Parse a server-sent event stream, calling onData for every `data:` payload.
 async function readSSE(resp, onData) {
