@@ -40,7 +40,7 @@ from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy
 from covey.coordinator.ledger.pricing import Price
-from covey.coordinator.limits import BodyLimit
+from covey.coordinator.limits import BodyLimit, QueryKeyGuard
 from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
@@ -168,6 +168,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16})
     if config.record_traffic is not None:
         app.add_middleware(TrafficRecorder, path=config.record_traffic)
+    app.add_middleware(QueryKeyGuard)  # outermost: a key in a URL goes no further
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(embeddings.router)

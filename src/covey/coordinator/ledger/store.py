@@ -379,11 +379,12 @@ class Ledger:
         return int(value or 0)
 
     def balances_like(self, prefix: str) -> dict[str, int]:
-        """Balances of every account whose id starts with ``prefix``."""
+        """Balances of every account whose id starts with ``prefix`` exactly."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(balances.c.account, balances.c.balance)
-                                .where(balances.c.account.startswith(prefix))).tuples().all()
-        return dict(rows)
+                                .where(balances.c.account.startswith(prefix, autoescape=True))
+                                ).tuples().all()
+        return {account: balance for account, balance in rows if account.startswith(prefix)}
 
     def history(self, account: str, limit: int = 50, before: int | None = None
                 ) -> list[dict[str, object]]:
@@ -403,10 +404,15 @@ class Ledger:
             return _read_head(conn)
 
     def entries_with_key_prefix(self, prefix: str) -> list[dict[str, object]]:
-        """Transfers whose idempotency key starts with ``prefix``, in order."""
-        q = select(transfers).where(transfers.c.key.startswith(prefix)).order_by(transfers.c.seq)
+        """Transfers whose idempotency key starts with ``prefix`` exactly (case and every
+        character as given), in order."""
+        # LIKE treats _ and % as wildcards (escaped here) and, on SQLite, ignores ASCII
+        # case: the exact test after it drops what LIKE let through, so a client's key
+        # "case-1" never finds the transfer of "Case-1".
+        q = (select(transfers).where(transfers.c.key.startswith(prefix, autoescape=True))
+             .order_by(transfers.c.seq))
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            return [dict(r._mapping) for r in conn.execute(q) if r.key.startswith(prefix)]
 
     # --- auditing ------------------------------------------------------------------------
 
