@@ -278,13 +278,15 @@ def test_a_hostile_miners_markup_runs_nothing(tmp_path, chromium, elsewhere):
         net.add_miner("--ctx", "1024", env={"COVEY_TEST_ADVERSARY": f"inject:{payload}"})
         with page_of(chromium, net.url, csp=True) as page:
             _open_chat(page)
+            page.click("#chat-settings summary")
+            page.fill("#max-tokens", "16")  # the model's own words after the markup: few
             for sealed in (True, False):
+                page.click("#new-chat")  # the first answer is not in the second's prompt
                 page.set_checked("#sealed-toggle", sealed)
                 answer = _ask(page, "Say something.")
                 body = answer.locator(".msg-body")
-                assert body.locator("strong").inner_text() == "bold"
-                # The model goes on after the miner's markup, maybe with code of its own.
-                assert body.locator("pre code", has_text="print(1)").count() == 1
+                assert body.locator("strong").first.inner_text() == "bold"
+                assert body.locator("pre code", has_text="print(1)").count() >= 1
                 assert body.locator("pre .copy-code").count() == body.locator("pre").count()
                 assert body.locator("script, [onerror], [onload], a[href^=javascript]"
                                     ).count() == 0
