@@ -12,7 +12,6 @@ from conftest import Network
 from covey.coordinator.ledger import Ledger, Transfer
 from covey.coordinator.ledger.bank import Bank, BankPolicy, UsageRecord, miner
 from covey.coordinator.ledger.chain import GENESIS, verify_head
-from covey.coordinator.ledger.miner_stats import earnings_of
 
 
 def test_head_is_signed_by_the_coordinator_and_follows_the_ledger(bare_network: Network):
@@ -50,13 +49,16 @@ def test_earnings_of_many_miners_match_one_by_one(tmp_path: Path):
                         UsageRecord("model", prompt_tokens=5, completion_tokens=tokens))
         ledger.post("fund", [Transfer("user:u", miner(b), 2_000_000, "transfer")])
         bank.stake(b, 1_500_000, "s1")
-        got = earnings_of(ledger, [a, b, idle, a])
+        got = bank.miners_earnings([a, b, idle, a])
         assert set(got) == {a, b, idle}
         for m in (a, b, idle):
             assert got[m] == bank.miner_earnings(m), m
+            # ... and the accounts' own balances, read one by one
+            assert got[m]["balance"] == ledger.balance(miner(m)), m
+            assert got[m]["staked"] == bank.staked(m), m
         assert got[a]["jobs"] == 2 and got[a]["completion_tokens"] == 17
         assert got[b]["staked"] == 1_500_000
         assert got[idle] == {"jobs": 0, "completion_tokens": 0, "balance": 0, "staked": 0}
-        assert earnings_of(ledger, []) == {}
+        assert bank.miners_earnings([]) == {}
     finally:
         ledger.close()

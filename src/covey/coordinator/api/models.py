@@ -7,7 +7,6 @@ from collections import Counter
 
 from fastapi import APIRouter, Request
 
-from covey.coordinator.ledger.miner_stats import earnings_of
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
 from covey.protocol.openai import ModelCard, ModelList, ModelPrice
@@ -68,8 +67,8 @@ async def list_miners(request: Request) -> dict[str, object]:
     dispatcher = request.app.state.dispatcher
     scores = dispatcher.scores
     sessions = list(registry.sessions.values())
-    ledger = request.app.state.serving.billing.bank.ledger
-    earned = await asyncio.to_thread(earnings_of, ledger, [s.miner_id for s in sessions])
+    bank = request.app.state.serving.billing.bank
+    earned = await asyncio.to_thread(bank.miners_earnings, [s.miner_id for s in sessions])
     return {"object": "list", "min_stake": dispatcher.min_stake, "data": [
         {
             "id": s.miner_id,

@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -273,14 +273,34 @@ class Bank:
                 for d, m, n, p, c, cost in rows]
 
     def miner_earnings(self, miner_id: str) -> dict[str, int]:
-        """A miner's jobs paid, tokens served and µcr earned (after the fee)."""
-        q = (select(func.count(), func.sum(usage.c.completion_tokens))
-             .where(usage.c.miner == miner_id))
+        """A miner's jobs paid, tokens served and µcr earned (after the fee): see
+        :meth:`miners_earnings`."""
+        return self.miners_earnings([miner_id])[miner_id]
+
+    def miners_earnings(self, miner_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+        """``{miner id: {"jobs", "completion_tokens", "balance", "staked"}}`` for each id:
+        paid jobs, completion tokens served, µcr on the miner's account (its earnings after
+        the fee, less what it staked) and µcr staked; zeros for a miner the ledger never
+        saw. One statement per table on one connection, so a page polling the miners list
+        costs the database the same for two miners or two hundred."""
+        ids = sorted(set(miner_ids))
+        out = {m: {"jobs": 0, "completion_tokens": 0, "balance": 0, "staked": 0} for m in ids}
+        if not ids:
+            return out
+        accounts = {miner(m): (m, "balance") for m in ids} | {
+            stake_account(m): (m, "staked") for m in ids}
+        served = (select(usage.c.miner, func.count(), func.sum(usage.c.completion_tokens))
+                  .where(usage.c.miner.in_(ids)).group_by(usage.c.miner))
+        held = select(balances.c.account, balances.c.balance).where(
+            balances.c.account.in_(list(accounts)))
         with self.ledger.engine.connect() as conn:
-            jobs, tokens = conn.execute(q).one()
-        return {"jobs": int(jobs), "completion_tokens": int(tokens or 0),
-                "balance": self.ledger.balance(miner(miner_id)),
-                "staked": self.staked(miner_id)}
+            for m, jobs, tokens in conn.execute(served):
+                out[m]["jobs"] = int(jobs)
+                out[m]["completion_tokens"] = int(tokens or 0)
+            for account, balance in conn.execute(held):
+                m, field = accounts[account]
+                out[m][field] = int(balance)
+        return out
 
     def balance_and_held(self, account_id: str) -> tuple[int, int]:
         """(balance, µcr in open escrows) of ``account_id``, read in one statement so both
