@@ -40,10 +40,7 @@ function revealPanel() {
   const field = el("input", { id: "account-new-key", className: "mono acct-key", readOnly: true,
                               value: r.key, onfocus: (e) => e.target.select() });
   async function copy() {
-    try { await navigator.clipboard.writeText(r.key); status.textContent = "Copied."; } catch (e) {
-      field.select();
-      status.textContent = document.execCommand("copy") ? "Copied." : "Select the key and copy it.";
-    }
+    status.textContent = await copyToClipboard(r.key) ? "Copied." : "Select the key and copy it.";
   }
   return el("section", { className: "panel acct-reveal", "aria-labelledby": "account-new-key-title" },
     el("h3", { id: "account-new-key-title" }, r.what),

@@ -77,6 +77,25 @@ function since(unixSeconds) {
   return new Date(unixSeconds * 1000).toISOString().slice(0, 10);
 }
 
+// Copy text to the clipboard; true when it worked. The Clipboard API needs a secure context
+// (https or localhost): on a LAN coordinator over plain http, fall back to a selection copy.
+async function copyToClipboard(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch (e) {
+    const focused = document.activeElement;
+    const area = el("textarea", { className: "offscreen", readOnly: true, value: text,
+                                  "aria-hidden": "true" });
+    document.body.append(area);
+    area.select();
+    const done = document.execCommand("copy");
+    area.remove();
+    if (focused && focused.focus) focused.focus();
+    return done;
+  }
+}
+
 // A small padlock icon (inline SVG: no icon font, no emoji font needed).
 function lockIcon() {
   const ns = "http://www.w3.org/2000/svg";

@@ -62,16 +62,7 @@ function renderMarkdown(node, text) {
 }
 
 async function copyText(text, button) {
-  try {
-    await navigator.clipboard.writeText(text);
-  } catch (e) {
-    // Clipboard needs a secure context; fall back to a selection copy.
-    const area = el("textarea", { value: text, "aria-hidden": "true" });
-    document.body.append(area);
-    area.select();
-    document.execCommand("copy");
-    area.remove();
-  }
+  if (!await copyToClipboard(text)) return;
   const before = button.textContent;
   button.textContent = "Copied";
   setTimeout(() => { button.textContent = before; }, 1200);

@@ -21,17 +21,9 @@ function shortId(id) { return `${id.slice(0, 12)}…`; }
 function copyButton(label, source) {
   const status = el("span", { className: "muted small copy-status", "aria-live": "polite" });
   const button = el("button", { type: "button", className: "copy", onclick: async () => {
-    const text = source();
-    try {
-      await navigator.clipboard.writeText(text);
-    } catch (e) { // no clipboard API (a plain-http origin) or no permission: the old way
-      const area = el("textarea", { className: "offscreen", readOnly: true, value: text });
-      document.body.append(area);
-      area.select();
-      const done = document.execCommand("copy");
-      area.remove();
-      button.focus();
-      if (!done) { status.textContent = "select the text to copy it"; return; }
+    if (!await copyToClipboard(source())) {
+      status.textContent = "select the text to copy it";
+      return;
     }
     status.textContent = "copied";
     setTimeout(() => { status.textContent = ""; }, 3000);
