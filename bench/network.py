@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -19,12 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, models: list[str], served: list[str], threads: int
-          ) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    """A coordinator (no sampled re-checks, no per-key limits) and one miner serving
-    ``models`` (``--model`` values) with ``threads`` CPU threads; returns (base URL, the
-    processes, miner first) once every name in ``served`` has a live miner. Logs go to
-    ``tmp/net.log``.
+def start(tmp: Path, models: list[str], served: list[str], threads: int,
+          coordinator_args: Sequence[str] = ()) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A coordinator (no sampled re-checks, no per-key limits; ``coordinator_args`` added)
+    and one miner serving ``models`` (``--model`` values) with ``threads`` CPU threads;
+    returns (base URL, the processes, miner first) once every name in ``served`` has a live
+    miner. Logs go to ``tmp/net.log``.
 
     Raises:
         RuntimeError: a process exited, or the models were not served within 180 s.
@@ -35,7 +36,7 @@ def start(tmp: Path, models: list[str], served: list[str], threads: int
     log = (tmp / "net.log").open("ab")
     coord = subprocess.Popen([*cov, "coordinator", "--port", str(port), "--data-dir",
                               str(tmp / "c"), "--check-rate", "0", "--log-level", "warning",
-                              "--key-rpm", "0", "--key-concurrency", "0"],
+                              "--key-rpm", "0", "--key-concurrency", "0", *coordinator_args],
                              stdout=log, stderr=log)
     miner = subprocess.Popen([*cov, "miner", "--coordinator", url,
                               *(arg for m in models for arg in ("--model", m)),

@@ -45,6 +45,15 @@ def test_import_arrows_point_down():
     assert not problems, problems
 
 
+def test_scoring_is_shared_and_imports_only_the_protocol():
+    """``covey.scoring`` (models, proofs, HE) serves every role, so it imports none."""
+    problems = [f"scoring/{path.name} imports {name}"
+                for path in (SRC / "scoring").rglob("*.py") for name in _imports(path)
+                if name.startswith("covey.") and name.split(".")[1] not in ("scoring",
+                                                                            "protocol")]
+    assert not problems, problems
+
+
 def test_protocol_exports_exist():
     for name in covey.protocol.__all__:
         assert hasattr(covey.protocol, name), name

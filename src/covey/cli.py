@@ -96,6 +96,9 @@ def coordinator(
     record_traffic: Annotated[Path | None, typer.Option(
         help="Append every request body and WebSocket message received and sent to this "
              "file, for `covey audit` (test networks: it holds every plain prompt).")] = None,
+    proof_setup: Annotated[list[str] | None, typer.Option(
+        help="MODEL=DIR: check every proof of scoring model MODEL with the verifying key in "
+             "DIR (made by `covey model prove-setup`; repeatable).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "json",
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log too (the request "
@@ -141,6 +144,15 @@ def coordinator(
             raise typer.Exit(2) from None
         prices[model_name] = Price(prompt_p, completion_p)
     wm_key = _watermark_key(watermark_key) if watermark_key else None
+    setups: dict[str, Path] = {}
+    for spec in proof_setup or []:
+        model_name, _, folder = spec.partition("=")
+        if not model_name or not (Path(folder) / "vk.key").is_file():
+            err.print(f"[red]error:[/red] --proof-setup {spec!r}: expected MODEL=DIR, DIR "
+                      "holding vk.key, settings.json, kzg.srs and setup.json (`covey model "
+                      "prove-setup`)")
+            raise typer.Exit(2)
+        setups[model_name] = Path(folder)
 
     config = CoordinatorConfig(data_dir=data_dir, miner_timeout=miner_timeout,
                                heartbeat_interval=min(2.0, miner_timeout / 3),
@@ -155,7 +167,8 @@ def coordinator(
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
                                max_audio_bytes=int(max_audio_mb * 2**20),
-                               record_traffic=record_traffic, invite_only=invite_only)
+                               record_traffic=record_traffic, invite_only=invite_only,
+                               proof_setups=setups)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
@@ -368,8 +381,10 @@ def _register_up() -> None:
     from covey.cli_invite import invite_app
     from covey.cli_model import model_app
     from covey.cli_money import ledger_app, signup, wallet
+    from covey.cli_proofs import proofs_app
     from covey.cli_proxy import proxy
     from covey.cli_receipts import receipts_app
+    from covey.cli_score import score
     from covey.cli_trials import trials_app
     from covey.cli_up import up
 
@@ -377,12 +392,14 @@ def _register_up() -> None:
     app.command()(signup)
     app.command()(proxy)
     app.command()(audit)
+    app.command()(score)
     app.add_typer(wallet, name="wallet")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(receipts_app, name="receipts")
     app.add_typer(trials_app, name="trials")
     app.add_typer(model_app, name="model")
     app.add_typer(invite_app, name="invite")
+    app.add_typer(proofs_app, name="proofs")
 
 
 _register_up()

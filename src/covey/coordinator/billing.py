@@ -32,11 +32,14 @@ KIND_PRICES = {
     "transcription": Price(prompt=4_000_000, completion=0),
     "speech": Price(prompt=10_000_000, completion=0),
     "image": Price(prompt=1_000_000_000, completion=0),
+    "scoring": Price(prompt=10_000_000, completion=2_000_000),
 }
 """Floor prices of media models with none configured, µcr per 1M units: 4 µcr per second
 of audio, 10 µcr per character, 1,000 µcr per 256-pixel image tile. They keep the ratios of
 OpenAI's list prices to its small text models' (a minute of transcription ≈ 40k input tokens,
-a character of speech ≈ 100 tokens)."""
+a character of speech ≈ 100 tokens). Scoring: 10 µcr per row (a row is a few hundred
+multiply-adds, far less than a token, but each is a decision someone pays for), and 2 µcr per
+millisecond of proving or encrypted work (a 5 s proof costs 10,000 µcr, 0.01 credit)."""
 
 # Chat templates add a few tokens per message (role markers, separators); 16 covers the
 # templates llama.cpp ships with room to spare.

@@ -32,11 +32,14 @@ from covey.protocol import (
     Embedded,
     Generate,
     JobError,
+    KeyChunk,
     MinerId,
     Paint,
     Painted,
     Progress,
     Reply,
+    Score,
+    Scored,
     Segment,
     Speak,
     SpeechChunk,
@@ -48,10 +51,10 @@ from covey.protocol import (
     encode_frame,
 )
 
-Request = Generate | Embed | Transcribe | Speak | Paint | Check | Tokenize
+Request = Generate | Embed | Transcribe | Speak | Paint | Score | Check | Tokenize
 """What a call carries: a task, or a verification or tokenizer request."""
 
-_LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted)
+_LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted, Scored)
 """Replies that end a call (an ``error`` ends it too, raised as :class:`TaskRefused`)."""
 
 
@@ -116,8 +119,9 @@ class Call:
             self.close()
             raise gone() from exc
 
-    async def send(self, frame: AudioChunk) -> None:
-        """Send a frame that follows the task (a transcription's audio).
+    async def send(self, frame: AudioChunk | KeyChunk) -> None:
+        """Send a frame that follows the task (a transcription's audio, a score's
+        evaluation keys).
 
         Raises:
             MinerFault: ``disconnected``, the socket died under the send.
@@ -186,6 +190,8 @@ class Call:
                 return isinstance(item, SpeechChunk | Spoken)
             case Paint():
                 return isinstance(item, Painted)
+            case Score():
+                return isinstance(item, Scored)
         return False  # pragma: no cover - the union is closed
 
     def close(self) -> None:

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Literal
 
 from covey.coordinator.ledger.bank import UsageRecord
 from covey.coordinator.ledger.pricing import Price, cost
-from covey.protocol import Embed, Generate, JobId, MinerId, ModelOffer, Paint, Speak, Transcribe
+from covey.protocol import (
+    Embed,
+    Generate,
+    JobId,
+    MinerId,
+    ModelOffer,
+    Paint,
+    Score,
+    Speak,
+    Transcribe,
+)
 from covey.protocol.receipts import Receipt
 
 if TYPE_CHECKING:
@@ -86,7 +96,19 @@ class ImageAnswer:
     images: tuple[str, ...]
 
 
-Answer = TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer
+@dataclass(frozen=True)
+class ScoreAnswer:
+    """A scoring task as the miner got it (pinned to its weights) and what it returned:
+    ``outputs`` for plain rows, ``encrypted`` (base64) for an encrypted one, ``proofs``
+    when asked (already verified before the answer was accepted)."""
+
+    sent: Score
+    outputs: tuple[float, ...] | None
+    encrypted: str | None
+    proofs: tuple[str, ...] = ()
+
+
+Answer = TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer | ScoreAnswer
 """What a validator re-checks, one class per task kind."""
 
 

@@ -22,7 +22,7 @@ from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import EmbedAnswer, Outcome
 from covey.coordinator.router import Dispatcher
-from covey.protocol import Embed, Embedded, Paint, Speak, Transcribe
+from covey.protocol import Embed, Embedded, Paint, Score, Speak, Transcribe
 from covey.protocol.embed import count_vectors, vectors_digest
 from covey.protocol.receipts import Receipt, request_digest, verify_receipt
 
@@ -53,11 +53,14 @@ class Try:
 async def with_failover(dispatcher: Dispatcher, model: str, account: str,
                         policy: FailoverPolicy, job_id: str,
                         attempt: Callable[[Try], Awaitable[T]],
-                        may_move: Callable[[], bool] = lambda: True) -> T:
+                        may_move: Callable[[], bool] = lambda: True,
+                        unfit: Callable[[], frozenset[str]] = frozenset) -> T:
     """``attempt`` on a miner of ``model``, then on others with the same weights while it
     raises :class:`MinerFault` (the failover policy's tries; ``may_move`` False stops it
-    early, e.g. once part of an answer that cannot be resumed was delivered). The session
-    is released after each try; a miner at fault is counted against its reputation.
+    early, e.g. once part of an answer that cannot be resumed was delivered). ``unfit``
+    names miners of the model that cannot take this task (asked before each try: a proof
+    needs a miner holding the right proving key). The session is released after each try;
+    a miner at fault is counted against its reputation.
 
     Raises:
         ApiError: routing's 404/503/429 before any try, the miner's refusal of the
@@ -69,8 +72,8 @@ async def with_failover(dispatcher: Dispatcher, model: str, account: str,
     fault: MinerFault | None = None
     while fault is None or (may_retry(policy, len(tried), fault) and may_move()):
         try:
-            session = await dispatcher.acquire(model, account, sha256, frozenset(tried),
-                                               priority=bool(tried))
+            session = await dispatcher.acquire(model, account, sha256,
+                                               frozenset(tried) | unfit(), priority=bool(tried))
         except ApiError as exc:
             if fault is None:
                 raise
@@ -154,12 +157,13 @@ async def _call(session: MinerSession, task: Embed, policy: FailoverPolicy) -> E
     return reply
 
 
-def checked_receipt(session: MinerSession, task: Embed | MediaTask, receipt: Receipt | None,
-                    signature: str | None, output_sha256: str, units: int
-                    ) -> tuple[Receipt, str] | None:
+def checked_receipt(session: MinerSession, task: Embed | MediaTask | Score,
+                    receipt: Receipt | None, signature: str | None, output_sha256: str,
+                    units: int, work: int = 0) -> tuple[Receipt, str] | None:
     """The miner's receipt of a single-answer task if signed by it and true to the task,
-    its weights, what it sent (``output_sha256``) and its usage (``units``, no completion
-    tokens); else None (logged; the caller counts it against the miner's reputation)."""
+    its weights, what it sent (``output_sha256``) and its usage (``units`` in, ``work``
+    out: a score's milliseconds of work, else 0); else None (logged; the caller counts it
+    against the miner's reputation)."""
     r = receipt
     if r is None or signature is None:
         problem = "no receipt"
@@ -167,7 +171,7 @@ def checked_receipt(session: MinerSession, task: Embed | MediaTask, receipt: Rec
         problem = "a receipt not signed by this miner"
     elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256, r.prompt_tokens,
           r.completion_tokens) != (task.job_id, task.model_sha256, request_digest(task),
-                                   output_sha256, units, 0):
+                                   output_sha256, units, work):
         problem = "a receipt that does not match the task"
     else:
         return r, signature

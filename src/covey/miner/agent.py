@@ -49,9 +49,12 @@ from covey.protocol import (
     Heartbeat,
     Hello,
     JobError,
+    KeyChunk,
     ModelOffer,
     Paint,
     Painted,
+    Score,
+    Scored,
     Speak,
     Spoken,
     Started,
@@ -66,12 +69,12 @@ from covey.protocol import (
 )
 from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
-from covey.protocol.receipts import billed_units, request_digest, sign_receipt
+from covey.protocol.receipts import billed_units, billed_work, request_digest, sign_receipt
 from covey.protocol.sealing import SealingError, open_job, seal_delta, sign_box_key
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
-R = TypeVar("R", Done, Embedded, Transcribed, Spoken, Painted)
+R = TypeVar("R", Done, Embedded, Transcribed, Spoken, Painted, Scored)
 
 MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
@@ -134,7 +137,7 @@ class MinerAgent(MediaTasks):
         self.box = PrivateKey.generate()
         self.box_signature = sign_box_key(key, self.box.public_key)
         self._jobs: dict[str, asyncio.Task[None]] = {}
-        self._uploads: dict[str, asyncio.Queue[AudioChunk]] = {}
+        self._uploads: dict[str, asyncio.Queue[AudioChunk | KeyChunk]] = {}
         self._pending: set[asyncio.Future[None]] = set()
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -241,10 +244,15 @@ class MinerAgent(MediaTasks):
                         work = self._embed(ws, frame)
                     case Transcribe():
                         # Registered now: the audio's chunks follow the task at once.
-                        inbox: asyncio.Queue[AudioChunk] = asyncio.Queue()
+                        inbox: asyncio.Queue[AudioChunk | KeyChunk] = asyncio.Queue()
                         self._uploads[frame.job_id] = inbox
                         work = self._transcribe(ws, frame, inbox)
-                    case AudioChunk():
+                    case Score():
+                        keys: asyncio.Queue[AudioChunk | KeyChunk] = asyncio.Queue()
+                        if frame.keys_bytes is not None:  # its keys follow at once
+                            self._uploads[frame.job_id] = keys
+                        work = self._score(ws, frame, keys)
+                    case AudioChunk() | KeyChunk():
                         upload = self._uploads.get(frame.job_id)
                         if upload is not None:
                             upload.put_nowait(frame)
@@ -383,15 +391,15 @@ class MinerAgent(MediaTasks):
         await self._send(ws, self._signed(task, reply, backend.offer.sha256,
                                           vectors_digest(reply.vectors)))
 
-    def _signed(self, task: Generate | Embed | Transcribe | Speak | Paint, last: R,
+    def _signed(self, task: Generate | Embed | Transcribe | Speak | Paint | Score, last: R,
                 model_sha256: str, output_sha256: str) -> R:
         """``last`` (a task's final frame) with this miner's signed receipt for ``task``;
         the receipt's ``prompt_tokens`` holds the task's input units (tokens, seconds,
-        characters or tiles)."""
-        completion = last.completion_tokens if isinstance(last, Done) else 0
+        characters, tiles or rows), its ``completion_tokens`` the output units
+        (:func:`~covey.protocol.receipts.billed_work`)."""
         receipt = Receipt(job_id=task.job_id, miner=self.miner_id, model_sha256=model_sha256,
                           request_sha256=request_digest(task), output_sha256=output_sha256,
-                          prompt_tokens=billed_units(last), completion_tokens=completion)
+                          prompt_tokens=billed_units(last), completion_tokens=billed_work(last))
         return last.model_copy(update={"receipt": receipt,
                                        "signature": sign_receipt(self.key, receipt)})
 

@@ -32,6 +32,10 @@ _BUNDLED = {
     BUNDLED_SPEECH_MODEL: ("hibari", "assets", "audio"),
 }
 
+BUNDLED_SCORING = ("breast-cancer-lr", "breast-cancer-mlp")
+"""Scoring models trained at first use from scikit-learn's bundled breast-cancer data
+(:mod:`covey.scoring.bundled`, which holds the same names)."""
+
 _SHA_CACHE = "weights-sha256.json"
 
 
@@ -88,6 +92,8 @@ def resolve_model(name_or_path: str, served_name: str | None = None) -> ModelFil
     """
     if name_or_path in _BUNDLED:
         return ModelFile(served_name or name_or_path, bundled_path(name_or_path))
+    if name_or_path in BUNDLED_SCORING:
+        return ModelFile(served_name or name_or_path, _scoring_folder(name_or_path))
     if name_or_path.startswith("hf:"):
         from covey.miner import hub
 
@@ -100,7 +106,7 @@ def resolve_model(name_or_path: str, served_name: str | None = None) -> ModelFil
     if path.is_dir():
         path = path.resolve()
         return ModelFile(served_name or path.name.lower(), path)
-    known = ", ".join(sorted(_BUNDLED))
+    known = ", ".join(sorted([*_BUNDLED, *BUNDLED_SCORING]))
     if path.suffix == ".gguf" or "/" in name_or_path:
         raise ModelNotFound(f"{name_or_path!r}: no such file or folder (bundled models: "
                             f"{known}; hub models: hf:ORG/REPO or hf:ORG/REPO/FILE.gguf)")
@@ -108,6 +114,21 @@ def resolve_model(name_or_path: str, served_name: str | None = None) -> ModelFil
         f"{name_or_path!r} is not a bundled model ({known}), a GGUF file, a model directory "
         f"nor a hub reference (hf:ORG/REPO or hf:ORG/REPO/FILE.gguf)"
     )
+
+
+def _scoring_folder(name: str) -> Path:
+    """The folder of a bundled scoring model, made on first use.
+
+    Raises:
+        ModelNotFound: scikit-learn / skl2onnx (``covey[score]``) are not installed.
+    """
+    try:
+        from covey.scoring.bundled import materialize
+
+        return materialize(name)
+    except ImportError as exc:
+        raise ModelNotFound(f"model {name!r} is trained on first use and needs: "
+                            "pip install 'covey[score]'") from exc
 
 
 def weights_sha256(path: Path, cache_dir: Path | None = None) -> str:

@@ -46,6 +46,7 @@ from covey.protocol.frames import (
     encode_frame,
 )
 from covey.protocol.image import Paint, Painted
+from covey.protocol.score import KeyChunk, Score, Scored, ScoringCard
 from covey.protocol.signing import (
     hello_digest,
     sign_action,
@@ -64,6 +65,10 @@ __all__ = [
     "Transcribed",
     "Paint",
     "Painted",
+    "KeyChunk",
+    "Score",
+    "Scored",
+    "ScoringCard",
     "PROTOCOL_VERSION",
     "Cancel",
     "Challenge",

@@ -30,6 +30,7 @@ from covey.protocol.audio import (
 )
 from covey.protocol.embed import Embed, Embedded
 from covey.protocol.image import Paint, Painted
+from covey.protocol.score import KeyChunk, Score, Scored, ScoringCard
 from covey.protocol.wire import (
     Base64,
     JobId,
@@ -40,9 +41,9 @@ from covey.protocol.wire import (
     _Frame,
 )
 
-__all__ = ["AudioChunk", "Base64", "Embed", "Embedded", "JobId", "MinerId", "Paint", "Painted",
-           "Receipt", "Segment", "Sha256Hex", "Speak", "SpeechChunk", "Spoken", "TokenId",
-           "Transcribe", "Transcribed"]
+__all__ = ["AudioChunk", "Base64", "Embed", "Embedded", "JobId", "KeyChunk", "MinerId", "Paint",
+           "Painted", "Receipt", "Score", "Scored", "ScoringCard", "Segment", "Sha256Hex",
+           "Speak", "SpeechChunk", "Spoken", "TokenId", "Transcribe", "Transcribed"]
 
 PROTOCOL_VERSION = 6
 
@@ -54,7 +55,7 @@ class Hardware(_Frame):
     gpus: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=64)
 
 
-ModelKind = Literal["chat", "embedding", "transcription", "speech", "image"]
+ModelKind = Literal["chat", "embedding", "transcription", "speech", "image", "scoring"]
 """The kinds of model a miner can serve; ``GET /v1/models`` shows each model's."""
 
 
@@ -76,9 +77,10 @@ class ModelOffer(_Frame):
     """What the model does, hence which tasks it takes: ``chat`` (:class:`Generate`),
     ``embedding`` (:class:`~covey.protocol.embed.Embed`), ``transcription``
     (:class:`~covey.protocol.audio.Transcribe`), ``speech``
-    (:class:`~covey.protocol.audio.Speak`) or ``image`` (:class:`~covey.protocol.image.Paint`).
-    Prices are per 1M of the kind's unit: tokens, seconds of audio, characters, or 256-pixel
-    image tiles."""
+    (:class:`~covey.protocol.audio.Speak`), ``image`` (:class:`~covey.protocol.image.Paint`)
+    or ``scoring`` (:class:`~covey.protocol.score.Score`). Prices are per 1M of the kind's
+    unit: tokens, seconds of audio, characters, 256-pixel image tiles, or scored rows (a
+    scoring model's ``ask_completion`` prices its milliseconds of proving or encrypted work)."""
     slots: int | None = Field(default=None, ge=1, le=1024)
     """Tasks of this model the miner runs at once (None: the hello's ``slots``)."""
     dimensions: int | None = Field(default=None, ge=1, le=2**16)
@@ -90,6 +92,12 @@ class ModelOffer(_Frame):
         default=(), max_length=64)
     """An image model's sizes, ``WIDTHxHEIGHT`` in pixels, the default first (empty for
     other kinds)."""
+    card: ScoringCard | None = None
+    """A scoring model's card: its features in order, its output, its training data and
+    accuracy (None for other kinds)."""
+    proof_vk: Sha256Hex | None = None
+    """A scoring model the miner proves answers of: the SHA-256 of the verifying key its
+    proving key belongs to (None: no proofs)."""
     private: bool = False
     """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
     carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""
@@ -398,19 +406,20 @@ class Tokens(_Frame):
 Job = Generate
 """The older name of :class:`Generate`."""
 
-Task = Annotated[Generate | Embed | Transcribe | Speak | Paint, Field(discriminator="type")]
+Task = Annotated[Generate | Embed | Transcribe | Speak | Paint | Score,
+                 Field(discriminator="type")]
 """A unit of work for a miner, one class per kind (DESIGN.md, Tasks). Verification tasks
 (:class:`Check`) and :class:`Tokenize` travel the same way."""
 
 Reply = (Started | Progress | Delta | Done | JobError | CheckReport | Tokens | Embedded
-         | Segment | Transcribed | SpeechChunk | Spoken | Painted)
+         | Segment | Transcribed | SpeechChunk | Spoken | Painted | Scored)
 """Frames a miner sends about a task; each carries the task's ``job_id``."""
 
 Frame = Annotated[
     Challenge | Hello | Welcome | Heartbeat | Generate | Started | Progress | Delta | Done
     | JobError | Cancel | Check | CheckReport | Tokenize | Tokens | Embed | Embedded
     | Transcribe | AudioChunk | Segment | Transcribed | Speak | SpeechChunk | Spoken | Paint
-    | Painted,
+    | Painted | Score | KeyChunk | Scored,
     Field(discriminator="type"),
 ]
 

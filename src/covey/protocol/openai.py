@@ -18,6 +18,8 @@ from pydantic import (
     model_serializer,
 )
 
+from covey.protocol.score import ScoringCard
+
 
 class _Request(BaseModel):
     # Strict: "stream": "yes" or "max_tokens": "3" are errors, as on OpenAI's API.
@@ -211,7 +213,7 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     kind: str = "chat"
     """What the model does: ``chat`` (chat and completions), ``embedding``,
-    ``transcription``, ``speech`` or ``image``."""
+    ``transcription``, ``speech``, ``image`` or ``scoring``."""
     dimensions: int | None = None
     """An embedding model's vector length (None for other kinds)."""
     voices: list[str] | None = None
@@ -230,6 +232,17 @@ class ModelCard(BaseModel):
     """Measured time to first token over recent answers, seconds (None before any)."""
     decode_tps: float | None = None
     """Measured decode rate over recent answers, tokens per second (None before any)."""
+    card: ScoringCard | None = None
+    """A scoring model's card: its features in the order ``inputs`` rows list them, its
+    output, training data and accuracy (None for other kinds)."""
+    proof: bool = False
+    """A scoring model whose answers can be proved (``"proof": true``): this coordinator
+    holds its verifying key and a live miner its proving key."""
+    proof_vk_sha256: str | None = None
+    """SHA-256 of the verifying key proofs are checked with (compare with the model
+    owner's before trusting ``covey proofs verify``)."""
+    encrypted: bool = False
+    """A scoring model that scores encrypted rows (``"encrypted"``)."""
 
 
 class ModelList(BaseModel):

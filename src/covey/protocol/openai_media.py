@@ -1,9 +1,10 @@
-"""OpenAI's audio and image request bodies, and the transcript formats.
+"""OpenAI's audio and image request bodies, Covey's scoring body, and the transcript formats.
 
 ``POST /v1/audio/speech`` (:class:`SpeechRequest`), ``POST /v1/images/generations``
-(:class:`ImageRequest`); a transcription's multipart form is read by the route, and its
-answer rendered by :func:`render_transcript` as ``json``, ``text``, ``srt``, ``vtt`` or
-``verbose_json`` (the shapes of OpenAI's whisper-1).
+(:class:`ImageRequest`), Covey's own ``POST /v1/scores`` (:class:`ScoreRequest`); a
+transcription's multipart form is read by the route, and its answer rendered by
+:func:`render_transcript` as ``json``, ``text``, ``srt``, ``vtt`` or ``verbose_json`` (the
+shapes of OpenAI's whisper-1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import Field
 from covey.protocol.audio import MAX_SPEECH_CHARS, Segment, SpeechFormat
 from covey.protocol.image import MAX_IMAGES
 from covey.protocol.openai import _Request
+from covey.protocol.score import MAX_ROWS
 
 TranscriptFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 
@@ -106,3 +108,26 @@ def _stamp(seconds: float, comma: str) -> str:
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)
     return f"{h:02d}:{m:02d}:{s:02d}{comma}{ms:03d}"
+
+
+class EncryptedRow(_Request):
+    """An encrypted scoring row: ``ciphertext`` (base64 of a serialized TenSEAL CKKS
+    vector) made under the registered evaluation keys ``keys_sha256``."""
+
+    ciphertext: str = Field(min_length=1, max_length=2**24,
+                            pattern=r"^[A-Za-z0-9+/]*={0,2}$")
+    keys_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ScoreRequest(_Request):
+    """``POST /v1/scores`` body (Covey's own): ``inputs``, rows of the model's features in
+    the order ``GET /v1/models/{id}`` lists them (numbers only: a string is refused, not
+    read as a number), or one ``encrypted`` row; ``proof`` asks for a zero-knowledge proof
+    per row."""
+
+    model: str = Field(min_length=1)
+    inputs: list[list[float]] | None = Field(default=None, min_length=1,
+                                             max_length=MAX_ROWS, strict=True)
+    proof: bool = False
+    encrypted: EncryptedRow | None = None
+    user: str | None = None

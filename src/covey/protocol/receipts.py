@@ -18,9 +18,11 @@ from covey.protocol.audio import Speak, Spoken, Transcribe, Transcribed
 from covey.protocol.embed import Embed, Embedded
 from covey.protocol.frames import Done, Generate, Receipt
 from covey.protocol.image import Paint, Painted
+from covey.protocol.score import Score, Scored
 from covey.protocol.signing import canonical_json
 
-__all__ = ["Receipt", "billed_units", "countersign", "output_digest", "request_digest",
+__all__ = ["Receipt", "billed_units", "billed_work", "countersign", "output_digest",
+           "request_digest",
            "sign_receipt",
            "verify_countersignature", "verify_receipt"]
 
@@ -35,17 +37,19 @@ _MEDIA_FIELDS = {
                  "temperature", "words"},
     Speak: {"type", "model", "input", "voice", "response_format", "speed", "seed"},
     Paint: {"type", "model", "prompt", "n", "width", "height", "seed", "steps"},
+    Score: {"type", "model", "inputs", "proof", "encrypted", "keys_sha256"},
 }
 
 
-def request_digest(job: Generate | Embed | Transcribe | Speak | Paint) -> str:
+def request_digest(job: Generate | Embed | Transcribe | Speak | Paint | Score) -> str:
     """SHA-256 (hex) of what was asked: model, messages or prompt, and sampling settings
     (not the job id, weights pin or resume point, so every miner of a job agrees); prompt
     and stop ids, the sealed box and its prompt bound when set (a sealed job's digest
     binds the ciphertext the miner got, never the plaintext). For an embedding: model,
     inputs (text or token ids) and ``truncate``. For a transcription it covers the audio's
-    size and SHA-256; for speech and images, everything asked."""
-    if isinstance(job, Transcribe | Speak | Paint):
+    size and SHA-256; for speech, images and scores, everything asked (a score: its rows or
+    ciphertext and keys' digest, and whether proofs were asked)."""
+    if isinstance(job, Transcribe | Speak | Paint | Score):
         return hashlib.sha256(canonical_json(job.model_dump(
             mode="json", include=_MEDIA_FIELDS[type(job)]))).hexdigest()
     if isinstance(job, Embed):
@@ -60,9 +64,11 @@ def request_digest(job: Generate | Embed | Transcribe | Speak | Paint) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def billed_units(last: Done | Embedded | Transcribed | Spoken | Painted) -> int:
+def billed_units(last: Done | Embedded | Transcribed | Spoken | Painted | Scored) -> int:
     """The input units a task's final frame reports, which its receipt's ``prompt_tokens``
-    holds: tokens (text, embeddings), seconds of audio, characters or image tiles."""
+    holds: tokens (text, embeddings), seconds of audio, characters, image tiles or rows."""
+    if isinstance(last, Scored):
+        return last.rows
     if isinstance(last, Transcribed):
         return last.seconds
     if isinstance(last, Spoken):
@@ -70,6 +76,17 @@ def billed_units(last: Done | Embedded | Transcribed | Spoken | Painted) -> int:
     if isinstance(last, Painted):
         return last.tiles
     return last.prompt_tokens
+
+
+def billed_work(last: Done | Embedded | Transcribed | Spoken | Painted | Scored) -> int:
+    """The output units a task's final frame reports, which its receipt's
+    ``completion_tokens`` holds: a generation's completion tokens, a score's milliseconds of
+    proving or encrypted work; 0 for the other kinds."""
+    if isinstance(last, Done):
+        return last.completion_tokens
+    if isinstance(last, Scored):
+        return last.work_ms
+    return 0
 
 
 def output_digest(text: str) -> str:

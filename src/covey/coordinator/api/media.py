@@ -32,6 +32,7 @@ ROUTES: dict[str, str] = {
     "transcription": "POST /v1/audio/transcriptions",
     "speech": "POST /v1/audio/speech",
     "image": "POST /v1/images/generations",
+    "scoring": "POST /v1/scores",
 }
 """Where each kind of model takes requests (named in errors that send a request
 elsewhere)."""
@@ -58,11 +59,12 @@ def offers_of(serving: Serving, model: str, kind: ModelKind) -> list[ModelOffer]
     return offers
 
 
-def quote(serving: Serving, model: str, offers: list[ModelOffer], bound: int
+def quote(serving: Serving, model: str, offers: list[ModelOffer], bound: int, work: int = 0
           ) -> tuple[int, Price]:
-    """(maximum cost in µcr, price) of ``bound`` units of ``model``."""
+    """(maximum cost in µcr, price) of ``bound`` input units of ``model`` and ``work``
+    output units (a score's milliseconds of work)."""
     price = serving.billing.price(model, offers)
-    return cost(price, bound, 0), price
+    return cost(price, bound, work), price
 
 
 async def hold_and_run(serving: Serving, task: MediaTask, account: str, offers:

@@ -4,26 +4,50 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 from fastapi import APIRouter, Request
 
+from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
+from covey.protocol import ModelOffer
 from covey.protocol.openai import ModelCard, ModelList, ModelPrice
 
 router = APIRouter()
 
 
-UNITS = {"transcription": "seconds", "speech": "characters", "image": "tiles"}
+UNITS = {"transcription": "seconds", "speech": "characters", "image": "tiles",
+         "scoring": "rows"}
 """The usage unit of each kind's price that is not tokens (DESIGN.md, "Tasks")."""
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     """Every known model, with how many live miners serve it now, its context length, its
-    kind (chat, embedding, transcription, speech, image) and, by kind, its vectors'
-    dimensions, its voices or its image sizes; for the catalog also its ``status``, miners
-    awaiting a trial, ``price`` and measured speed (TTFT in seconds, decode tokens/s)."""
+    kind (chat, embedding, transcription, speech, image, scoring) and, by kind, its
+    vectors' dimensions, its voices, its image sizes or its scoring card; for the catalog
+    also its ``status``, miners awaiting a trial, ``price`` and measured speed (TTFT in
+    seconds, decode tokens/s)."""
+    return ModelList(data=_cards(request))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    """One model's entry of ``GET /v1/models`` (a scoring model's card lists its features
+    in order).
+
+    Raises:
+        ApiError: 404 ``model_not_found`` for a model no miner offers.
+    """
+    for card in _cards(request):
+        if card.id == model_id:
+            return card
+    raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the "
+                   "models offered.", code="model_not_found", param="model")
+
+
+def _cards(request: Request) -> list[ModelCard]:
     registry: MinerRegistry = request.app.state.registry
     billing = request.app.state.serving.billing
     speeds = request.app.state.metrics.speeds
@@ -51,8 +75,21 @@ async def list_models(request: Request) -> ModelList:
                              unit=UNITS.get(kind, "tokens")),
             ttft_s=None if speed is None or speed.ttft_s is None else round(speed.ttft_s, 4),
             decode_tps=None if speed is None or speed.decode_tps is None
-            else round(speed.decode_tps, 2)))
-    return ModelList(data=cards)
+            else round(speed.decode_tps, 2), **_scoring(request, name, offer, offers)))
+    return cards
+
+
+def _scoring(request: Request, name: str, offer: ModelOffer | None,
+             offers: list[ModelOffer]) -> dict[str, Any]:
+    """A scoring model's card fields (empty for other kinds)."""
+    if offer is None or offer.kind != "scoring":
+        return {}
+    verifier = request.app.state.serving.proof_verifiers.get(name)
+    vk = verifier.vk_sha256 if verifier is not None else None
+    return {"card": offer.card, "proof_vk_sha256": vk,
+            "proof": vk is not None and any(o.proof_vk == vk for o in offers),
+            "encrypted": any(o.card is not None and o.card.encrypted_error is not None
+                             for o in offers)}
 
 
 @router.get("/v1/miners")

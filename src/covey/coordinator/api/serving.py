@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
@@ -77,6 +77,14 @@ class Serving:
         self.policy = policy
         self.metrics = metrics
         self.limits = limits
+        self.score_keys: Any = None
+        """Clients' registered evaluation keys (a :class:`~covey.coordinator.he_keys.
+        KeyStore`, set by the app)."""
+        self.proof_verifiers: dict[str, Any] = {}
+        """Model name → its :class:`~covey.scoring.proofs.ProofVerifier` (the verifying
+        keys this coordinator was given)."""
+        self.on_false_proof: Callable[..., None] | None = None
+        """Told of a miner whose proof did not verify (the verifier's slash)."""
 
     def quote(self, job: Generate, offers: list[ModelOffer] | None = None
               ) -> tuple[int, int, int, Price]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from covey.coordinator.api.requests import new_id
 from covey.coordinator.billing import Billing
 from covey.coordinator.errors import ApiError
+from covey.coordinator.he_keys import KeyStore
 from covey.coordinator.job_faults import MinerFault
 from covey.coordinator.ledger.penalties import Evidence, Penalty, penalize
 from covey.coordinator.link import MinerLink, TaskRefused
@@ -35,6 +36,7 @@ from covey.coordinator.outcome import (
     EmbedAnswer,
     ImageAnswer,
     Outcome,
+    ScoreAnswer,
     SpeechAnswer,
     TextAnswer,
     TranscriptAnswer,
@@ -48,6 +50,7 @@ from covey.coordinator.verify.embeddings import (
 )
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
 from covey.coordinator.verify.media import MediaVerification
+from covey.coordinator.verify.scores import ScoreVerification
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
 from covey.coordinator.verify.validators import VALIDATOR_ACCOUNT
 from covey.protocol import (
@@ -85,7 +88,7 @@ class CheckUnavailable(Exception):
     """No validator could give a verdict (none online, busy, or it failed)."""
 
 
-class Verifier(EmbeddingVerification, MediaVerification):
+class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification):
     """Runs every check of one coordinator; see the module docstring."""
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: CheckPolicy,
@@ -101,6 +104,8 @@ class Verifier(EmbeddingVerification, MediaVerification):
         self._rng = random.SystemRandom()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0
+        self.score_keys: KeyStore | None = None
+        """Clients' evaluation keys, for re-checks of encrypted scores (set by the app)."""
         dispatcher.registry.admission = self.admit
         dispatcher.scores.on_floor = (policy.reputation_floor, self.retrial)
 
@@ -147,6 +152,8 @@ class Verifier(EmbeddingVerification, MediaVerification):
         live miner other than ``miner_id`` serves the same weights."""
         if offer.kind in ("transcription", "speech", "image"):
             return self._media_judgeable(offer, miner_id)
+        if offer.kind == "scoring":
+            return self._score_judgeable(offer, miner_id)
         if offer.sha256 in (self.embedding_references if offer.kind == "embedding"
                             else self.trials.references):
             return True
@@ -241,6 +248,8 @@ class Verifier(EmbeddingVerification, MediaVerification):
             return await self._judge_embedding_trial(session, offer)
         if offer.kind in ("transcription", "speech", "image"):
             return await self._judge_media_trial(session, offer)
+        if offer.kind == "scoring":
+            return await self._judge_score_trial(session, offer)
         verdict = Verdict()
         job_id, validator = "", None
         for messages, ref in self.trials.plan(offer.sha256):
@@ -373,6 +382,9 @@ class Verifier(EmbeddingVerification, MediaVerification):
             return
         if isinstance(answer, TranscriptAnswer | SpeechAnswer | ImageAnswer):
             self._maybe_check_media(outcome, answer, settlement)
+            return
+        if isinstance(answer, ScoreAnswer):
+            self._maybe_check_score(outcome, answer, settlement)
             return
         if answer is None or answer.finish_reason == "cancelled":
             return

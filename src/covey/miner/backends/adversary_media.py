@@ -7,7 +7,9 @@ Enabled, like :mod:`covey.miner.backends.adversary`, solely by ``COVEY_TEST_ADVE
   times and usage stay true);
 - speech, ``silence`` or ``noise``: the audio replaced by silence or white noise of the same
   length and format;
-- images, ``random-image``: each image replaced by random pixels of the same size.
+- images, ``random-image``: each image replaced by random pixels of the same size;
+- scoring, ``wrong-score``: each plain score moved by 0.3 (kept in [0, 1]); ``false-proof``:
+  each proof's bytes altered (the score stays the honest one).
 
 Other behaviours leave a media backend honest.
 """
@@ -23,8 +25,24 @@ from pathlib import Path
 
 from covey.miner.backends.adversary import HONEST_FIRST_ENV
 from covey.miner.backends.audio_encode import Encoder
-from covey.miner.backends.base import Backend, ImageBackend, SpeechBackend, TranscriptionBackend
-from covey.protocol import Paint, Painted, Segment, Speak, SpeechChunk, Spoken, Transcribe
+from covey.miner.backends.base import (
+    Backend,
+    ImageBackend,
+    ScoringBackend,
+    SpeechBackend,
+    TranscriptionBackend,
+)
+from covey.protocol import (
+    Paint,
+    Painted,
+    Score,
+    Scored,
+    Segment,
+    Speak,
+    SpeechChunk,
+    Spoken,
+    Transcribe,
+)
 from covey.protocol.audio import AUDIO_CHUNK_BYTES, Transcribed
 
 _WORDS = ("banana", "orbit", "violet", "tractor", "seven", "harbor", "quietly", "marble")
@@ -125,9 +143,49 @@ class AdversaryImage(ImageBackend):
         return honest.model_copy(update={"images": tuple(images)})
 
 
+class AdversaryScoring(ScoringBackend):
+    """``wrong-score``: plain scores moved by 0.3; ``false-proof``: proofs altered."""
+
+    def __init__(self, inner: ScoringBackend, behaviour: str) -> None:
+        self.inner, self.offer, self.slots = inner, inner.offer, inner.slots
+        self.behaviour = behaviour
+        self._honesty = _Honesty()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def score(self, task: Score, keys: bytes | None = None,
+                    progress: Callable[[int], None] | None = None) -> Scored:
+        reply = await self.inner.score(task, keys, progress)
+        if not self._honesty.cheat_now():
+            return reply
+        if self.behaviour == "wrong-score" and reply.outputs is not None:
+            moved = tuple(x - 0.3 if x > 0.5 else x + 0.3 for x in reply.outputs)
+            return reply.model_copy(update={"outputs": moved})
+        if self.behaviour == "false-proof" and reply.proofs:
+            return reply.model_copy(update={"proofs": tuple(_tamper(p) for p in reply.proofs)})
+        return reply
+
+
+def _tamper(proof: str) -> str:
+    """``proof`` (ezkl's JSON) with one hex digit of its proof bytes changed."""
+    import json
+
+    body = json.loads(proof)
+    raw = body.get("proof")
+    if isinstance(raw, str) and len(raw) > 80:
+        i = 70
+        body["proof"] = raw[:i] + ("1" if raw[i] != "1" else "2") + raw[i + 1:]
+    elif isinstance(raw, list) and raw:
+        body["proof"] = [(raw[0] + 1) % 256, *raw[1:]]
+    return json.dumps(body)
+
+
 def wrap(served: Backend, behaviour: str) -> Backend | None:
-    """``served`` wrapped in its kind's adversary, or None when it is not a media
-    backend."""
+    """``served`` wrapped in its kind's adversary, or None when it is not a media or
+    scoring backend."""
+    if isinstance(served, ScoringBackend):
+        return AdversaryScoring(served, behaviour)
     if isinstance(served, TranscriptionBackend):
         return AdversaryTranscription(served, behaviour)
     if isinstance(served, SpeechBackend):

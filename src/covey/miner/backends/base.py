@@ -10,7 +10,8 @@ A backend is a :class:`Backend` with ``offer`` (the model, announced in the hell
 - ``transcribe``: :meth:`TranscriptionBackend.transcribe` runs a
   :class:`~covey.protocol.Transcribe`;
 - ``speak``: :meth:`SpeechBackend.speak` runs a :class:`~covey.protocol.Speak`;
-- ``paint``: :meth:`ImageBackend.paint` runs a :class:`~covey.protocol.Paint`.
+- ``paint``: :meth:`ImageBackend.paint` runs a :class:`~covey.protocol.Paint`;
+- ``score``: :meth:`ScoringBackend.score` runs a :class:`~covey.protocol.Score`.
 
 The agent matches each task on its type and hands it to the backend of its model when that
 backend declares the capability, so adding a kind of work never touches the other backends.
@@ -38,6 +39,8 @@ from covey.protocol import (
     Paint,
     Painted,
     Progress,
+    Score,
+    Scored,
     Segment,
     Speak,
     SpeechChunk,
@@ -117,7 +120,8 @@ async def thread_stream(produce: Callable[[Callable[[T], None], threading.Event]
         await asyncio.shield(worker)
 
 
-Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint"]
+Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint",
+                     "score"]
 
 
 class BackendError(Exception):
@@ -262,4 +266,28 @@ class ImageBackend(Backend):
         Raises:
             BackendError: ``invalid_value`` (param ``size``) for a size the model cannot
                 make.
+        """
+
+
+class ScoringBackend(Backend):
+    """A tabular scoring model (capability ``score``); ``offer.card`` lists its features."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"score"})
+
+    @abstractmethod
+    async def score(self, task: Score, keys: bytes | None = None,
+                    progress: Callable[[int], None] | None = None) -> Scored:
+        """Score ``task`` (``receipt`` left for the agent): plain rows, with a proof per row
+        when ``task.proof``, or its encrypted row under the evaluation keys
+        ``task.keys_sha256`` (``keys``: those keys' bytes when they came with the task,
+        checked against the digest; else the backend must still hold them). ``progress``
+        is told the rows proved so far (each proof takes seconds; the coordinator takes a
+        silent miner for a stalled one).
+
+        Raises:
+            BackendError: ``invalid_value`` (param ``inputs`` or ``encrypted``) for rows
+                that do not fit the card or a ciphertext that does not fit the keys;
+                ``proof_unavailable`` / ``encrypted_unsupported`` (param ``proof`` /
+                ``encrypted``) for a kind of scoring this model cannot do;
+                ``keys_missing`` when the keys neither came nor are held.
         """

@@ -111,6 +111,19 @@ def _diffusers(s: ModelSettings) -> Backend:
         threads=s.threads, ask_prompt=s.ask_prompt))
 
 
+def _onnxruntime(s: ModelSettings) -> Backend:
+    try:
+        import onnxruntime  # noqa: F401 - fail here with advice, not deep inside
+
+        from covey.miner.backends.onnx_scoring import OnnxScoringBackend, ScoringConfig
+    except ImportError as exc:
+        raise BackendUnavailable("the onnxruntime backend needs: pip install 'covey[score]'"
+                                 ) from exc
+    assert s.path is not None
+    return OnnxScoringBackend(s.name, s.path, s.slots, ScoringConfig(
+        ask_prompt=s.ask_prompt, ask_completion=s.ask_completion))
+
+
 def _synthetic(s: ModelSettings) -> Backend:
     from covey.miner.backends.synthetic import SyntheticBackend
 
@@ -123,6 +136,7 @@ BUILDERS: dict[str, Callable[[ModelSettings], Backend]] = {
     "faster-whisper": _faster_whisper,
     "hibari": _hibari,
     "diffusers": _diffusers,
+    "onnxruntime": _onnxruntime,
     "synthetic": _synthetic,
 }
 """Backend name → builder; ``covey miner --backend`` takes these names (or ``auto``)."""
@@ -131,8 +145,9 @@ BUILDERS: dict[str, Callable[[ModelSettings], Backend]] = {
 def backend_for(path: Path) -> str:
     """The backend that serves the model at ``path``: ``llama.cpp`` for a file; for a
     folder, ``sentence-transformers`` (a ``modules.json``), ``diffusers`` (a
-    ``model_index.json``), ``faster-whisper`` (a CTranslate2 ``model.bin``) or ``hibari``
-    (a ``hibari.onnx``).
+    ``model_index.json``), ``faster-whisper`` (a CTranslate2 ``model.bin``), ``hibari``
+    (a ``hibari.onnx``) or ``onnxruntime`` (a scoring model: ``model.onnx`` and
+    ``card.json``).
 
     Raises:
         BackendUnavailable: a folder no backend here knows how to serve.
@@ -142,12 +157,13 @@ def backend_for(path: Path) -> str:
     for marker, backend in (("modules.json", "sentence-transformers"),
                             ("model_index.json", "diffusers"),
                             ("model.bin", "faster-whisper"),
-                            ("hibari.onnx", "hibari")):
+                            ("hibari.onnx", "hibari"),
+                            ("card.json", "onnxruntime")):
         if (path / marker).is_file():
             return backend
     raise BackendUnavailable(f"{path} is a folder no backend here serves (expected a "
-                             "sentence-transformers, diffusers, CTranslate2 whisper or "
-                             "hibari folder)")
+                             "sentence-transformers, diffusers, CTranslate2 whisper, "
+                             "hibari or scoring folder)")
 
 
 def build(backend: str, settings: ModelSettings) -> Backend:
