@@ -9,7 +9,7 @@ const STATUS_LABELS = { up: "up", trial: "on trial", offline: "no miner" };
 function shortCredits(ucr) { return String(Number((ucr / 1e6).toFixed(6))); }
 
 // The price in the unit a person thinks in: per 1M tokens, per minute of audio, per 1,000
-// characters, per 256-pixel image tile.
+// characters, per 256-pixel image tile, per 1,000 scored rows (and per second of proving).
 function priceText(m) {
   const p = m.price;
   if (!p) return "price unknown";
@@ -18,6 +18,8 @@ function priceText(m) {
     case "seconds": return `${per((p.prompt * 60) / p.per)} credits / minute of audio`;
     case "characters": return `${per((p.prompt * 1000) / p.per)} credits / 1K characters`;
     case "tiles": return `${per(p.prompt / p.per)} credits / 256² tile`;
+    case "rows": return `${per((p.prompt * 1000) / p.per)} credits / 1K rows`
+      + (m.proof ? ` · ${per((p.completion * 1000) / p.per)} credits / second of proving` : "");
     default:
       return m.kind === "embedding"
         ? `${shortCredits(p.prompt)} credits / 1M tokens`
@@ -51,7 +53,8 @@ function card(m) {
     m.context_length && ["chat", "embedding"].includes(m.kind)
       ? `${m.context_length.toLocaleString("en")} tokens context · ` : "",
     priceText(m)),
-  el("span", { className: "card-line muted speed" }, speedText(m)));
+  // A scoring model answers in milliseconds; tokens per second mean nothing there.
+  m.kind === "scoring" ? null : el("span", { className: "card-line muted speed" }, speedText(m)));
   return el("li", {}, button);
 }
 
