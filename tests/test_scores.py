@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Network, ledger_verify
+from conftest import Network, ledger_verify, metric
 from covey.miner.backends.adversary import ENV, HONEST_FIRST_ENV
 from test_billing import account, sign_up
 from test_verify import SLASH, checks_of, stake
@@ -306,3 +306,28 @@ def test_a_cheating_scoring_miner_is_caught_and_slashed(scoring_home, data, tmp_
         net.close()
     verified = ledger_verify(tmp_path / "coordinator")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_an_encrypted_answer_is_rechecked_byte_for_byte(scoring_home, data, tmp_path):
+    """At check rate 1 every encrypted answer is re-run by the other miner, which gets the
+    same ciphertext (and the keys, on its first check) and must return the same bytes."""
+    from covey.client.scores import score_encrypted
+    from covey.scoring.he import ClientKeys
+
+    net = Network(tmp_path, "--check-rate", "1")
+    try:
+        net.add_miner("--model", LR, wait=False)
+        net.wait_miners(1, LR, timeout=120)
+        net.add_miner("--model", LR, wait=False)
+        net.wait_miners(2, LR, timeout=120)
+        keys = ClientKeys.generate()
+        for i in range(3):
+            score_encrypted(net.url, LR, data[i], keys, api_key=net.api_key)
+        passed = 'covey_checks_total{kind="sampled",result="passed"}'
+        deadline = time.monotonic() + 30
+        while metric(net, passed) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(net, passed) >= 3
+        assert metric(net, 'covey_checks_total{kind="sampled",result="failed"}') == 0
+    finally:
+        net.close()
