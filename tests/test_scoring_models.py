@@ -206,6 +206,7 @@ def test_check_rows_rejects(card, rows: list[list[float]], bad: str, proof: bool
         batch = [1.0] * 30
     with pytest.raises(InputError, match=message) as info:
         check_rows(card, batch, proof=proof)
-    assert info.value.param == "inputs"
+    assert info.value.param == {"wrong_count": "inputs[1]", "flat": "inputs[0]",
+                                "too_many": "inputs", "empty": "inputs"}.get(bad, "inputs[1][3]")
     if bad == "range":
         check_rows(card, batch)  # plain scoring takes any finite value

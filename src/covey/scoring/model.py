@@ -48,7 +48,9 @@ def check_rows(card: ScoringCard, rows: Any, proof: bool = False) -> None:
     lie in the card's range for its feature (the circuit is checked on those ranges).
 
     Raises:
-        InputError: the first problem found, naming the row and feature.
+        InputError: the first problem found, naming the row and feature (``param``
+            ``inputs``, ``inputs[i]`` for row *i*, ``inputs[i][j]`` for its feature *j*, as
+            request validation names them).
     """
     n = len(card.features)
     if isinstance(rows, str | bytes) or not isinstance(rows, Sequence) or not rows:
@@ -59,24 +61,24 @@ def check_rows(card: ScoringCard, rows: Any, proof: bool = False) -> None:
                          f"its own proof); got {len(rows)}")
     for i, row in enumerate(rows):
         if isinstance(row, str | bytes) or not isinstance(row, Sequence):
-            raise InputError(f"row {i} is not a list of numbers")
+            raise InputError(f"row {i} is not a list of numbers", f"inputs[{i}]")
         if len(row) != n:
             raise InputError(f"row {i} has {len(row)} features; this model takes {n}, in the "
-                             "order GET /v1/models/{id} lists them")
+                             "order GET /v1/models/{id} lists them", f"inputs[{i}]")
         for j, value in enumerate(row):
-            name = card.features[j]
+            name, param = card.features[j], f"inputs[{i}][{j}]"
             # bool is an int in Python, but JSON true is not a measurement.
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InputError(f"row {i}, feature {j} ({name!r}) is not a number: "
-                                 f"{value!r:.40}")
+                                 f"{value!r:.40}", param)
             if not math.isfinite(value):
                 raise InputError(f"row {i}, feature {j} ({name!r}) is not a finite number: "
-                                 f"{value!r}")
+                                 f"{value!r}", param)
             if proof and card.ranges:
                 low, high = card.ranges[j]
                 if not low <= value <= high:
                     raise InputError(f"row {i}, feature {j} ({name!r}) is {value!r}, outside "
-                                     f"[{low:g}, {high:g}], the range a proof can take")
+                                     f"[{low:g}, {high:g}], the range a proof can take", param)
 
 
 class ScoringModel:
