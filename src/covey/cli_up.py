@@ -245,14 +245,17 @@ def up(
                       f"application/json' {auth} -d '{paint}' | head -c 300; echo",
                       soft_wrap=True, highlight=False, markup=False)
         if scorers:
-            row = ",".join(str(x) for x in _EXAMPLE_ROW)
+            row = ",".join(f"{x:g}" for x in _EXAMPLE_ROW)
             out.print(f"  covey score {scorers[0]} --url {base} --input {row}",
                       soft_wrap=True, highlight=False, markup=False)
             out.print(f"  covey score {scorers[0]} --url {base} --encrypted --input {row}",
                       soft_wrap=True, highlight=False, markup=False)
             if proofs:
+                vk = Path(proofs[1].partition("=")[2]) / "vk.key"
                 out.print(f"  covey score {scorers[1]} --url {base} --proof --save answer.json"
                           f" --input {row}", soft_wrap=True, highlight=False, markup=False)
+                out.print(f"  covey proofs verify answer.json --vk {vk}", soft_wrap=True,
+                          highlight=False, markup=False)
         out.print("")
         out.print("Press Ctrl-C to stop.")
     while not stop:

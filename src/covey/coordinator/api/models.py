@@ -65,7 +65,9 @@ def _cards(request: Request) -> list[ModelCard]:
         price = billing.price(name, offers or ([offer] if offer else []))
         speed = speeds.get(name)
         cards.append(ModelCard(
-            id=name, created=created, miners=miners, context_length=ctx, kind=kind,
+            id=name, created=created, miners=miners, kind=kind,
+            # a scoring model's offer holds its feature count there: the card lists them
+            context_length=ctx if kind != "scoring" else None,
             dimensions=offer.dimensions if offer else None,
             voices=list(offer.voices) if offer and offer.voices else None,
             sizes=list(offer.sizes) if offer and offer.sizes else None,

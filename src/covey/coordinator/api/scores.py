@@ -165,7 +165,8 @@ def _body(task: Score, result: ScoreResult, verifier: Any) -> dict[str, object]:
     return out
 
 
-@router.post(SCORE_KEYS)
+@router.post(SCORE_KEYS, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def register_keys(request: Request, account: Account) -> dict[str, object]:
     """Register evaluation keys (the body: the serialized public TenSEAL context,
     ``application/octet-stream``); answers their ``keys_sha256``. Registering the same keys
