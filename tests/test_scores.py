@@ -331,3 +331,47 @@ def test_an_encrypted_answer_is_rechecked_byte_for_byte(scoring_home, data, tmp_
         assert metric(net, 'covey_checks_total{kind="sampled",result="failed"}') == 0
     finally:
         net.close()
+
+
+@pytest.mark.parametrize(("model", "value"), [(LR, 1e39), (MLP, 3e38)])
+def test_values_that_overflow_float32_are_the_requests_fault(net, data, model, value):
+    """1e39 is past float32 (refused before routing); 3e38 fits, but the MLP's layers
+    overflow to NaN: the miner refuses the row, and nobody counts it against the miner."""
+    headers = sign_up(net)
+    before = account(net, headers)["balance"]
+    miners = httpx.get(f"{net.url}/v1/miners").json()["data"]
+    r = _score(net, headers, {"model": model, "inputs": [data[0], [value] * 30]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("inputs[1]")
+    assert account(net, headers)["balance"] == before
+    after = httpx.get(f"{net.url}/v1/miners").json()["data"]
+    assert [m["id"] for m in after] == [m["id"] for m in miners]  # still connected
+    assert _score(net, headers, {"model": model, "inputs": [data[0]]}).status_code == 200
+
+
+def test_evaluation_keys_belong_to_an_account_which_keeps_a_few(net, data):
+    from covey.client.scores import register_keys, score_encrypted
+    from covey.coordinator.he_keys import KEY_SETS_PER_ACCOUNT
+    from covey.scoring.he import ClientKeys
+    from covey.scoring.model import InputError
+
+    mine = sign_up(net)
+    key = mine["Authorization"].removeprefix("Bearer ")
+    sets = [ClientKeys.generate() for _ in range(KEY_SETS_PER_ACCOUNT + 1)]
+    with httpx.Client(base_url=net.url, timeout=60) as http:
+        for keys in sets:
+            register_keys(http, keys, key)
+            time.sleep(0.01)  # distinct modification times
+    known = [httpx.get(f"{net.url}/v1/scores/keys/{k.keys_sha256}", headers=mine).status_code
+             for k in sets]
+    assert known == [404] + [200] * KEY_SETS_PER_ACCOUNT  # the oldest was dropped
+    # another account cannot name my keys
+    theirs = sign_up(net)
+    row = base64.b64encode(sets[-1].encrypt(data[0])).decode()
+    r = _score(net, theirs, {"model": LR, "encrypted": {"ciphertext": row,
+                                                        "keys_sha256": sets[-1].keys_sha256}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keys_sha256"
+    # a row outside the card's ranges is refused before it is encrypted: past them the
+    # logit could leave what the ciphertext holds, and no one else can see the row
+    with pytest.raises(InputError, match="range an encrypted row can take"):
+        score_encrypted(net.url, LR, [1e6] * 30, sets[-1], api_key=key)

@@ -177,8 +177,8 @@ def test_check_rows_accepts_good_rows(card, rows: list[list[float]]) -> None:
 @pytest.mark.parametrize("bad, proof, message", [
     ("wrong_count", False, r"row 1 has 29 features; this model takes 30, in the order "
                            r"GET /v1/models/\{id\} lists them"),
-    ("nan", False, r"row 1, feature 3 \('mean area'\) is not a finite number: nan"),
-    ("inf", False, r"row 1, feature 3 \('mean area'\) is not a finite number: inf"),
+    ("nan", False, r"row 1, feature 3 \('mean area'\) is not a finite 32-bit number: nan"),
+    ("inf", False, r"row 1, feature 3 \('mean area'\) is not a finite 32-bit number: inf"),
     ("string", False, r"row 1, feature 3 \('mean area'\) is not a number: '1001'"),
     ("bool", False, r"row 1, feature 3 \('mean area'\) is not a number: True"),
     ("none", False, r"row 1, feature 3 \('mean area'\) is not a number: None"),

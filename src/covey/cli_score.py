@@ -22,13 +22,19 @@ def _rows(inputs: list[str], file: Path | None) -> list[list[float]]:
     texts: list[list[str]] = [text.split(",") for text in inputs]
     if file is not None:
         try:
-            raw = file.read_text()
+            raw = file.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV starts with a BOM
         except OSError as exc:
             err.print(f"[red]error:[/red] --file {file}: {exc.strerror}")
             raise typer.Exit(2) from None
+        except UnicodeDecodeError:
+            err.print(f"[red]error:[/red] --file {file}: not text (CSV or JSON, UTF-8)")
+            raise typer.Exit(2) from None
         if file.suffix == ".json":
             try:
-                texts += [[str(x) for x in row] for row in json.loads(raw)]
+                parsed = json.loads(raw)
+                if not isinstance(parsed, list) or not all(isinstance(r, list) for r in parsed):
+                    raise TypeError("expected [[…], …]")
+                texts += [[str(x) for x in row] for row in parsed]
             except (ValueError, TypeError) as exc:
                 err.print(f"[red]error:[/red] --file {file}: not a JSON list of rows ({exc})")
                 raise typer.Exit(2) from None
@@ -86,6 +92,12 @@ def score(
     from covey.client.scores import score as score_plain
 
     rows = _rows(input or [], file)
+    if save is not None and not save.parent.is_dir():
+        err.print(f"[red]error:[/red] --save {save}: no folder {save.parent} to write it in")
+        raise typer.Exit(2)
+    if keys is not None and keys.is_dir():
+        err.print(f"[red]error:[/red] --keys {keys} is a folder; give a file path")
+        raise typer.Exit(2)
     key = resolve_key(api_key)
     try:
         if encrypted:
@@ -94,11 +106,12 @@ def score(
                           "--proof")
                 raise typer.Exit(2)
             from covey.scoring.he import HEError
+            from covey.scoring.model import InputError
 
             try:
                 value, answer = score_encrypted(url, model, rows[0], load_or_create_keys(
                     keys or DEFAULT_KEYS), api_key=key)
-            except HEError as exc:
+            except (HEError, InputError, OSError) as exc:
                 err.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(1) from None
             scores = [value]
@@ -121,5 +134,10 @@ def score(
               + (f" · proofs verified by the coordinator against vk "
                  f"{answer['proof']['vk_sha256'][:16]}…" if proof else ""))
     if save is not None:
-        save.write_text(json.dumps(answer, indent=1))
+        try:
+            save.write_text(json.dumps(answer, indent=1))
+        except OSError as exc:  # the answer was paid for: print it rather than lose it
+            err.print(f"[red]error:[/red] --save {save}: {exc.strerror}; the answer follows")
+            print(json.dumps(answer))
+            raise typer.Exit(1) from None
         out.print(f"answer saved to {save}")

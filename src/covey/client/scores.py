@@ -76,16 +76,26 @@ def score_encrypted(base_url: str, model: str, row: Sequence[float], keys: Any, 
                     api_key: str | None = None, timeout: float = 300.0
                     ) -> tuple[float, dict[str, Any]]:
     """(the decrypted score, the raw answer) of one row scored on ciphertext, under
-    ``keys`` (:class:`~covey.scoring.he.ClientKeys`; registered first if need be).
+    ``keys`` (:class:`~covey.scoring.he.ClientKeys`; registered first if need be). The row
+    is checked here against the model's card first (its features, and each one's range:
+    outside it the logit could pass what the ciphertext holds, and nobody else can look).
 
     Raises:
+        covey.scoring.model.InputError: the row does not fit the model's card.
         ChatError: an error response.
         covey.scoring.he.HEError: the row does not fit the keys' parameters, or the answer
             does not decrypt.
         httpx.HTTPError: the coordinator cannot be reached.
     """
-    ciphertext = base64.b64encode(keys.encrypt(list(map(float, row)))).decode()
+    from covey.protocol import ScoringCard
+    from covey.scoring.model import check_rows
+
     with httpx.Client(base_url=base_url, timeout=timeout) as http:
+        card = _answer(http.get(f"/v1/models/{model}", headers=_headers(api_key))).get("card")
+        if card is None:
+            raise ChatError(f"'{model}' is not a scoring model", "invalid_value", 400)
+        check_rows(ScoringCard.model_validate(card), [list(row)], encrypted=True)
+        ciphertext = base64.b64encode(keys.encrypt([float(x) for x in row])).decode()
         sha256 = register_keys(http, keys, api_key)
         answer = _answer(http.post("/v1/scores", headers=_headers(api_key), json={
             "model": model, "encrypted": {"ciphertext": ciphertext, "keys_sha256": sha256}}))

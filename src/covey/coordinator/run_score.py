@@ -29,7 +29,6 @@ from typing import Any
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy
-from covey.coordinator.he_keys import KeyStore
 from covey.coordinator.job_faults import MinerFault, miner_error, protocol
 from covey.coordinator.link import Call, MinerLink, TaskRefused
 from covey.coordinator.miners import MinerSession
@@ -44,6 +43,10 @@ log = logging.getLogger("covey.coordinator.run")
 WORK_SLACK_MS = 1000
 """Milliseconds a miner's reported work may exceed the time the coordinator waited for its
 answer (clocks and the send's own delay)."""
+
+KeySource = Callable[[str], bytes]
+"""The evaluation keys of a digest, for the request's account (raises ApiError 400 when it
+has none such)."""
 
 FalseProof = Callable[[MinerSession, Score, Scored, str], None]
 """Told of a miner whose proof did not verify: (its session, the task as sent, its answer,
@@ -63,13 +66,13 @@ class ScoreResult:
 
 
 async def run_score(dispatcher: Dispatcher, task: Score, account: str, policy: FailoverPolicy,
-                    work_bound: int, keys: KeyStore | None = None, verifier: Any = None,
+                    work_bound: int, keys: KeySource | None = None, verifier: Any = None,
                     on_false_proof: FalseProof | None = None,
                     checkable: bool = True) -> ScoreResult:
     """Run ``task`` on a miner of its model, failing over as the module docstring says.
 
-    ``work_bound``: the most milliseconds of work the escrow was sized for; ``keys``: where
-    an encrypted task's evaluation keys are; ``verifier``: the model's
+    ``work_bound``: the most milliseconds of work the escrow was sized for; ``keys``: the
+    account's evaluation keys by digest (an encrypted task's); ``verifier``: the model's
     :class:`~covey.scoring.proofs.ProofVerifier` (needed when ``task.proof``).
 
     Raises:
@@ -114,7 +117,7 @@ async def run_score(dispatcher: Dispatcher, task: Score, account: str, policy: F
 
 
 async def call_score(session: MinerSession, task: Score, stall_timeout: float,
-                     keys: KeyStore | None) -> Scored:
+                     keys: KeySource | None) -> Scored:
     """One miner's answer to ``task`` (a validator's run too), the evaluation keys sent
     first when this session has not had them.
 
@@ -126,14 +129,14 @@ async def call_score(session: MinerSession, task: Score, stall_timeout: float,
 
 
 async def _call(session: MinerSession, task: Score, policy: FailoverPolicy,
-                keys: KeyStore | None) -> Scored:
+                keys: KeySource | None) -> Scored:
     sha256 = task.keys_sha256
     sent_keys = _keys_sent.setdefault(session, set())
     for again in (False, True):
         upload = b""
         if sha256 is not None and sha256 not in sent_keys:
-            assert keys is not None, "an encrypted task needs the key store"
-            upload = await asyncio.to_thread(keys.get, sha256)
+            assert keys is not None, "an encrypted task needs its keys"
+            upload = await asyncio.to_thread(keys, sha256)
         sent = task.model_copy(update={"keys_bytes": len(upload) or None})
         try:
             async with MinerLink(session).call(sent, policy.stall_timeout) as call:

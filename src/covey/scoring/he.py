@@ -64,6 +64,10 @@ SCALE_BITS = 45
 At 2**40 the rotations add a per-key offset of up to 6.6e-6 to the logit; at 2**45, 2.1e-7
 (measured, 30 keys)."""
 SCALE = 2.0**SCALE_BITS
+MAX_ABS_VALUE = 2.0 ** (59 - SCALE_BITS)
+"""Largest |value| a slot holds at the last level (see :data:`SCALE_BITS`): a row whose
+products or logit pass it decrypts to garbage, so a model scores ciphertext only for rows
+inside its card's ranges, where Σ|w_i|·max|x_i| + |b| stays below it."""
 ROTATION_STEPS = (1, 2, 4, 8, 16)
 """The Galois keys made: the steps that sum 32 slots (5 keys, ~3.7 MB; TenSEAL's default,
 every power of two both ways, is 25 keys, ~35 MB)."""
@@ -231,8 +235,12 @@ class ClientKeys:
             fh.write(_KEYFILE_MAGIC + struct.pack(">Q", len(self._public)))
             fh.write(self._public)
             fh.write(secret)
-        os.chmod(tmp, 0o600)  # an older file of that name kept its mode
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, 0o600)  # an older file of that name kept its mode
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # never leave a secret key behind under another name
+            raise
 
     @classmethod
     def load(cls, path: Path | str) -> ClientKeys:

@@ -40,12 +40,19 @@ def is_scoring_folder(path: Path) -> bool:
     return (path / MODEL_FILE).is_file() and (path / CARD_FILE).is_file()
 
 
-def check_rows(card: ScoringCard, rows: Any, proof: bool = False) -> None:
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: the ONNX graph computes in 32-bit floats."""
+
+
+def check_rows(card: ScoringCard, rows: Any, proof: bool = False,
+               encrypted: bool = False) -> None:
     """Check request rows against ``card`` before any work is done.
 
     ``rows``: a sequence of rows, each a sequence of ``len(card.features)`` numbers in the
-    card's order. With ``proof``, at most :data:`MAX_PROOF_ROWS` rows, and each value must
-    lie in the card's range for its feature (the circuit is checked on those ranges).
+    card's order, each within float32's range. With ``proof``, at most
+    :data:`MAX_PROOF_ROWS` rows; with ``proof`` or ``encrypted`` (the client checks its own
+    row before encrypting it), each value must lie in the card's range for its feature: the
+    circuit is checked on those ranges, and CKKS holds the logit of rows inside them.
 
     Raises:
         InputError: the first problem found, naming the row and feature (``param``
@@ -71,14 +78,15 @@ def check_rows(card: ScoringCard, rows: Any, proof: bool = False) -> None:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InputError(f"row {i}, feature {j} ({name!r}) is not a number: "
                                  f"{value!r:.40}", param)
-            if not math.isfinite(value):
-                raise InputError(f"row {i}, feature {j} ({name!r}) is not a finite number: "
-                                 f"{value!r}", param)
-            if proof and card.ranges:
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise InputError(f"row {i}, feature {j} ({name!r}) is not a finite 32-bit "
+                                 f"number: {value!r}", param)
+            if (proof or encrypted) and card.ranges:
                 low, high = card.ranges[j]
                 if not low <= value <= high:
+                    what = "a proof" if proof else "an encrypted row"
                     raise InputError(f"row {i}, feature {j} ({name!r}) is {value!r}, outside "
-                                     f"[{low:g}, {high:g}], the range a proof can take", param)
+                                     f"[{low:g}, {high:g}], the range {what} can take", param)
 
 
 class ScoringModel:

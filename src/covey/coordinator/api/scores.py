@@ -120,7 +120,7 @@ async def scores(body: ScoreRequest, request: Request, account: Account) -> Resp
     keys: KeyStore = serving.score_keys
     encrypted = body.encrypted
     if encrypted is not None:
-        keys.size(encrypted.keys_sha256)  # 400 when not registered
+        keys.size(account, encrypted.keys_sha256)  # 400 when not registered
     task = Score(job_id=new_id("score"), model=body.model,
                  inputs=tuple(tuple(row) for row in body.inputs) if body.inputs else None,
                  proof=body.proof, encrypted=encrypted.ciphertext if encrypted else None,
@@ -134,8 +134,8 @@ async def scores(body: ScoreRequest, request: Request, account: Account) -> Resp
 
     async def work() -> tuple[ScoreResult, Response]:
         result = await serving.billed(task.job_id, account, max_cost, lambda: run_score(
-            serving.dispatcher, task, account, serving.policy, work_bound, keys, verifier,
-            serving.on_false_proof))
+            serving.dispatcher, task, account, serving.policy, work_bound,
+            lambda sha256: keys.get(account, sha256), verifier, serving.on_false_proof))
         return result, JSONResponse(_body(task, result, verifier))
 
     return await answer(serving, request, record, work)
@@ -168,14 +168,15 @@ def _body(task: Score, result: ScoreResult, verifier: Any) -> dict[str, object]:
 @router.post(SCORE_KEYS, openapi_extra={"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def register_keys(request: Request, account: Account) -> dict[str, object]:
-    """Register evaluation keys (the body: the serialized public TenSEAL context,
-    ``application/octet-stream``); answers their ``keys_sha256``. Registering the same keys
-    again is harmless."""
+    """Register evaluation keys for this account (the body: the serialized public TenSEAL
+    context, ``application/octet-stream``); answers their ``keys_sha256``. Registering the
+    same keys again is harmless; an account keeps its last few sets
+    (:data:`~covey.coordinator.he_keys.KEY_SETS_PER_ACCOUNT`)."""
     import asyncio
 
     serving: Serving = request.app.state.serving
     data = await request.body()
-    sha256 = await asyncio.to_thread(serving.score_keys.put, data)
+    sha256 = await asyncio.to_thread(serving.score_keys.put, account, data)
     return {"object": "score.keys", "keys_sha256": sha256, "bytes": len(data)}
 
 
@@ -186,7 +187,7 @@ async def keys_registered(keys_sha256: str, request: Request, account: Account
     client uploads its keys only once."""
     serving: Serving = request.app.state.serving
     try:
-        size = serving.score_keys.size(keys_sha256)
+        size = serving.score_keys.size(account, keys_sha256)
     except ApiError as exc:
         raise ApiError(404, exc.message, code="keys_not_found",
                        param="keys_sha256") from None

@@ -31,7 +31,7 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import Outcome, ScoreAnswer
 from covey.coordinator.router import Dispatcher
-from covey.coordinator.run_score import call_score
+from covey.coordinator.run_score import KeySource, call_score
 from covey.coordinator.verify.embeddings import MAX_PENDING_CHECKS
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
 from covey.coordinator.verify.validators import NoVerdict, SampledChecks, validator
@@ -133,14 +133,16 @@ class ScoreVerification(SampledChecks):
     async def _recheck_score(self, outcome: Outcome, answer: ScoreAnswer
                              ) -> tuple[Verdict, str | None]:
         assert outcome.miner_id is not None
-        trusted, validator_id = await self._validator_score(answer.sent, [outcome.miner_id])
+        trusted, validator_id = await self._validator_score(answer.sent, [outcome.miner_id],
+                                                            outcome.account)
         if answer.encrypted is not None:
             return judge_ciphertext(trusted.encrypted or "", answer.encrypted), validator_id
         return judge_scores(trusted.outputs or (), answer.outputs or ()), validator_id
 
-    async def _validator_score(self, task: Score, exclude: Sequence[str]
+    async def _validator_score(self, task: Score, exclude: Sequence[str], account: str = ""
                                ) -> tuple[Scored, str]:
-        """``task`` (a fresh id, pinned weights) on a validator not in ``exclude``.
+        """``task`` (a fresh id, pinned weights) on a validator not in ``exclude``; an
+        encrypted task's keys are ``account``'s.
 
         Raises:
             ScoreUnavailable: none is free within the timeout, or it failed.
@@ -148,8 +150,9 @@ class ScoreVerification(SampledChecks):
         async with validator(self.dispatcher, task.model, task.model_sha256, exclude,
                              self.policy.timeout, ScoreUnavailable) as session:
             again = task.model_copy(update={"job_id": new_id("chk"), "proof": False})
-            return await _score_on(session, again, self.policy.timeout,
-                                   self.score_keys), session.miner_id
+            store = self.score_keys
+            keys = None if store is None else lambda sha256: store.get(account, sha256)
+            return await _score_on(session, again, self.policy.timeout, keys), session.miner_id
 
     def _score_judgeable(self, offer: ModelOffer, miner_id: str) -> bool:
         """A scoring trial can be judged when another miner serves the same weights."""
@@ -176,7 +179,7 @@ class ScoreVerification(SampledChecks):
 
 
 async def _score_on(session: MinerSession, task: Score, timeout: float,
-                    keys: KeyStore | None) -> Scored:
+                    keys: KeySource | None) -> Scored:
     """``task``'s answer from ``session`` (a trial or a validator's run).
 
     Raises:

@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import math
 import multiprocessing
 import time
 from collections import OrderedDict
@@ -67,10 +68,19 @@ class OnnxScoringBackend(ScoringBackend):
             proof_vk = hashlib.sha256((setup / "vk.key").read_bytes()).hexdigest()
         card = self.model.card
         if self._linear is not None and _he_available():
-            from covey.scoring.he import ERROR_BOUND, check_model
+            from covey.scoring.he import ERROR_BOUND, MAX_ABS_VALUE, check_model
 
-            try:  # the scheme's bounds: features per row, weights' size
-                self._linear = (check_model(*self._linear), self._linear[1])
+            try:  # the scheme's bounds: features per row, weights' size, the logit's reach
+                weights, bias = check_model(*self._linear), self._linear[1]
+                ranges = card.ranges
+                if len(ranges) != len(weights):
+                    raise ValueError("its card gives no range per feature")
+                reach = sum(abs(w) * max(abs(lo), abs(hi))
+                            for w, (lo, hi) in zip(weights, ranges, strict=True)) + abs(bias)
+                if reach >= MAX_ABS_VALUE:
+                    raise ValueError(f"rows in the card's ranges reach a logit of {reach:g}; "
+                                     f"ciphertext holds values below {MAX_ABS_VALUE:g}")
+                self._linear = (weights, bias)
             except ValueError as exc:
                 log.info("%s scores plain rows only: %s", name, exc)
                 self._linear = None
@@ -100,6 +110,13 @@ class OnnxScoringBackend(ScoringBackend):
             raise BackendError("invalid_value", str(exc), exc.param) from None
         if not task.proof:
             outputs = await asyncio.to_thread(self.model.predict, rows)
+            for i, value in enumerate(outputs):
+                if not math.isfinite(value):
+                    # float32 overflows (inf - inf in a layer): the request's values, not the
+                    # miner, are at fault, and JSON could not carry the NaN anyway
+                    raise BackendError("invalid_value", f"Row {i} gives no finite score: its "
+                                       "values overflow the model's 32-bit arithmetic.",
+                                       f"inputs[{i}]")
             return Scored(job_id=task.job_id, rows=len(rows), outputs=tuple(outputs))
         if self._setup is None:
             raise BackendError("proof_unavailable", f"This miner holds no proving key for "
