@@ -7,6 +7,7 @@ that finds none of an encrypted row's values."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -66,11 +67,11 @@ def _predict(home: Path, name: str, rows: list[list[float]]) -> list[float]:
     return ScoringModel.load(home / name).predict(rows)
 
 
-@pytest.fixture(scope="module")
-def net(scoring_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    tmp = tmp_path_factory.mktemp("scores")
-    net = Network(tmp, "--proof-setup", f"{MLP}={scoring_home / MLP / 'proof'}",
-                  "--record-traffic", str(tmp / "traffic.log"))
+@contextlib.contextmanager
+def scoring_network(tmp: Path, home: Path, *coordinator_args: str) -> Iterator[Network]:
+    """A coordinator that checks the MLP's proofs (setup in ``home``) and one miner of both
+    bundled models."""
+    net = Network(tmp, "--proof-setup", f"{MLP}={home / MLP / 'proof'}", *coordinator_args)
     try:
         net.add_miner("--model", LR, "--model", MLP, wait=False)
         net.wait_miners(1, LR, timeout=120)
@@ -78,6 +79,13 @@ def net(scoring_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield net
     finally:
         net.close()
+
+
+@pytest.fixture(scope="module")
+def net(scoring_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    tmp = tmp_path_factory.mktemp("scores")
+    with scoring_network(tmp, scoring_home, "--record-traffic", str(tmp / "traffic.log")) as net:
+        yield net
 
 
 def _score(net: Network, headers: dict[str, str], body: dict, timeout: float = 120

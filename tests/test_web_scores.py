@@ -30,15 +30,9 @@ MALIGNANT, BENIGN = 0, 19  # rows of the data set the page's example buttons fil
 def net(scoring_home: Path, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[Network]:
     """A coordinator that checks the MLP's proofs and a miner of both bundled models."""
-    tmp = tmp_path_factory.mktemp("web-scores")
-    net = Network(tmp, "--proof-setup", f"{MLP}={scoring_home / MLP / 'proof'}")
-    try:
-        net.add_miner("--model", LR, "--model", MLP, wait=False)
-        net.wait_miners(1, LR, timeout=120)
-        net.wait_miners(1, MLP, timeout=120)
+    with test_scores.scoring_network(tmp_path_factory.mktemp("web-scores"), scoring_home
+                                     ) as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture(scope="module")

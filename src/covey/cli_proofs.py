@@ -33,11 +33,8 @@ def verify_cmd(
     except (OSError, ValueError) as exc:
         err.print(f"[red]error:[/red] cannot read {answer} as JSON: {exc}")
         raise typer.Exit(2) from exc
-    try:
-        from covey.scoring.proofs import ProofError, verify_answer
-    except ImportError as exc:  # pragma: no cover - the package itself is always there
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    from covey.scoring.proofs import ProofError, verify_answer
+
     try:
         scores = verify_answer(data, vk, settings=settings, srs=srs)
     except ImportError as exc:

@@ -10,6 +10,7 @@ one); everything is checked before a miner sees it, so a bad request costs nothi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,6 @@ async def register_keys(request: Request, account: Account) -> dict[str, object]
     context, ``application/octet-stream``); answers their ``keys_sha256``. Registering the
     same keys again is harmless; an account keeps its last few sets
     (:data:`~covey.coordinator.he_keys.KEY_SETS_PER_ACCOUNT`)."""
-    import asyncio
-
     serving: Serving = request.app.state.serving
     data = await request.body()
     sha256 = await asyncio.to_thread(serving.score_keys.put, account, data)

@@ -84,7 +84,9 @@ class OnnxScoringBackend(ScoringBackend):
             except ValueError as exc:
                 log.info("%s scores plain rows only: %s", name, exc)
                 self._linear = None
-        error = ERROR_BOUND if self._linear is not None and _he_available() else None
+        else:
+            self._linear = None  # no TenSEAL here: plain and proved rows only
+        error = ERROR_BOUND if self._linear is not None else None
         card = card.model_copy(update={"encrypted_error": error})
         sha256 = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
         self.offer = ModelOffer(name=name, sha256=sha256, context_length=len(card.features),
@@ -149,7 +151,7 @@ class OnnxScoringBackend(ScoringBackend):
             self._pool.shutdown(cancel_futures=True)
 
     async def _encrypted(self, task: Score, keys: bytes | None) -> Scored:
-        if self._linear is None or not _he_available():
+        if self._linear is None:
             raise BackendError("encrypted_unsupported", f"{task.model!r} cannot score "
                                "encrypted rows (only linear models can).", "encrypted")
         from covey.scoring.he import HEError, score_encrypted
