@@ -11,7 +11,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[llama,embed,audio,image,score,test]'
+	$(PY) -m pip install -q -e '.[llama,embed,audio,image,score,shard,test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +26,7 @@ test: install lint
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m pip install -q -e '.[llama,embed,audio,image,score,bench]'
+	$(PY) -m pip install -q -e '.[llama,embed,audio,image,score,shard,bench]'
 	$(PY) bench/overhead.py
 
 # Refresh the web page's pinned libraries (libsodium, marked, DOMPurify; axe-core for the

@@ -204,18 +204,31 @@ def miner(
     ask_completion: Annotated[int, typer.Option(min=0, help="Asking price, µcr per 1M "
                                                 "completion tokens.")] = 0,
     backend: Annotated[str, typer.Option(
-        help="auto (llama.cpp for a GGUF file; sentence-transformers, diffusers, "
-             "faster-whisper or hibari by a model folder's files), or synthetic: "
+        help="auto (llama.cpp for a GGUF file, transformers with --blocks; "
+             "sentence-transformers, diffusers, faster-whisper or hibari by a model "
+             "folder's files), transformers (the model as one shard), or synthetic: "
              "deterministic filler text with no model, for load tests only (served as "
              "--name, default 'synthetic').")] = "auto",
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Synthetic backend: tokens per second per job (0: unthrottled).")] = 50.0,
+    blocks: Annotated[str | None, typer.Option(
+        help="Serve a shard: blocks START:END of the model (e.g. 0:15; 15: runs to the "
+             "last block), on the transformers backend. The coordinator chains shards "
+             "that together hold the whole model.")] = None,
+    activations: Annotated[str, typer.Option(
+        help="A shard's hidden states on the wire: float32, float16 or bfloat16 (half "
+             "the bytes).")] = "float32",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     log_format: LogFormat = "text",
 ) -> None:
     """Run a miner: serve models to a coordinator, connecting out (works behind NAT)."""
     from covey.miner.agent import HelloRefused, MinerAgent
-    from covey.miner.backends.registry import BUILDERS, BackendUnavailable, ModelSettings
+    from covey.miner.backends.registry import (
+        BUILDERS,
+        BackendUnavailable,
+        ModelSettings,
+        parse_blocks,
+    )
     from covey.miner.models import ModelNotFound
     from covey.protocol.identity import IdentityError, load_or_create
 
@@ -229,10 +242,18 @@ def miner(
         err.print("[red]error:[/red] --name names one model; serve several models under "
                   "their own names")
         raise typer.Exit(2)
+    try:
+        shard = parse_blocks(blocks) if blocks is not None else None
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if shard is not None and backend == "auto":
+        backend = "transformers"
     base = ModelSettings(name or "synthetic", slots=slots, ctx=ctx, threads=threads,
                          gpu_layers=gpu_layers, stream_interval=stream_interval,
                          ask_prompt=ask_prompt, ask_completion=ask_completion,
-                         tokens_per_second=tokens_per_second)
+                         tokens_per_second=tokens_per_second, blocks=shard,
+                         activations=activations)
     served: list[Backend] = []
     try:
         signing_key = load_or_create(key or data_dir / "miner.key")

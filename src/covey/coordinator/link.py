@@ -9,7 +9,9 @@ Jobs, trials, re-checks, tokenize and embeddings all go through it; nothing else
 miner's socket or its mailbox (``tests/test_layout.py`` keeps it so).
 
 A link is local today (the miner's socket is on this coordinator); a link to a miner on
-another replica, or a chain of miners holding a model's shards, is the same interface.
+another replica is the same interface. A chain of shards (:mod:`covey.coordinator.chain`)
+calls each of its miners through this link, one ``forward`` step at a time, in binary
+frames.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ from covey.protocol import (
     Transcribed,
     encode_frame,
 )
+from covey.protocol.shard import Forward, Forwarded, encode_binary
 
-Request = Generate | Embed | Transcribe | Speak | Paint | Score | Check | Tokenize
+Request = Generate | Embed | Transcribe | Speak | Paint | Score | Check | Tokenize | Forward
 """What a call carries: a task, or a verification or tokenizer request."""
 
-_LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted, Scored)
+_LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted, Scored, Forwarded)
 """Replies that end a call (an ``error`` ends it too, raised as :class:`TaskRefused`)."""
 
 
@@ -95,7 +98,7 @@ class Call:
         self.stall_timeout = stall_timeout
         self.finished = False
         """True once the miner sent the task's last reply (or its error)."""
-        self._queue: asyncio.Queue[Reply | object] = asyncio.Queue()
+        self._queue: asyncio.Queue[Reply | Forwarded | object] = asyncio.Queue()
         self._open = False
 
     async def open(self) -> None:
@@ -105,7 +108,8 @@ class Call:
             ApiError: 400, text JSON cannot carry.
             MinerFault: ``disconnected``, the socket died under the send.
         """
-        frame = encode_task(self.task)
+        frame: str | bytes = (encode_binary(self.task) if isinstance(self.task, Forward)
+                              else encode_task(self.task))
         session = self.session
         if session.closed:
             raise gone()
@@ -114,7 +118,10 @@ class Call:
         try:
             if not session.welcomed.is_set():
                 await session.welcomed.wait()
-            await session.websocket.send_text(frame)
+            if isinstance(frame, bytes):
+                await session.websocket.send_bytes(frame)
+            else:
+                await session.websocket.send_text(frame)
         except Exception as exc:  # any transport's error: the socket died
             self.close()
             raise gone() from exc
@@ -140,15 +147,15 @@ class Call:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    def __aiter__(self) -> AsyncIterator[Reply]:
+    def __aiter__(self) -> AsyncIterator[Reply | Forwarded]:
         return self
 
-    async def __anext__(self) -> Reply:
+    async def __anext__(self) -> Reply | Forwarded:
         if self.finished:
             raise StopAsyncIteration
         return await self.next()
 
-    async def next(self) -> Reply:
+    async def next(self) -> Reply | Forwarded:
         """The next reply that matters (see the class docstring for what it raises)."""
         while True:
             try:
@@ -192,6 +199,8 @@ class Call:
                 return isinstance(item, Painted)
             case Score():
                 return isinstance(item, Scored)
+            case Forward():
+                return isinstance(item, Forwarded)
         return False  # pragma: no cover - the union is closed
 
     def close(self) -> None:
@@ -215,6 +224,12 @@ class MinerLink:
     def miner_id(self) -> MinerId:
         """The miner's id (its hex public key)."""
         return self.session.miner_id
+
+    def end_session(self, session: str) -> None:
+        """Tell a shard miner that chain session ``session`` ended (it frees the KV
+        cache); nothing when the miner is gone."""
+        if not self.session.closed:
+            self.session.send_soon(Cancel(job_id=session))
 
     def call(self, task: Request, stall_timeout: float = 30.0) -> Call:
         """A call carrying ``task``; ``async with`` it to send, iterate it for the replies."""

@@ -33,6 +33,7 @@ from covey.protocol import (
 )
 from covey.protocol.frames import _Frame
 from covey.protocol.sealing import SealingError, verify_route
+from covey.protocol.shard import Forwarded, decode_binary
 
 log = logging.getLogger("covey.coordinator.miners")
 
@@ -87,11 +88,20 @@ class MinerSession:
         return not self.closed and self.busy.get(model, 0) < self.slots_for(model)
 
     def offer(self, model: str) -> ModelOffer | None:
-        """The miner's offer for ``model``, or None when it does not serve it (or may not
-        yet: held for a trial, or refused after failing one)."""
+        """The miner's offer for ``model``, or None when it does not serve it whole (or
+        may not yet: held for a trial, or refused after failing one). A shard of the model
+        is not an offer of it: see :meth:`shard_offer`."""
         if model in self.held or model in self.refused:
             return None
-        return self.claim(model)
+        offer = self.claim(model)
+        return offer if offer is not None and offer.shard is None else None
+
+    def shard_offer(self, model: str) -> ModelOffer | None:
+        """The miner's offer of a shard (block range) of ``model``, or None."""
+        if model in self.held or model in self.refused:
+            return None
+        offer = self.claim(model)
+        return offer if offer is not None and offer.shard is not None else None
 
     def claim(self, model: str) -> ModelOffer | None:
         """What the miner's hello says about ``model``, trial or no trial."""
@@ -269,18 +279,20 @@ async def serve_miner(
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            raw = message.get("text") or message.get("bytes") or b""
             session.last_seen = time.monotonic()
             try:
-                frame = decode_frame(raw)
-            except ValidationError:
+                # Binary messages are shard steps' answers (tensors as raw bytes).
+                data = message.get("bytes")
+                frame = decode_binary(data) if data is not None else decode_frame(
+                    message.get("text") or "")
+            except ValueError:  # pydantic's ValidationError is one
                 log.warning("miner %s sent a malformed frame; disconnecting", session.miner_id[:16])
                 registry.evictions("malformed_frame")
                 await _close(ws, CLOSE_BAD_DATA, "malformed frame")
                 return
             if isinstance(frame, Heartbeat):
                 continue
-            if isinstance(frame, Reply):
+            if isinstance(frame, Reply | Forwarded):
                 queue = session.jobs.get(frame.job_id)
                 if queue is not None:  # late frames of a cancelled job are dropped
                     queue.put_nowait(frame)

@@ -113,6 +113,14 @@ Answer = TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswe
 
 
 @dataclass(frozen=True)
+class Share:
+    """One shard miner's part of a sharded model's answer: ``blocks`` it ran."""
+
+    miner_id: MinerId
+    blocks: int
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One request's end (see the module docstring).
 
@@ -122,7 +130,8 @@ class Outcome:
     tiles); ``receipt``: the finishing miner's receipt and signature when it checked
     out; ``fault``: why that miner's usage report is false (nobody is paid, the verifier
     punishes); ``checkable``: the client allows a re-check; ``answer``: what a validator
-    re-checks (None when nothing finished).
+    re-checks (None when nothing finished); ``shares``: a sharded model's chain, each
+    shard paid its share of the blocks (empty: ``miner_id`` is paid).
     """
 
     job_id: JobId
@@ -138,12 +147,14 @@ class Outcome:
     failovers: int = 0
     checkable: bool = True
     answer: Answer | None = None
+    shares: tuple[Share, ...] = ()
 
 
 @dataclass(frozen=True)
 class Charge:
     """Close the escrow of ``job_id``: the miner earns ``amount`` µcr (less the protocol
-    fee), the rest goes back to ``account``; ``usage`` and ``receipt`` are stored with it."""
+    fee), the rest goes back to ``account``; ``usage`` and ``receipt`` are stored with it.
+    ``shares`` (miner id, blocks) splits the miners' part among a chain of shards."""
 
     job_id: JobId
     account: str
@@ -151,6 +162,7 @@ class Charge:
     amount: int
     usage: UsageRecord
     receipt: tuple[Receipt, str] | None = None
+    shares: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,11 +183,13 @@ def settle(outcome: Outcome, price: Price) -> LedgerOp:
     Nobody is paid when no miner served the request, when the miners failed, or when the
     finishing miner's usage report was false (a failed check, DESIGN.md, Trust). Otherwise
     the miner that finished earns the cost of the units delivered; after a failover the
-    user still pays once, to that miner, which evaluated the whole prompt itself.
+    user still pays once, to that miner, which evaluated the whole prompt itself. A
+    sharded model's answer pays the chain that finished it, each shard for its share of
+    the blocks (a shard replaced mid-answer is paid nothing, like a failed-over miner).
     """
     if outcome.miner_id is None or outcome.ending == "failed" or outcome.fault is not None:
         return Refund(outcome.job_id, outcome.account)
     return Charge(outcome.job_id, outcome.account, outcome.miner_id,
                   cost(price, outcome.prompt_tokens, outcome.completion_tokens),
                   UsageRecord(outcome.model, outcome.prompt_tokens, outcome.completion_tokens),
-                  outcome.receipt)
+                  outcome.receipt, tuple((s.miner_id, s.blocks) for s in outcome.shares))

@@ -31,6 +31,7 @@ from covey.miner.backends.base import (
     BackendError,
     Capability,
     EmbeddingBackend,
+    ShardBackendBase,
     TextBackend,
 )
 from covey.miner.hardware import detect_hardware
@@ -71,6 +72,7 @@ from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
 from covey.protocol.receipts import billed_units, billed_work, request_digest, sign_receipt
 from covey.protocol.sealing import SealingError, open_job, seal_delta, sign_box_key
+from covey.protocol.shard import Forward, decode_binary, encode_binary
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
@@ -190,9 +192,11 @@ class MinerAgent(MediaTasks):
                 log.warning("connection to %s lost (%s)", self.url, exc)
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 log.warning("cannot reach %s: %s", self.url, exc)
-            except ValidationError as exc:
+            except ValueError as exc:  # pydantic's ValidationError, or a bad binary frame
+                what = (exc.errors()[0].get("msg") if isinstance(exc, ValidationError)
+                        else str(exc))
                 log.warning("coordinator sent a frame this miner does not understand (%s); "
-                            "reconnecting", exc.errors()[0].get("msg"))
+                            "reconnecting", what)
             finally:
                 self._ws = None
                 await self._cancel_all()
@@ -235,9 +239,12 @@ class MinerAgent(MediaTasks):
         beat = asyncio.create_task(self._heartbeat(ws, welcome.heartbeat_interval))
         try:
             async for raw in ws:
-                frame = decode_frame(raw)
+                # Binary messages are shard steps (tensors as raw bytes); text is JSON.
+                frame = decode_binary(raw) if isinstance(raw, bytes) else decode_frame(raw)
                 work: Coroutine[object, object, None]
                 match frame:
+                    case Forward():
+                        work = self._forward(ws, frame)
                     case Generate():
                         work = self._run_job(ws, frame)
                     case Embed():
@@ -269,6 +276,10 @@ class MinerAgent(MediaTasks):
                         running = self._jobs.get(frame.job_id)
                         if running is not None:
                             running.cancel()
+                        else:  # a chain session that ended: free its cache
+                            for backend in self.backends.values():
+                                if isinstance(backend, ShardBackendBase):
+                                    backend.drop(frame.job_id)
                         continue
                     case _:
                         continue
@@ -381,6 +392,14 @@ class MinerAgent(MediaTasks):
             raise BackendError("invalid_value", f"the text has {len(ids)} tokens; at most "
                                f"{MAX_TOKENIZE_IDS} can be returned", "text")
         await self._send(ws, Tokens(job_id=frame.job_id, token_ids=tuple(ids)))
+
+    async def _forward(self, ws: ClientConnection, task: Forward) -> None:
+        """Run one step of a chain session on this miner's shard; answer in binary."""
+        backend = self._backend(task.model, task.model_sha256, "forward")
+        assert isinstance(backend, ShardBackendBase)
+        reply = await backend.forward(task)
+        async with self._send_lock:
+            await ws.send(encode_binary(reply))
 
     async def _embed(self, ws: ClientConnection, task: Embed) -> None:
         """Run an ``embed`` task and send its vectors with a signed receipt."""

@@ -37,15 +37,16 @@ from covey.protocol.wire import (
     MinerId,
     Receipt,
     Sha256Hex,
+    ShardRange,
     TokenId,
     _Frame,
 )
 
 __all__ = ["AudioChunk", "Base64", "Embed", "Embedded", "JobId", "KeyChunk", "MinerId", "Paint",
            "Painted", "Receipt", "Score", "Scored", "ScoringCard", "Segment", "Sha256Hex",
-           "Speak", "SpeechChunk", "Spoken", "TokenId", "Transcribe", "Transcribed"]
+           "ShardRange", "Speak", "SpeechChunk", "Spoken", "TokenId", "Transcribe", "Transcribed"]
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 class Hardware(_Frame):
     """What the miner runs on: logical CPUs, RAM in bytes, GPU names (empty when none)."""
@@ -98,6 +99,10 @@ class ModelOffer(_Frame):
     proof_vk: Sha256Hex | None = None
     """A scoring model the miner proves answers of: the SHA-256 of the verifying key its
     proving key belongs to (None: no proofs)."""
+    shard: ShardRange | None = None
+    """A sharded model's block range this miner holds (None: the whole model). A shard
+    takes :class:`~covey.protocol.shard.Forward` tasks only; the coordinator chains
+    shards that together cover the model (:mod:`covey.protocol.shard`)."""
     private: bool = False
     """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
     carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""

@@ -202,8 +202,26 @@ class ModelPrice(BaseModel):
     per: int = 1_000_000
 
 
+class ShardHolder(BaseModel):
+    """A live miner holding blocks ``[start, end)`` of a sharded model."""
+
+    miner: str
+    start: int
+    end: int
+
+
+class ModelShards(BaseModel):
+    """How a sharded model is held: its ``total`` blocks, the live shards, and the
+    ``missing`` block ranges ``[start, end)`` no live miner holds (empty: complete)."""
+
+    total: int
+    held: list[ShardHolder]
+    missing: list[tuple[int, int]]
+
+
 class ModelCard(BaseModel):
-    """One entry of ``GET /v1/models``; ``miners`` is how many live miners serve it."""
+    """One entry of ``GET /v1/models``; ``miners`` is how many live miners serve it (a
+    sharded model: how many hold a shard of it)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -221,9 +239,10 @@ class ModelCard(BaseModel):
     sizes: list[str] | None = None
     """An image model's sizes, ``WIDTHxHEIGHT``, the default first (None for other
     kinds)."""
-    status: Literal["up", "trial", "offline"] = "up"
+    status: Literal["up", "trial", "offline", "incomplete"] = "up"
     """``up``: live miners serve it; ``trial``: miners offer it but are still on their
-    trial; ``offline``: no live miner offers it."""
+    trial; ``offline``: no live miner offers it; ``incomplete``: a sharded model some of
+    whose blocks no live miner holds (``shards.missing``)."""
     miners_on_trial: int = 0
     """Live miners that offer the model and await their trial."""
     price: ModelPrice | None = None
@@ -243,6 +262,9 @@ class ModelCard(BaseModel):
     owner's before trusting ``covey proofs verify``)."""
     encrypted: bool = False
     """A scoring model that scores encrypted rows (``"encrypted"``)."""
+    shards: ModelShards | None = None
+    """A sharded model, served by a chain of miners each holding a block range (None for
+    a model miners serve whole)."""
 
 
 class ModelList(BaseModel):

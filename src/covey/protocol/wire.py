@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, NewType
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MinerId = NewType("MinerId", str)
 """Hex Ed25519 public key of a miner (64 hex characters)."""
@@ -25,6 +25,43 @@ class _Frame(BaseModel):
     """Base of every frame: immutable, and an unknown field is an error."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ShardRange(_Frame):
+    """A contiguous range of a model's decoder blocks, ``[start, end)`` of ``total``.
+
+    The shard holding block 0 also holds the token embeddings; the one ending at ``total``
+    the final norm and the LM head (it samples). Petals and exo split models the same way.
+    """
+
+    start: int = Field(ge=0, lt=2**16)
+    end: int = Field(ge=1, le=2**16)
+    total: int = Field(ge=1, le=2**16)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShardRange:
+        if not self.start < self.end <= self.total:
+            raise ValueError(f"blocks {self.start}:{self.end} are not a range within "
+                             f"0:{self.total}")
+        return self
+
+    @property
+    def first(self) -> bool:
+        """Holds the embeddings (block 0)."""
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        """Holds the LM head (the model's last block)."""
+        return self.end == self.total
+
+    @property
+    def size(self) -> int:
+        """Blocks in the range."""
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
 
 
 class Receipt(_Frame):

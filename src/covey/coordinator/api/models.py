@@ -8,11 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from covey.coordinator.chain import shard_sessions, shard_status
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
 from covey.protocol import ModelOffer
-from covey.protocol.openai import ModelCard, ModelList, ModelPrice
+from covey.protocol.openai import ModelCard, ModelList, ModelPrice, ModelShards, ShardHolder
 
 router = APIRouter()
 
@@ -28,7 +29,8 @@ async def list_models(request: Request) -> ModelList:
     kind (chat, embedding, transcription, speech, image, scoring) and, by kind, its
     vectors' dimensions, its voices, its image sizes or its scoring card; for the catalog
     also its ``status``, miners awaiting a trial, ``price`` and measured speed (TTFT in
-    seconds, decode tokens/s)."""
+    seconds, decode tokens/s); a sharded model's ``shards``: which miner holds which
+    blocks, and the blocks missing (its status is then ``incomplete``)."""
     return ModelList(data=_cards(request))
 
 
@@ -57,11 +59,22 @@ def _cards(request: Request) -> list[ModelCard]:
     for name in on_trial.keys() - known.keys():  # offered, but only by miners on trial
         held = registry.announced(name)
         known[name] = (0, held.context_length if held else 0)
+    sharded = {name: status for name in {o.name for s in registry.sessions.values()
+                                         if not s.closed for o in s.hello.models
+                                         if o.shard is not None}
+               if (status := shard_status(registry, name)) is not None}
+    for name, status in sharded.items():
+        if known.get(name, (0, 0))[0] == 0:
+            offer = registry.announced(name)
+            known[name] = (len(status.shards), offer.context_length if offer else 0)
     cards = []
     for name, (miners, ctx) in sorted(known.items()):
         offer = registry.announced(name)
         kind = offer.kind if offer else "chat"
         offers = [o for s in registry.serving(name) if (o := s.offer(name)) is not None]
+        shards = sharded.get(name) if not offers else None
+        if shards is not None:
+            offers = [o for _, o in shard_sessions(registry, name)]
         price = billing.price(name, offers or ([offer] if offer else []))
         speed = speeds.get(name)
         cards.append(ModelCard(
@@ -71,7 +84,11 @@ def _cards(request: Request) -> list[ModelCard]:
             dimensions=offer.dimensions if offer else None,
             voices=list(offer.voices) if offer and offer.voices else None,
             sizes=list(offer.sizes) if offer and offer.sizes else None,
-            status="up" if miners else "trial" if on_trial[name] else "offline",
+            status=("incomplete" if shards is not None and not shards.complete
+                    else "up" if miners else "trial" if on_trial[name] else "offline"),
+            shards=None if shards is None else ModelShards(
+                total=shards.total, missing=list(shards.missing),
+                held=[ShardHolder(miner=m, start=a, end=b) for m, a, b in shards.shards]),
             miners_on_trial=on_trial[name],
             price=ModelPrice(prompt=price.prompt, completion=price.completion,
                              unit=UNITS.get(kind, "tokens")),

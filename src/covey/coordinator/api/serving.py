@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
+from covey.coordinator.chain import shard_sessions, shard_status, start_chain
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.jobs import RunningJob, Sealer, start_job
@@ -242,6 +243,9 @@ class Serving:
                      sealer: Sealer | None, text: bool) -> tuple[RunningJob, Formatter]:
         account = record.account
         encode_task(job)  # text JSON cannot carry is a 400 here, before any credit moves
+        if not self.dispatcher.registry.serving(job.model) and shard_status(
+                self.dispatcher.registry, job.model) is not None:
+            return await self._start_chain(job, chat, record, sealer)
         self.dispatcher.check(job.model)
         offers = self.offers(job.model)
         self.refuse_unservable(job, offers, text)
@@ -269,6 +273,48 @@ class Serving:
                      fingerprint=fingerprint(running))
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
         return running, fmt
+
+    async def _start_chain(self, job: Generate, chat: bool, record: RequestRecord,
+                           sealer: Sealer | None) -> tuple[RunningJob, Formatter]:
+        """Hold the maximum cost and start ``job`` on a chain of shards (a sharded
+        model: :mod:`covey.coordinator.chain`).
+
+        Raises:
+            ApiError: 400 for what a chain cannot serve (a sealed request, a watermark,
+                token ids), 503 when the model is incomplete, 402, 429, a shard's 400.
+        """
+        refused = ("a sealed request (each shard would need the prompt or sees the "
+                   "answer's hidden states)" if sealer is not None
+                   else "a watermark" if job.params.watermark
+                   else "prompt token ids" if job.prompt_ids is not None else None)
+        if refused is not None:
+            raise ApiError(400, f"'{job.model}' is a sharded model, served by a chain of "
+                           f"miners; it cannot take {refused}.", code="invalid_value",
+                           param="model")
+        offers = [o for _, o in shard_sessions(self.dispatcher.registry, job.model)]
+        _, _, max_cost, _ = self.quote(job, offers)
+        account = record.account
+        hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
+        try:
+            await asyncio.shield(hold)
+        except asyncio.CancelledError:
+            self.billing.refund_after(hold, job.job_id, account)
+            raise
+        try:
+            running = await start_chain(
+                job, self.dispatcher.registry, self.dispatcher.scores, account, self.policy,
+                self._on_close(record, record.stream),  # type: ignore[arg-type]
+                lambda reason: self.metrics.failovers.labels(job.model, reason).inc())
+        except ApiError:
+            await self.billing.refund(job.job_id, account)
+            raise
+        except BaseException:
+            self.billing.refund(job.job_id, account)
+            raise
+        meta = Meta(id=job.job_id, created=int(time.time()), model=job.model,
+                    fingerprint=fingerprint(running))  # type: ignore[arg-type]
+        fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
+        return running, fmt  # type: ignore[return-value]
 
     async def complete(self, running: RunningJob, fmt: Formatter) -> ChatCompletion | Completion:
         """Collect the whole answer (non-streaming)."""

@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,7 +20,7 @@ from sqlalchemy import Table, func, literal_column, select
 from covey.coordinator.ledger import keys
 from covey.coordinator.ledger.invites import claim
 from covey.coordinator.ledger.keys import KeyInfo, hash_key
-from covey.coordinator.ledger.pricing import Settlement, settle
+from covey.coordinator.ledger.pricing import Settlement, settle, split
 from covey.coordinator.ledger.schema import api_keys, balances, receipts, transfers, usage
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 from covey.protocol.receipts import Receipt, countersign
@@ -185,19 +185,24 @@ class Bank:
 
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
                record: UsageRecord | None = None,
-               receipt: tuple[Receipt, str] | None = None) -> Settlement | None:
+               receipt: tuple[Receipt, str] | None = None,
+               shares: Sequence[tuple[str, int]] = ()) -> Settlement | None:
         """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
         and store ``record`` and the miner's ``receipt`` (with its signature; the
-        coordinator countersigns it here) in the same transaction. Returns the split, or
-        None when the escrow was already closed (a second call changes nothing).
+        coordinator countersigns it here) in the same transaction. ``shares`` (miner id,
+        blocks) splits the miners' pay among a sharded model's chain instead, in
+        proportion (:func:`~covey.coordinator.ledger.pricing.split`). Returns the split,
+        or None when the escrow was already closed (a second call changes nothing).
         """
         box = escrow(job_id)
         result: list[Settlement] = []
+        payees = [m for m, _ in shares] or [miner_id]
 
         def make(bal: Mapping[str, int]) -> list[Transfer]:
             s = settle(bal.get(box, 0), charge, self.policy.fee_bps)
             result.append(s)
-            ops = [Transfer(box, miner(miner_id), s.miner, "pay"),
+            parts = split(s.miner, shares) if shares else [(miner_id, s.miner)]
+            ops = [*(Transfer(box, miner(m), amount, "pay") for m, amount in parts),
                    Transfer(box, TREASURY, s.fee, "fee"),
                    Transfer(box, user(account_id), s.refund, "refund")]
             return [t for t in ops if t.amount > 0]
@@ -222,7 +227,8 @@ class Bank:
             return rows
 
         applied = self.ledger.post_computed(
-            f"close:{job_id}", [box, miner(miner_id), TREASURY, user(account_id)], make,
+            f"close:{job_id}", [box, *dict.fromkeys(miner(m) for m in payees), TREASURY,
+                                user(account_id)], make,
             also=write_usage)
         return result[0] if applied and result else None
 

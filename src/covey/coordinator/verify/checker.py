@@ -133,9 +133,11 @@ class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification):
         if not self.policy.trials:
             return
         for offer in session.hello.models:
-            if offer.private:
-                log.info("miner %s admitted for private model %s without a trial (trial "
-                         "prompts are text)", session.miner_id[:16], offer.name)
+            if offer.private or offer.shard is not None:
+                log.info("miner %s admitted for %s model %s without a trial (%s)",
+                         session.miner_id[:16], "private" if offer.private else "a shard of",
+                         offer.name, "trial prompts are text" if offer.private
+                         else "a shard alone cannot answer a prompt")
                 self.metrics.checks.labels("trial", "skipped").inc()
                 continue
             if not self._judgeable(offer, session.miner_id):
@@ -169,7 +171,7 @@ class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification):
         log.warning("miner %s fell below the reputation floor; holding it for a trial",
                     miner_id[:16])
         for offer in session.hello.models:
-            if offer.private:  # no text trial can run; its sampled re-checks go on
+            if offer.private or offer.shard is not None:  # no text trial can run
                 log.warning("miner %s keeps serving private model %s untried",
                             miner_id[:16], offer.name)
                 continue

@@ -11,7 +11,9 @@ A backend is a :class:`Backend` with ``offer`` (the model, announced in the hell
   :class:`~covey.protocol.Transcribe`;
 - ``speak``: :meth:`SpeechBackend.speak` runs a :class:`~covey.protocol.Speak`;
 - ``paint``: :meth:`ImageBackend.paint` runs a :class:`~covey.protocol.Paint`;
-- ``score``: :meth:`ScoringBackend.score` runs a :class:`~covey.protocol.Score`.
+- ``score``: :meth:`ScoringBackend.score` runs a :class:`~covey.protocol.Score`;
+- ``forward``: :meth:`ShardBackendBase.forward` runs one step of a chain session on a
+  shard of a model (:class:`~covey.protocol.shard.Forward`).
 
 The agent matches each task on its type and hands it to the backend of its model when that
 backend declares the capability, so adding a kind of work never touches the other backends.
@@ -49,6 +51,7 @@ from covey.protocol import (
     Transcribe,
     Transcribed,
 )
+from covey.protocol.shard import Forward, Forwarded
 
 PROGRESS_INTERVAL = 1.0
 """Least seconds between two progress reports a worker thread hands to the event loop."""
@@ -121,7 +124,7 @@ async def thread_stream(produce: Callable[[Callable[[T], None], threading.Event]
 
 
 Capability = Literal["generate", "validate", "tokenize", "embed", "transcribe", "speak", "paint",
-                     "score"]
+                     "score", "forward"]
 
 
 class BackendError(Exception):
@@ -291,3 +294,22 @@ class ScoringBackend(Backend):
                 ``encrypted``) for a kind of scoring this model cannot do;
                 ``keys_missing`` when the keys neither came nor are held.
         """
+
+
+class ShardBackendBase(Backend):
+    """A block range of a model (capability ``forward``): ``offer.shard`` says which."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"forward"})
+
+    @abstractmethod
+    async def forward(self, task: Forward) -> Forwarded:
+        """Run one step of ``task.session`` through this shard's blocks.
+
+        Raises:
+            BackendError: the step does not fit the shard or its session (``invalid_value``),
+                or the prompt does not fit the model (``invalid_prompt``,
+                ``context_length_exceeded``).
+        """
+
+    def drop(self, session: str) -> None:  # noqa: B027 - optional hook
+        """Forget ``session``'s cache (its generation ended)."""

@@ -41,6 +41,28 @@ class ModelSettings:
     ask_prompt: int = 0
     ask_completion: int = 0
     tokens_per_second: float = 50.0
+    blocks: tuple[int, int | None] | None = None
+    """A shard's block range ``[start, end)`` (end None: to the model's last block)."""
+    activations: str = "float32"
+    """A shard's hidden-state dtype on the wire (float32, float16 or bfloat16)."""
+
+
+def parse_blocks(text: str) -> tuple[int, int | None]:
+    """``"0:15"`` → (0, 15); ``"15:"`` → (15, None), to the model's last block.
+
+    Raises:
+        ValueError: not ``START:END`` with 0 ≤ START < END.
+    """
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        lo, hi = int(start or 0), (int(end) if end else None)
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: expected START:END, e.g. 0:15 or 15:") from None
+    if lo < 0 or (hi is not None and hi <= lo):
+        raise ValueError(f"--blocks {text!r}: expected 0 <= START < END")
+    return lo, hi
 
 
 def _llama_cpp(s: ModelSettings) -> Backend:
@@ -124,6 +146,18 @@ def _onnxruntime(s: ModelSettings) -> Backend:
         ask_prompt=s.ask_prompt, ask_completion=s.ask_completion))
 
 
+def _transformers(s: ModelSettings) -> Backend:
+    try:
+        from covey.miner.backends.transformers_shard import ShardBackend
+    except ImportError as exc:
+        raise BackendUnavailable("the transformers backend needs: pip install "
+                                 "'covey[shard]'") from exc
+    assert s.path is not None
+    return ShardBackend(s.name, s.path, s.sha256, s.blocks or (0, None), slots=s.slots,
+                        ctx=s.ctx, threads=s.threads or 1, activations=s.activations,
+                        ask_prompt=s.ask_prompt, ask_completion=s.ask_completion)
+
+
 def _synthetic(s: ModelSettings) -> Backend:
     from covey.miner.backends.synthetic import SyntheticBackend
 
@@ -137,6 +171,7 @@ BUILDERS: dict[str, Callable[[ModelSettings], Backend]] = {
     "hibari": _hibari,
     "diffusers": _diffusers,
     "onnxruntime": _onnxruntime,
+    "transformers": _transformers,
     "synthetic": _synthetic,
 }
 """Backend name → builder; ``covey miner --backend`` takes these names (or ``auto``)."""

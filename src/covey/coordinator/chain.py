@@ -1,0 +1,489 @@
+"""Running a generation on a chain of shard miners (a sharded model).
+
+:class:`ChainJob` plans a chain (:func:`~covey.coordinator.placement.plan_chain`), sends
+each step through it — the prompt first (prefill), then one token at a time (decode) —
+relaying the hidden states each shard returns to the next one, and yields the same
+``delta`` / ``done`` frames a single miner's job does, so :class:`~covey.coordinator.api.
+serving.Serving` streams and bills it like any job.
+
+A shard that fails (disconnects, stalls, errors, answers out of shape) is replaced without
+the client noticing more than a pause: the coordinator keeps every input it sent to each
+link of the chain, as Petals' client does, plans a replacement for the dead link's blocks
+(one miner or several), replays those inputs to rebuild the KV cache there, and carries on
+from the step that failed. Greedy answers come out the same as uninterrupted ones, and the
+user is charged once: each shard of the chain that finished is paid its share of the
+blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from covey.coordinator.errors import ApiError
+from covey.coordinator.failover import FailoverPolicy, no_takeover
+from covey.coordinator.job_faults import MinerFault, miner_error, protocol
+from covey.coordinator.link import MinerLink, TaskRefused
+from covey.coordinator.miners import MinerRegistry, MinerSession
+from covey.coordinator.outcome import Outcome, Share
+from covey.coordinator.placement import ShardMiner, missing_blocks, plan_chain
+from covey.coordinator.scores import Scoreboard
+from covey.protocol import Delta, Done, Generate, ModelOffer, Started
+from covey.protocol.shard import Forward, Forwarded, Tensor
+
+log = logging.getLogger("covey.coordinator.chain")
+
+_ids = itertools.count(1)
+CLIENT_ERRORS = frozenset({"invalid_prompt", "context_length_exceeded"})
+"""Codes a shard refuses a request with that are the request's fault (a 400 for the
+client, nobody blamed); any other refusal is the shard's fault and it is replaced."""
+
+
+@dataclass
+class _Link:
+    """One link of the running chain: ``session`` runs blocks ``[start, end)``; ``sid`` is
+    the chain session's id there and ``position`` the positions its cache holds.
+    ``inputs`` is every input it was sent, to rebuild it elsewhere: the first link's
+    prompt job and token ids, another link's hidden-state chunks."""
+
+    session: MinerSession
+    start: int
+    end: int
+    sid: str
+    position: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    """Decode steps it ran and their seconds, round trip (its measured speed)."""
+    tokens: list[int] = field(default_factory=list)
+    chunks: list[tuple[Tensor, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """How completely live miners hold a sharded model: ``total`` blocks, the live
+    shards as (miner id, start, end), and the ``missing`` ranges (empty: complete)."""
+
+    total: int
+    shards: tuple[tuple[str, int, int], ...]
+    missing: tuple[tuple[int, int], ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def shard_sessions(registry: MinerRegistry, model: str) -> list[tuple[MinerSession, ModelOffer]]:
+    """Live sessions holding a shard of ``model``, with their offers."""
+    out = []
+    for s in registry.sessions.values():
+        if s.closed:
+            continue
+        offer = s.shard_offer(model)
+        if offer is not None:
+            out.append((s, offer))
+    return out
+
+
+def shard_status(registry: MinerRegistry, model: str) -> ShardStatus | None:
+    """The model's :class:`ShardStatus`, or None when no live miner holds a shard of it."""
+    shards = shard_sessions(registry, model)
+    if not shards:
+        return None
+    total = max(o.shard.total for _, o in shards if o.shard is not None)
+    ranges = [(o.shard.start, o.shard.end) for _, o in shards
+              if o.shard is not None and o.shard.total == total]
+    return ShardStatus(total, tuple(sorted((s.miner_id, o.shard.start, o.shard.end)
+                                           for s, o in shards if o.shard is not None)),
+                       tuple(missing_blocks(ranges, total)))
+
+
+class ChainJob:
+    """A generation on a chain of shards, with the interface Serving uses of a running job
+    (``RunningJob``): start, frames, outcome, close.
+
+    Raises (from :meth:`start` and :meth:`frames`): :class:`ApiError` — 503 when no chain
+    covers the model (naming the missing blocks), 429 when every chain is busy, the first
+    shard's 400 for a bad prompt, or a 502 once replacements are spent.
+    """
+
+    def __init__(self, job: Generate, registry: MinerRegistry, scores: Scoreboard,
+                 account: str, policy: FailoverPolicy,
+                 on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
+                 on_failover: Callable[[str], None] | None = None) -> None:
+        self.job = job
+        self.account = account
+        self.policy = policy
+        self.registry = registry
+        self.scores = scores
+        self.started: Started | None = None
+        self.done: Done | None = None
+        self.failed = False
+        self.error: ApiError | None = None
+        self.failovers = 0
+        self.checkable = False
+        self.first_token_at: float | None = None
+        self.settlement: Awaitable[object] | None = None
+        self.total = 0
+        self.links: list[_Link] = []
+        self._on_close = on_close
+        self._on_failover = on_failover
+        self._tried: set[str] = set()
+        self._ids: list[int] = []
+        self._texts: list[str] = []
+        self._chars = 0
+        self._sha256: str | None = None
+        self._pending: Forwarded | None = None
+        self._closed = False
+        self._budget = 0
+
+    # -- the interface Serving uses ---------------------------------------------------
+
+    @property
+    def session(self) -> MinerSession | None:
+        """The last shard's session (names the answer's ``system_fingerprint``)."""
+        return self.links[-1].session if self.links else None
+
+    @property
+    def delivered(self) -> int:
+        return len(self._ids)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._texts)
+
+    async def __aenter__(self) -> ChainJob:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close()
+        if exc_type is None and self.settlement is not None:
+            await asyncio.shield(self.settlement)
+
+    async def start(self) -> None:
+        """Plan a chain and run the prompt through it (the first token is then ready).
+
+        Raises:
+            ApiError: see the class docstring.
+        """
+        offers = [o for _, o in shard_sessions(self.registry, self.job.model)]
+        status = shard_status(self.registry, self.job.model)
+        if status is None:
+            raise ApiError(503, f"No miner is serving '{self.job.model}' right now; try "
+                           "again later.", code="model_unavailable", type="server_error")
+        self.total = status.total
+        self._sha256 = offers[0].sha256
+        if not status.complete:
+            raise _incomplete(self.job.model, status)
+        plan = plan_chain(self._candidates(), self.total)
+        if plan is None:
+            raise ApiError(429, f"Every chain serving '{self.job.model}' is busy; try again "
+                           "shortly.", code="rate_limit_exceeded", type="rate_limit_error")
+        self.links = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
+        try:
+            first = await self._step(None, 0, final=False)
+        except MinerFault as fault:  # only after replacements were spent
+            self._fail(fault.error)
+        prompt = self.links[0].position if self.links else 0
+        self.started = Started(job_id=self.job.job_id, prompt_tokens=prompt)
+        context = min(o.context_length for _, o in shard_sessions(self.registry,
+                                                                      self.job.model))
+        cap = self.job.params.max_tokens
+        self._budget = max(1, min(cap or context, context - prompt))
+        self._pending = first
+
+    async def frames(self) -> AsyncIterator[Delta | Done]:
+        """The answer's deltas, then ``done`` with usage for the whole answer."""
+        reply = self._pending
+        assert reply is not None and self.started is not None
+        while True:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            ended = reply.finish_reason == "stop"
+            ids = () if reply.end_of_text or reply.token_id is None else (reply.token_id,)
+            self._ids.extend(ids)
+            self._texts.append(reply.text)
+            self._chars += len(reply.text)
+            if ids or reply.text:
+                yield Delta(job_id=self.job.job_id, text=reply.text, token_ids=ids)
+            if ended or len(self._ids) >= self._budget:
+                self.done = Done(job_id=self.job.job_id,
+                                 finish_reason="stop" if ended else "length",
+                                 prompt_tokens=self.started.prompt_tokens,
+                                 completion_tokens=len(self._ids))
+                for link in self.links:
+                    rate = link.steps / link.seconds if link.seconds > 0 else None
+                    self.scores.success(link.session.miner_id, None, rate)
+                yield self.done
+                return
+            token = reply.token_id
+            assert token is not None
+            final = len(self._ids) + 1 >= self._budget
+            try:
+                reply = await self._step(token, self.links[0].position, final)
+            except MinerFault as fault:
+                self._fail(fault.error)
+
+    def outcome(self, stream: bool) -> Outcome:
+        """The chain's :class:`Outcome`: paid to the links of the chain that finished,
+        each for its share of the blocks."""
+        last = self.session
+        shares = tuple(Share(link.session.miner_id, link.end - link.start)
+                       for link in self.links)
+        offer = last.shard_offer(self.job.model) if last else None
+        base = Outcome(self.job.job_id, self.account, self.job.model, "failed",
+                       last.miner_id if last else None, offer, failovers=self.failovers,
+                       checkable=False, shares=shares)
+        prompt = self.started.prompt_tokens if self.started else 0
+        if self.done is not None:
+            return Outcome(self.job.job_id, self.account, self.job.model, "done",
+                           base.miner_id, offer, prompt_tokens=prompt,
+                           completion_tokens=len(self._ids), failovers=self.failovers,
+                           checkable=False, shares=shares)
+        if self.failed or self.started is None or last is None:
+            return base
+        return Outcome(self.job.job_id, self.account, self.job.model, "client_closed",
+                       base.miner_id, offer, prompt_tokens=prompt,
+                       completion_tokens=len(self._ids) if stream else 0,
+                       failovers=self.failovers, checkable=False, shares=shares)
+
+    def close(self) -> None:
+        """End the chain session on every shard, free their slots and settle. Idempotent
+        and synchronous (it runs while a departed client's request is cancelled)."""
+        if self._closed:
+            return
+        self._closed = True
+        for link in self.links:
+            self._release(link)
+        if self._on_close is not None:
+            self.settlement = self._on_close(self)
+
+    # -- the chain --------------------------------------------------------------------
+
+    def _candidates(self) -> list[ShardMiner]:
+        out = []
+        for s, o in shard_sessions(self.registry, self.job.model):
+            if o.shard is None or o.shard.total != self.total or o.sha256 != self._sha256:
+                continue
+            tps = self.scores.get(s.miner_id).decode_tps  # steps/s through its range
+            per_block = 1.0 / (tps * o.shard.size) if tps else None
+            out.append(ShardMiner(s.miner_id, o.shard.start, o.shard.end, per_block,
+                                  s.busy.get(self.job.model, 0), s.slots_for(self.job.model)))
+        return out
+
+    def _take(self, miner_id: str, start: int, end: int) -> _Link:
+        session = self.registry.sessions[miner_id]
+        session.busy[self.job.model] = session.busy.get(self.job.model, 0) + 1
+        session.active += 1
+        return _Link(session, start, end, f"{self.job.job_id}.{next(_ids)}")
+
+    def _release(self, link: _Link) -> None:
+        session = link.session
+        session.busy[self.job.model] = max(0, session.busy.get(self.job.model, 1) - 1)
+        session.active = max(0, session.active - 1)
+        MinerLink(session).end_session(link.sid)
+
+    def _fail(self, error: ApiError) -> None:
+        self.failed = True
+        self.error = error
+        raise error
+
+    async def _step(self, token: int | None, position: int, final: bool) -> Forwarded:
+        """Run one step through every link: the prompt (``token`` None) or ``token`` at
+        ``position``; returns the last shard's answer. A link that fails is rebuilt
+        elsewhere and the step goes on from it.
+
+        Raises:
+            ApiError: a shard's 400 for the request itself.
+            MinerFault: a link failed and could not be replaced.
+        """
+        i = 0
+        carry: Forwarded | None = None
+        while i < len(self.links):
+            link = self.links[i]
+            if i == 0:
+                if token is None:
+                    task = self._forward(link, position=0, final=final, prompt=True)
+                else:
+                    link.tokens.append(token)
+                    task = self._forward(link, position, final, token_ids=(token,))
+            else:
+                assert carry is not None and carry.hidden is not None
+                link.chunks.append((carry.hidden, carry.data))
+                task = self._forward(link, position, final, hidden=carry.hidden,
+                                     data=carry.data)
+            try:
+                began = time.monotonic()
+                carry = await self._hop(link, task)
+                link.position += carry.tokens
+                if token is not None:
+                    link.steps += 1
+                    link.seconds += time.monotonic() - began
+            except MinerFault as fault:
+                i, carry = await self._rebuild(i, fault, position, final)
+            i += 1
+        assert carry is not None
+        return carry
+
+    def _forward(self, link: _Link, position: int, final: bool, *, prompt: bool = False,
+                 token_ids: tuple[int, ...] = (), hidden: Tensor | None = None,
+                 data: bytes = b"", emit_from: int | None = None, sample: bool = True,
+                 resume: tuple[int, ...] = (), resume_chars: int = 0) -> Forward:
+        from covey.protocol.wire import ShardRange
+
+        job = self.job
+        return Forward(job_id=f"{link.sid}.{next(_ids)}", session=link.sid, model=job.model,
+                       model_sha256=self._sha256,
+                       blocks=ShardRange(start=link.start, end=link.end, total=self.total),
+                       position=position,
+                       messages=job.messages if prompt else None,
+                       prompt=job.prompt if prompt else None, token_ids=token_ids,
+                       hidden=hidden, data=data, emit_from=emit_from, params=job.params,
+                       stop_ids=job.stop_ids, final=final, sample=sample, resume=resume,
+                       resume_chars=resume_chars)
+
+    async def _hop(self, link: _Link, task: Forward) -> Forwarded:
+        """One shard's answer to ``task``, checked for shape.
+
+        Raises:
+            MinerFault: the shard failed or answered out of shape.
+            ApiError: the request's own fault (a 400 for the client).
+        """
+        try:
+            async with MinerLink(link.session).call(task, self.policy.stall_timeout) as call:
+                reply = await call.next()
+        except TaskRefused as refused:
+            error = miner_error(refused.frame)
+            if refused.frame.code in CLIENT_ERRORS:
+                raise error from None
+            raise MinerFault("miner_error", error) from None
+        assert isinstance(reply, Forwarded)
+        token = link.end == self.total and task.sample
+        if token != (reply.token_id is not None):
+            raise protocol("a shard answered with the other end's output")
+        if not token:
+            h = reply.hidden
+            assert h is not None
+            if len(h.shape) != 3 or h.shape[0] != 1:
+                raise protocol(f"hidden states of shape {h.shape}")
+        return reply
+
+    async def _rebuild(self, i: int, fault: MinerFault, position: int, final: bool
+                       ) -> tuple[int, Forwarded]:
+        """Replace link ``i`` (failed with ``fault`` during the step at ``position``):
+        plan miners for its blocks, replay its recorded inputs there, and return the index
+        of the last new link with its answer for this step.
+
+        Raises:
+            MinerFault: replacements spent, or no miner left holds those blocks.
+        """
+        while True:
+            old = self.links[i]
+            log.warning("chain %s: shard %s (blocks %d:%d) failed (%s); rebuilding it",
+                        self.job.job_id, old.session.miner_id[:16], old.start, old.end,
+                        fault.reason)
+            if fault.blame:
+                self.scores.failure(old.session.miner_id)
+            self._tried.add(old.session.miner_id)
+            self.failovers += 1
+            if self._on_failover is not None:
+                self._on_failover(fault.reason)
+            if self.failovers >= self.policy.max_tries:
+                raise fault
+            plan = plan_chain(self._candidates(), self.total, frozenset(self._tried),
+                              old.start, old.end)
+            if plan is None:
+                raise MinerFault(fault.reason, no_takeover(fault, ApiError(
+                    503, f"no other miner holds blocks {old.start}:{old.end} of "
+                    f"'{self.job.model}'", code="model_unavailable")))
+            new = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
+            self._release(old)
+            try:
+                reply = await self._replay(old, new, position, final)
+            except MinerFault as again:
+                for link in new:
+                    self._release(link)
+                fault = again
+                continue
+            self.links[i:i + 1] = new
+            return i + len(new) - 1, reply
+
+    async def _replay(self, old: _Link, new: list[_Link], position: int, final: bool
+                      ) -> Forwarded:
+        """Rebuild ``old``'s cache on the ``new`` links from its recorded inputs (this
+        step's included); returns the last new link's answer for this step (positions
+        from ``position``)."""
+        first = old.start == 0
+        chunks = list(old.chunks)
+        tokens = list(old.tokens)
+        reply: Forwarded | None = None
+        for j, link in enumerate(new):
+            end_of_new = j == len(new) - 1
+            emit_from = position if end_of_new else 0
+            link.tokens, link.chunks = tokens, chunks
+            outputs: list[tuple[Tensor, bytes]] = []
+            if first and j == 0:
+                task = self._forward(link, 0, final, prompt=True, token_ids=tuple(tokens),
+                                     emit_from=emit_from, resume=tuple(self._ids),
+                                     resume_chars=self._chars)
+                reply = await self._hop(link, task)
+                link.position = reply.tokens
+                if reply.hidden is not None:
+                    outputs.append((reply.hidden, reply.data))
+            else:
+                for k, (tensor, data) in enumerate(_runs(chunks)):
+                    sample = k == len(_runs(chunks)) - 1
+                    task = self._forward(link, link.position, final, hidden=tensor,
+                                         data=data, emit_from=emit_from, sample=sample,
+                                         resume=tuple(self._ids), resume_chars=self._chars)
+                    reply = await self._hop(link, task)
+                    link.position += reply.tokens
+                    if reply.hidden is not None and reply.hidden.shape[1] > 0:
+                        outputs.append((reply.hidden, reply.data))
+            tokens, chunks = [], outputs
+        assert reply is not None
+        return reply
+
+
+def _runs(chunks: list[tuple[Tensor, bytes]]) -> list[tuple[Tensor, bytes]]:
+    """Recorded hidden-state chunks joined into as few tensors as their dtypes allow
+    (one per run of a dtype; batch 1, so the token axis concatenates as bytes)."""
+    out: list[tuple[Tensor, bytes]] = []
+    for tensor, data in chunks:
+        if out and out[-1][0].dtype == tensor.dtype and out[-1][0].shape[2:] == tensor.shape[2:]:
+            prev, prev_data = out[-1]
+            shape = (1, prev.shape[1] + tensor.shape[1], *tensor.shape[2:])
+            out[-1] = (Tensor(shape=shape, dtype=tensor.dtype), prev_data + data)
+        else:
+            out.append((tensor, data))
+    return out
+
+
+def _incomplete(model: str, status: ShardStatus) -> ApiError:
+    gaps = ", ".join(f"{s}:{e}" for s, e in status.missing)
+    return ApiError(503, f"'{model}' is incomplete: no live miner holds blocks {gaps} of "
+                    f"its {status.total}. Start a miner with `covey miner --model "
+                    f"{model} --blocks {status.missing[0][0]}:{status.missing[0][1]}`.",
+                    code="model_unavailable", type="server_error")
+
+
+async def start_chain(job: Generate, registry: MinerRegistry, scores: Scoreboard, account: str,
+                      policy: FailoverPolicy,
+                      on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
+                      on_failover: Callable[[str], None] | None = None) -> ChainJob:
+    """Plan a chain for ``job`` (a sharded model's) and run its prompt through it.
+    ``on_close`` is called once when the job ends, however it ends.
+
+    Raises:
+        ApiError: see :class:`ChainJob`.
+    """
+    running = ChainJob(job, registry, scores, account, policy, on_close, on_failover)
+    try:
+        await running.start()
+    except BaseException:
+        running.close()
+        raise
+    return running
