@@ -1,0 +1,229 @@
+"""Sharded models: a chain of shard miners serves the bundled model, none holding it all.
+
+Real coordinator and miner processes on 127.0.0.1, the bundled SmolLM2 GGUF read by
+transformers. Greedy answers must equal the unsharded transformers answer token for token,
+through 2 or 3 shards, and after a shard is killed (SIGKILL) or frozen (SIGSTOP) mid-answer;
+the user is charged once and the ledger verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import MODEL, Network, Proc, ledger_verify
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?"]
+STORY = {"model": MODEL, "temperature": 0, "max_tokens": 60,
+         "messages": [{"role": "user", "content": "Write a long story about a lighthouse "
+                                                  "keeper and a storm."}]}
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[object]:
+    """Greedy answers of the unsharded model in this process (transformers' own
+    ``generate``), as token ids and text."""
+    from covey.miner.backends.transformers_shard import load_float_model
+    from covey.miner.models import resolve_model, weights_sha256
+
+    path = resolve_model(MODEL).path
+    model, tokenizer = load_float_model(path, weights_sha256(path))
+
+    def answer(content: str, max_tokens: int) -> tuple[list[int], str]:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        ids = [t for t in ids if t not in (tokenizer.eos_token_id, 2)]
+        return ids, tokenizer.decode(ids, skip_special_tokens=True)
+
+    yield answer
+
+
+def shard_network(tmp_path, *ranges: str, args: tuple[str, ...] = ()) -> Network:
+    net = Network(tmp_path, "--stall-timeout", "2", *args)
+    for blocks in ranges:
+        net.add_miner("--blocks", blocks, "--ctx", "512", wait=False)
+    net.wait_miners(len(ranges), timeout=180)
+    return net
+
+
+@pytest.fixture
+def three_shards(tmp_path) -> Iterator[Network]:
+    net = shard_network(tmp_path, "0:10", "10:20", "20:30")
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def spare_shards(tmp_path) -> Iterator[Network]:
+    """Two miners for each half of the model: any one can die."""
+    net = shard_network(tmp_path, "0:15", "0:15", "15:", "15:")
+    try:
+        yield net
+    finally:
+        for m in net.miners:  # a test may leave one stopped
+            if m.popen.poll() is None:
+                os.kill(m.popen.pid, signal.SIGCONT)
+        net.close()
+
+
+def card(net: Network) -> dict:
+    return httpx.get(f"{net.url}/v1/models/{MODEL}", timeout=5).json()
+
+
+def test_two_and_three_shard_greedy_answers_equal_the_unsharded_one(tmp_path, reference):
+    net = shard_network(tmp_path, "0:15", "15:")
+    try:
+        _same_answers(net, reference)
+        info = card(net)
+        assert info["status"] == "up" and info["shards"]["missing"] == []
+        assert sorted((h["start"], h["end"]) for h in info["shards"]["held"]) == [(0, 15),
+                                                                                 (15, 30)]
+    finally:
+        net.close()
+    (tmp_path / "three").mkdir()
+    three = shard_network(tmp_path / "three", "0:10", "10:20", "20:30")
+    try:
+        _same_answers(three, reference)
+        miners = httpx.get(f"{three.url}/v1/miners", timeout=5).json()["data"]
+        assert sorted(m["models"][0]["shard"]["start"] for m in miners) == [0, 10, 20]
+        assert ledger_verify(three.tmp / "coordinator").returncode == 0
+    finally:
+        three.close()
+
+
+def _same_answers(net: Network, reference) -> None:
+    client = OpenAI(base_url=f"{net.url}/v1", api_key=net.api_key, max_retries=0)
+    for prompt in PROMPTS:
+        ids, text = reference(prompt, 40)
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=40,
+            temperature=0)
+        assert r.choices[0].message.content == text, prompt
+        assert r.usage.completion_tokens == len(ids)
+        streamed = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=40,
+            temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed
+                       if c.choices) == text
+
+
+def test_an_incomplete_model_is_listed_as_such_and_refused_clearly(tmp_path):
+    net = shard_network(tmp_path, "0:15")
+    try:
+        info = card(net)
+        assert info["status"] == "incomplete"
+        assert info["shards"]["missing"] == [[15, 30]]
+        before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+        r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=30,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503, r.text
+        assert "15:30" in r.json()["error"]["message"]
+        after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+        assert after == before
+    finally:
+        net.close()
+
+
+def test_what_a_chain_cannot_serve_is_a_400_and_costs_nothing(three_shards: Network):
+    net = three_shards
+    before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}
+    r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, json=long,
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    wm = {"model": MODEL, "watermark": True,
+          "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, json=wm, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+    assert after["balance"] == before["balance"] and after["held"] == 0
+    # The shards are free again and still answer.
+    r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=60,
+                   json={"model": MODEL, "max_tokens": 5,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+
+
+def shard_of(net: Network, start: int) -> Proc:
+    """The process of the miner now running blocks from ``start`` in a chain."""
+    data = httpx.get(f"{net.url}/v1/miners", timeout=5).json()["data"]
+    busy = next(m["id"] for m in data if m["active"] and m["models"][0]["shard"]["start"]
+                == start)
+    return next(p for p in net.miners if f"miner {busy[:16]}" in p.output())
+
+
+def stream(net: Network, after: int, act) -> tuple[str, list[dict], float]:
+    """Stream STORY; ``act()`` once ``after`` chunks arrived. Returns the text, the events
+    and the longest gap between chunks in seconds."""
+    pieces, events, gap, last = [], [], 0.0, None
+    with httpx.stream("POST", f"{net.url}/v1/chat/completions", headers=net.headers,
+                      json={**STORY, "stream": True, "stream_options": {"include_usage": True}},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            events.append(event)
+            now = time.monotonic()
+            gap = max(gap, now - last) if last is not None else gap
+            last = now
+            for choice in event.get("choices", []):
+                if choice["delta"].get("content"):
+                    pieces.append(choice["delta"]["content"])
+                    if len(pieces) == after:
+                        act()
+    return "".join(pieces), events, gap
+
+
+@pytest.mark.parametrize(("sig", "start"), [(signal.SIGKILL, 15), (signal.SIGSTOP, 0)])
+def test_a_shard_that_dies_mid_answer_is_rebuilt_and_the_answer_goes_on(
+        spare_shards: Network, reference, sig: int, start: int):
+    net = spare_shards
+    ids, expected = reference(STORY["messages"][0]["content"], STORY["max_tokens"])
+    before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+    hit: list[Proc] = []
+
+    def strike() -> None:
+        victim = shard_of(net, start)
+        hit.append(victim)
+        os.kill(victim.popen.pid, sig)
+
+    text, events, gap = stream(net, 10, strike)
+    assert hit
+    assert not any("error" in e for e in events), events[-3:]
+    assert text == expected  # the uninterrupted greedy answer, token for token
+    assert events[-1]["usage"]["completion_tokens"] == len(ids)
+    if sig == signal.SIGSTOP:
+        assert 1.5 < gap < 10, gap  # the stall timeout (2 s), then the rebuild
+    time.sleep(0.5)
+    after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
+    assert after["held"] == 0 and after["balance"] < before["balance"]
+    job = events[0]["id"]
+    mine = [t for t in httpx.get(f"{net.url}/v1/account/transactions", headers=net.headers,
+                                 timeout=10).json()["data"] if job in json.dumps(t)]
+    assert [t["kind"] for t in mine].count("hold") == 1, mine
+    # The struck miner is paid nothing; the two that finished share the pay by blocks.
+    victim_id = next(m["id"] for m in httpx.get(f"{net.url}/v1/miners").json()["data"]
+                     if f"miner {m['id'][:16]}" in hit[0].output()) if sig == signal.SIGSTOP \
+        else None
+    if victim_id is not None:
+        r = httpx.get(f"{net.url}/v1/miners/{victim_id}/earnings", timeout=5).json()
+        assert r["balance"] == 0
+    assert ledger_verify(net.tmp / "coordinator").returncode == 0
