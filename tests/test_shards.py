@@ -18,7 +18,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import MODEL, Network, Proc, ledger_verify
+from conftest import MODEL, Network, Proc, ledger_verify, metric
+from covey.miner.backends.adversary import ENV
+from covey.protocol.identity import load_or_create
+from test_billing import sign_up
+from test_verify import SLASH, checks_of, stake
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -51,10 +55,14 @@ def reference() -> Iterator[object]:
     yield answer
 
 
-def shard_network(tmp_path, *ranges: str, args: tuple[str, ...] = ()) -> Network:
+def shard_network(tmp_path, *ranges: str, args: tuple[str, ...] = (),
+                  env: dict[int, dict[str, str]] | None = None) -> Network:
+    """A coordinator and one shard miner per range (``env``: by index, a miner's extra
+    environment)."""
     net = Network(tmp_path, "--stall-timeout", "2", *args)
-    for blocks in ranges:
-        net.add_miner("--blocks", blocks, "--ctx", "512", wait=False)
+    for i, blocks in enumerate(ranges):
+        net.add_miner("--blocks", blocks, "--ctx", "512", wait=False,
+                      env=(env or {}).get(i))
     net.wait_miners(len(ranges), timeout=180)
     return net
 
@@ -71,7 +79,7 @@ def three_shards(tmp_path) -> Iterator[Network]:
 @pytest.fixture
 def spare_shards(tmp_path) -> Iterator[Network]:
     """Two miners for each half of the model: any one can die."""
-    net = shard_network(tmp_path, "0:15", "0:15", "15:", "15:")
+    net = shard_network(tmp_path, "0:15", "0:15", "15:", "15:", args=("--check-rate", "1"))
     try:
         yield net
     finally:
@@ -227,3 +235,54 @@ def test_a_shard_that_dies_mid_answer_is_rebuilt_and_the_answer_goes_on(
         r = httpx.get(f"{net.url}/v1/miners/{victim_id}/earnings", timeout=5).json()
         assert r["balance"] == 0
     assert ledger_verify(net.tmp / "coordinator").returncode == 0
+
+
+def test_honest_shards_pass_their_re_checks(spare_shards: Network):
+    net = spare_shards
+    for i in range(3):
+        r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=60,
+                       json={"model": MODEL, "max_tokens": 12, "temperature": 0.7, "seed": i,
+                             "messages": [{"role": "user", "content": f"Tell me about {i}."}]})
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    passed = 'covey_checks_total{kind="sampled",result="passed"}'
+    while metric(net, passed) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(net, passed) == 3
+    assert metric(net, 'covey_checks_total{kind="sampled",result="failed"}') == 0
+
+
+def test_a_shard_sending_perturbed_activations_is_caught_and_slashed(tmp_path):
+    # Both 0:15 miners are idle between requests, so the chain takes the one with the
+    # smaller id: the cheat gets the key that sorts first.
+    ids = [load_or_create(tmp_path / f"miner-{i}" / "miner.key").verify_key.encode().hex()
+           for i in range(2)]
+    cheat_index = ids.index(min(ids))
+    net = shard_network(tmp_path, "0:15", "0:15", "15:", args=("--check-rate", "1"),
+                        env={cheat_index: {ENV: "perturb-activations:0.05"}})
+    try:
+        headers = sign_up(net)
+        cheat = stake(net, cheat_index, headers)
+        honest = ids[1 - cheat_index]
+        found: list[dict] = []
+        for i in range(5):
+            r = httpx.post(f"{net.url}/v1/chat/completions", headers=headers, timeout=60,
+                           json={"model": MODEL, "max_tokens": 8, "temperature": 0,
+                                 "messages": [{"role": "user", "content": f"Count to {i}."}]})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 15
+            while not found and time.monotonic() < deadline:
+                found = checks_of(net, cheat)
+                time.sleep(0.2)
+            if found:
+                break
+        assert found, "perturbed activations were not caught"
+        check = found[0]
+        assert check["kind"] == "sampled" and check["verdict"]["passed"] is False
+        assert "relative L2" in check["verdict"]["reasons"][0]
+        assert check["verdict"]["figures"]["max_relative_distance"] > 0.02
+        assert check["slashed"] == SLASH and check["validator"] == honest
+    finally:
+        net.close()
+    verified = ledger_verify(tmp_path / "coordinator")
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from covey.logs import setup_logging
-from covey.miner.backends.base import Backend, EmbeddingBackend
+from covey.miner.backends.base import Backend, EmbeddingBackend, ShardBackendBase
 from covey.miner.backends.registry import ModelSettings, build
 from covey.miner.models import BUNDLED_MODEL
 
@@ -383,6 +383,10 @@ def _maybe_adversary(served: Backend) -> Backend:
         return served
     if isinstance(served, EmbeddingBackend):
         return adversary.AdversaryEmbedding(served, mode[0])
+    if isinstance(served, ShardBackendBase):
+        from covey.miner.backends.adversary_shard import AdversaryShard
+
+        return AdversaryShard(served, mode[0], mode[1])
     from covey.miner.backends import adversary_media
 
     media = adversary_media.wrap(served, mode[0])

@@ -29,7 +29,7 @@ from covey.coordinator.failover import FailoverPolicy, no_takeover
 from covey.coordinator.job_faults import MinerFault, miner_error, protocol
 from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.miners import MinerRegistry, MinerSession
-from covey.coordinator.outcome import Outcome, Share
+from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink, Share
 from covey.coordinator.placement import ShardMiner, missing_blocks, plan_chain
 from covey.coordinator.scores import Scoreboard
 from covey.protocol import Delta, Done, Generate, ModelOffer, Started
@@ -124,7 +124,8 @@ class ChainJob:
         self.failed = False
         self.error: ApiError | None = None
         self.failovers = 0
-        self.checkable = False
+        self.checkable = True
+        """False when the client opted out of re-checks."""
         self.first_token_at: float | None = None
         self.settlement: Awaitable[object] | None = None
         self.total = 0
@@ -239,10 +240,13 @@ class ChainJob:
                        checkable=False, shares=shares)
         prompt = self.started.prompt_tokens if self.started else 0
         if self.done is not None:
+            answer = ShardAnswer(self.job, self._sha256 or "", self.total, tuple(
+                ShardLink(link.session.miner_id, link.start, link.end, tuple(link.tokens),
+                          tuple(link.chunks)) for link in self.links))
             return Outcome(self.job.job_id, self.account, self.job.model, "done",
                            base.miner_id, offer, prompt_tokens=prompt,
                            completion_tokens=len(self._ids), failovers=self.failovers,
-                           checkable=False, shares=shares)
+                           checkable=self.checkable, shares=shares, answer=answer)
         if self.failed or self.started is None or last is None:
             return base
         return Outcome(self.job.job_id, self.account, self.job.model, "client_closed",

@@ -27,6 +27,7 @@ from covey.protocol import (
     Transcribe,
 )
 from covey.protocol.receipts import Receipt
+from covey.protocol.shard import Tensor
 
 if TYPE_CHECKING:
     from covey.coordinator.miners import MinerSession
@@ -108,7 +109,33 @@ class ScoreAnswer:
     proofs: tuple[str, ...] = ()
 
 
-Answer = TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer | ScoreAnswer
+@dataclass(frozen=True)
+class ShardLink:
+    """One link of a chain as it ran: ``miner_id`` ran blocks ``[start, end)`` and got
+    ``tokens`` (the first link: the prompt's job's token ids after the prompt) or the
+    hidden-state ``chunks`` (tensor, bytes) the link before it sent."""
+
+    miner_id: MinerId
+    start: int
+    end: int
+    tokens: tuple[int, ...]
+    chunks: tuple[tuple[Tensor, bytes], ...]
+
+
+@dataclass(frozen=True)
+class ShardAnswer:
+    """A sharded model's answer, for re-checking one link: ``job`` as asked, the
+    weights, the model's ``total`` blocks and the chain's ``links`` in order (a link's
+    output is the next link's ``chunks``)."""
+
+    job: Generate
+    sha256: str
+    total: int
+    links: tuple[ShardLink, ...]
+
+
+Answer = (TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer | ScoreAnswer
+          | ShardAnswer)
 """What a validator re-checks, one class per task kind."""
 
 

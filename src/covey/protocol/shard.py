@@ -25,9 +25,11 @@ feature.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import struct
+import sys
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -36,7 +38,7 @@ from covey.protocol.frames import ChatMessage, SamplingParams
 from covey.protocol.wire import JobId, Sha256Hex, ShardRange, TokenId, _Frame
 
 __all__ = ["DType", "Forward", "Forwarded", "Tensor", "decode_binary", "encode_binary",
-           "tensor_digest"]
+           "tensor_digest", "tensor_values"]
 
 MAGIC = b"CVY1"
 """First bytes of every binary frame (format version 1)."""
@@ -216,3 +218,28 @@ def decode_binary(message: bytes) -> Forward | Forwarded:
     if kind == "forwarded":
         return Forwarded.model_validate(header)
     raise ValueError(f"unknown binary frame type {kind!r}")
+
+
+def tensor_values(tensor: Tensor, data: bytes) -> array.array[float]:
+    """The tensor's values as float32 (row-major), with the standard library only, so a
+    coordinator needs no numpy to compare activations.
+
+    Raises:
+        ValueError: ``data`` does not hold ``tensor.nbytes`` bytes.
+    """
+    if len(data) != tensor.nbytes:
+        raise ValueError(f"{len(data)} bytes for a tensor of {tensor.nbytes}")
+    out = array.array("f")
+    if tensor.dtype == "float32":
+        out.frombytes(data)
+        if sys.byteorder == "big":
+            out.byteswap()
+    elif tensor.dtype == "float16":
+        out.extend(struct.unpack(f"<{len(data) // 2}e", data))
+    else:  # bfloat16: the high half of a float32
+        halves = array.array("H", data)
+        if sys.byteorder == "big":
+            halves.byteswap()
+        bits = array.array("I", (h << 16 for h in halves))
+        out.frombytes(bits.tobytes())
+    return out

@@ -37,6 +37,7 @@ from covey.coordinator.outcome import (
     ImageAnswer,
     Outcome,
     ScoreAnswer,
+    ShardAnswer,
     SpeechAnswer,
     TextAnswer,
     TranscriptAnswer,
@@ -51,6 +52,7 @@ from covey.coordinator.verify.embeddings import (
 from covey.coordinator.verify.judge import CheckPolicy, Verdict, judge
 from covey.coordinator.verify.media import MediaVerification
 from covey.coordinator.verify.scores import ScoreVerification
+from covey.coordinator.verify.shards import ShardVerification
 from covey.coordinator.verify.trials import TRIAL_MAX_TOKENS, TrialBook, compare
 from covey.coordinator.verify.validators import VALIDATOR_ACCOUNT
 from covey.protocol import (
@@ -88,7 +90,8 @@ class CheckUnavailable(Exception):
     """No validator could give a verdict (none online, busy, or it failed)."""
 
 
-class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification):
+class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification,
+               ShardVerification):
     """Runs every check of one coordinator; see the module docstring."""
 
     def __init__(self, dispatcher: Dispatcher, billing: Billing, policy: CheckPolicy,
@@ -387,6 +390,9 @@ class Verifier(EmbeddingVerification, MediaVerification, ScoreVerification):
             return
         if isinstance(answer, ScoreAnswer):
             self._maybe_check_score(outcome, answer, settlement)
+            return
+        if isinstance(answer, ShardAnswer):
+            self._maybe_check_shard(outcome, answer, settlement)
             return
         if answer is None or answer.finish_reason == "cancelled":
             return
