@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -21,6 +23,7 @@ from openai import OpenAI
 from conftest import MODEL, Network, Proc, ledger_verify, metric
 from covey.miner.backends.adversary import ENV
 from covey.protocol.identity import load_or_create
+from covey.protocol.receipts import Receipt, verify_countersignature, verify_receipt
 from test_billing import sign_up
 from test_verify import SLASH, checks_of, stake
 
@@ -123,11 +126,36 @@ def _same_answers(net: Network, reference) -> None:
             temperature=0)
         assert r.choices[0].message.content == text, prompt
         assert r.usage.completion_tokens == len(ids)
+        # Every position ran through every shard: the prompt and each answer token but a
+        # last one that hit max_tokens (nothing followed it; an end-of-text token did).
+        _receipts_hold(net, r.id, r.usage.prompt_tokens + r.usage.completion_tokens
+                       - (r.choices[0].finish_reason == "length"))
         streamed = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=40,
             temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed
                        if c.choices) == text
+
+
+def _receipts_hold(net: Network, job_id: str, positions: int) -> None:
+    """Each shard signed a receipt for its session, countersigned, checkable offline."""
+    body = httpx.get(f"{net.url}/v1/receipts/{job_id}", headers=net.headers, timeout=10).json()
+    assert body["object"] == "receipt.shards", body
+    miners = {m["id"] for m in httpx.get(f"{net.url}/v1/miners", timeout=5).json()["data"]}
+    assert {s["receipt"]["miner"] for s in body["shards"]} == miners
+    for shard in body["shards"]:
+        r = Receipt.model_validate(shard["receipt"])
+        assert r.job_id.startswith(f"{job_id}.")
+        assert verify_receipt(r, shard["miner_signature"])
+        assert verify_countersignature(r, shard["miner_signature"], shard["coordinator"],
+                                       shard["coordinator_signature"])
+        assert r.prompt_tokens == positions
+    saved = net.tmp / f"{job_id}.json"
+    saved.write_text(json.dumps(body))
+    checked = subprocess.run([sys.executable, "-m", "covey", "receipts", "verify", str(saved)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.count("receipt OK") == len(miners)
 
 
 def test_an_incomplete_model_is_listed_as_such_and_refused_clearly(tmp_path):
@@ -168,12 +196,12 @@ def test_what_a_chain_cannot_serve_is_a_400_and_costs_nothing(three_shards: Netw
     assert r.status_code == 200, r.text
 
 
-def shard_of(net: Network, start: int) -> Proc:
-    """The process of the miner now running blocks from ``start`` in a chain."""
+def shard_of(net: Network, start: int) -> tuple[str, Proc]:
+    """The id and process of the miner now running blocks from ``start`` in a chain."""
     data = httpx.get(f"{net.url}/v1/miners", timeout=5).json()["data"]
     busy = next(m["id"] for m in data if m["active"] and m["models"][0]["shard"]["start"]
                 == start)
-    return next(p for p in net.miners if f"miner {busy[:16]}" in p.output())
+    return busy, next(p for p in net.miners if f"miner {busy[:16]}" in p.output())
 
 
 def stream(net: Network, after: int, act) -> tuple[str, list[dict], float]:
@@ -206,12 +234,12 @@ def test_a_shard_that_dies_mid_answer_is_rebuilt_and_the_answer_goes_on(
     net = spare_shards
     ids, expected = reference(STORY["messages"][0]["content"], STORY["max_tokens"])
     before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
-    hit: list[Proc] = []
+    hit: list[str] = []
 
     def strike() -> None:
-        victim = shard_of(net, start)
+        victim, proc = shard_of(net, start)
         hit.append(victim)
-        os.kill(victim.popen.pid, sig)
+        os.kill(proc.popen.pid, sig)
 
     text, events, gap = stream(net, 10, strike)
     assert hit
@@ -228,12 +256,8 @@ def test_a_shard_that_dies_mid_answer_is_rebuilt_and_the_answer_goes_on(
                                  timeout=10).json()["data"] if job in json.dumps(t)]
     assert [t["kind"] for t in mine].count("hold") == 1, mine
     # The struck miner is paid nothing; the two that finished share the pay by blocks.
-    victim_id = next(m["id"] for m in httpx.get(f"{net.url}/v1/miners").json()["data"]
-                     if f"miner {m['id'][:16]}" in hit[0].output()) if sig == signal.SIGSTOP \
-        else None
-    if victim_id is not None:
-        r = httpx.get(f"{net.url}/v1/miners/{victim_id}/earnings", timeout=5).json()
-        assert r["balance"] == 0
+    earned = httpx.get(f"{net.url}/v1/miners/{hit[0]}/earnings", timeout=5).json()
+    assert earned["balance"] == 0, earned
     assert ledger_verify(net.tmp / "coordinator").returncode == 0
 
 

@@ -74,6 +74,20 @@ def verify(
         err.print("[red]error:[/red] --coordinator must be a public key: 64 hex digits")
         raise typer.Exit(2)
     body = _load(source, url, api_key)
+    coordinator = coordinator.lower() if coordinator else None
+    # A sharded model's request has a receipt per shard: each must hold.
+    parts = body.get("shards") if isinstance(body.get("shards"), list) else [body]
+    failed = False
+    for part in parts:
+        if not isinstance(part, dict):
+            _not_a_receipt("expected a JSON object")
+        failed |= not _verify_one(part, coordinator)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _verify_one(body: dict, coordinator: str | None) -> bool:
+    """Check one receipt object's two signatures, printing the verdict."""
     try:
         receipt = Receipt.model_validate(body["receipt"])
         miner_sig, counter_sig = body["miner_signature"], body["coordinator_signature"]
@@ -85,7 +99,6 @@ def verify(
         _not_a_receipt(f"receipt.{'.'.join(map(str, first['loc']))}: {first['msg']}")
     except TypeError:
         _not_a_receipt("expected a JSON object")
-    coordinator = coordinator.lower() if coordinator else None
     problems = []
     if not verify_receipt(receipt, miner_sig):
         problems.append(f"the miner signature does not match (miner {receipt.miner[:16]}…)")
@@ -96,7 +109,8 @@ def verify(
     for problem in problems:
         err.print(f"[red]✗[/red] {problem}")
     if problems:
-        raise typer.Exit(1)
+        return False
     out.print(f"[green]receipt OK[/green]: job {receipt.job_id}, miner {receipt.miner[:16]}…, "
               f"model {receipt.model_sha256[:12]}…, {receipt.prompt_tokens} prompt + "
               f"{receipt.completion_tokens} completion tokens; coordinator {signer[:16]}…")
+    return True

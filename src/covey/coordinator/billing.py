@@ -163,7 +163,8 @@ class Billing:
                 op.job_id, op.account)
         else:
             work = lambda: self.bank.settle(op.job_id, op.account, op.miner_id,  # noqa: E731
-                                            op.amount, op.usage, op.receipt, op.shares)
+                                            op.amount, op.usage, op.receipt, op.shares,
+                                            op.shard_receipts)
         future = asyncio.ensure_future(self._logged(self.ledger_call(work), op.job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)

@@ -33,7 +33,15 @@ from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink, Share
 from covey.coordinator.placement import ShardMiner, missing_blocks, plan_chain
 from covey.coordinator.scores import Scoreboard
 from covey.protocol import Delta, Done, Generate, ModelOffer, Started
-from covey.protocol.shard import Forward, Forwarded, Tensor
+from covey.protocol.receipts import Receipt, verify_receipt
+from covey.protocol.shard import (
+    CHAIN_START,
+    Forward,
+    Forwarded,
+    Tensor,
+    chain_digest,
+    tensor_digest,
+)
 
 log = logging.getLogger("covey.coordinator.chain")
 
@@ -55,11 +63,18 @@ class _Link:
     end: int
     sid: str
     position: int = 0
+    steps_run: int = 0
+    """Steps it answered (its receipt's ``completion_tokens``)."""
     steps: int = 0
     seconds: float = 0.0
     """Decode steps it ran and their seconds, round trip (its measured speed)."""
     tokens: list[int] = field(default_factory=list)
     chunks: list[tuple[Tensor, bytes]] = field(default_factory=list)
+    inputs: str = CHAIN_START
+    outputs: str = CHAIN_START
+    """The chains of the digests of what it was sent and sent back (its receipt's)."""
+    receipt: tuple[Receipt, str] | None = None
+    """Its latest signed receipt for the session."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class ChainJob:
         self._pending: Forwarded | None = None
         self._closed = False
         self._budget = 0
+        self._receipts: tuple[tuple[Receipt, str], ...] = ()
 
     # -- the interface Serving uses ---------------------------------------------------
 
@@ -211,6 +227,7 @@ class ChainJob:
             if ids or reply.text:
                 yield Delta(job_id=self.job.job_id, text=reply.text, token_ids=ids)
             if ended or len(self._ids) >= self._budget:
+                self._receipts = self.receipts()
                 self.done = Done(job_id=self.job.job_id,
                                  finish_reason="stop" if ended else "length",
                                  prompt_tokens=self.started.prompt_tokens,
@@ -227,6 +244,30 @@ class ChainJob:
                 reply = await self._step(token, self.links[0].position, final)
             except MinerFault as fault:
                 self._fail(fault.error)
+
+    def receipts(self) -> tuple[tuple[Receipt, str], ...]:
+        """The links' latest receipts that are signed by their miner and true to the
+        session (its id, the weights, the digest chains of what the coordinator sent and
+        got, the positions and steps); a link without one counts against its miner."""
+        good = []
+        for link in self.links:
+            r, signature = link.receipt or (None, None)
+            if r is None or signature is None:
+                problem = "no receipt"
+            elif r.miner != link.session.miner_id or not verify_receipt(r, signature):
+                problem = "a receipt not signed by this miner"
+            elif (r.job_id, r.model_sha256, r.request_sha256, r.output_sha256,
+                  r.prompt_tokens, r.completion_tokens) != (
+                    link.sid, self._sha256, link.inputs, link.outputs, link.position,
+                    link.steps_run):
+                problem = "a receipt that does not match the session"
+            else:
+                good.append((r, signature))
+                continue
+            log.warning("chain %s: shard %s sent %s", self.job.job_id,
+                        link.session.miner_id[:16], problem)
+            self.scores.failure(link.session.miner_id)
+        return tuple(good)
 
     def outcome(self, stream: bool) -> Outcome:
         """The chain's :class:`Outcome`: paid to the links of the chain that finished,
@@ -246,7 +287,8 @@ class ChainJob:
             return Outcome(self.job.job_id, self.account, self.job.model, "done",
                            base.miner_id, offer, prompt_tokens=prompt,
                            completion_tokens=len(self._ids), failovers=self.failovers,
-                           checkable=self.checkable, shares=shares, answer=answer)
+                           checkable=self.checkable, shares=shares, answer=answer,
+                           shard_receipts=self._receipts)
         if self.failed or self.started is None or last is None:
             return base
         return Outcome(self.job.job_id, self.account, self.job.model, "client_closed",
@@ -365,6 +407,14 @@ class ChainJob:
                 raise error from None
             raise MinerFault("miner_error", error) from None
         assert isinstance(reply, Forwarded)
+        if reply.input_sha256 != tensor_digest(task) or \
+                reply.output_sha256 != tensor_digest(reply):
+            raise protocol("a step's digests that do not match what it got and sent")
+        link.steps_run += 1
+        link.inputs = chain_digest(link.inputs, reply.input_sha256)
+        link.outputs = chain_digest(link.outputs, reply.output_sha256)
+        if reply.receipt is not None and reply.signature is not None:
+            link.receipt = (reply.receipt, reply.signature)
         token = link.end == self.total and task.sample
         if token != (reply.token_id is not None):
             raise protocol("a shard answered with the other end's output")

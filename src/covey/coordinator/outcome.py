@@ -158,7 +158,8 @@ class Outcome:
     out; ``fault``: why that miner's usage report is false (nobody is paid, the verifier
     punishes); ``checkable``: the client allows a re-check; ``answer``: what a validator
     re-checks (None when nothing finished); ``shares``: a sharded model's chain, each
-    shard paid its share of the blocks (empty: ``miner_id`` is paid).
+    shard paid its share of the blocks (empty: ``miner_id`` is paid), and
+    ``shard_receipts`` its shards' checked receipts (one per chain session).
     """
 
     job_id: JobId
@@ -175,13 +176,15 @@ class Outcome:
     checkable: bool = True
     answer: Answer | None = None
     shares: tuple[Share, ...] = ()
+    shard_receipts: tuple[tuple[Receipt, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class Charge:
     """Close the escrow of ``job_id``: the miner earns ``amount`` µcr (less the protocol
     fee), the rest goes back to ``account``; ``usage`` and ``receipt`` are stored with it.
-    ``shares`` (miner id, blocks) splits the miners' part among a chain of shards."""
+    ``shares`` (miner id, blocks) splits the miners' part among a chain of shards, whose
+    receipts are ``shard_receipts``."""
 
     job_id: JobId
     account: str
@@ -190,6 +193,7 @@ class Charge:
     usage: UsageRecord
     receipt: tuple[Receipt, str] | None = None
     shares: tuple[tuple[str, int], ...] = ()
+    shard_receipts: tuple[tuple[Receipt, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,4 +223,5 @@ def settle(outcome: Outcome, price: Price) -> LedgerOp:
     return Charge(outcome.job_id, outcome.account, outcome.miner_id,
                   cost(price, outcome.prompt_tokens, outcome.completion_tokens),
                   UsageRecord(outcome.model, outcome.prompt_tokens, outcome.completion_tokens),
-                  outcome.receipt, tuple((s.miner_id, s.blocks) for s in outcome.shares))
+                  outcome.receipt, tuple((s.miner_id, s.blocks) for s in outcome.shares),
+                  outcome.shard_receipts)

@@ -72,7 +72,14 @@ from covey.protocol.embed import vectors_digest
 from covey.protocol.frames import Receipt, _Frame
 from covey.protocol.receipts import billed_units, billed_work, request_digest, sign_receipt
 from covey.protocol.sealing import SealingError, open_job, seal_delta, sign_box_key
-from covey.protocol.shard import Forward, decode_binary, encode_binary
+from covey.protocol.shard import (
+    CHAIN_START,
+    Forward,
+    chain_digest,
+    decode_binary,
+    encode_binary,
+    session_receipt,
+)
 
 log = logging.getLogger("covey.miner")
 T = TypeVar("T")
@@ -80,6 +87,8 @@ R = TypeVar("R", Done, Embedded, Transcribed, Spoken, Painted, Scored)
 
 MAX_FRAME_BYTES = 2**26
 """Largest frame accepted (64 MiB); the coordinator caps request bodies well below it."""
+MAX_SHARD_SESSIONS = 4096
+"""Chain sessions whose receipts a shard miner keeps; the oldest is dropped beyond it."""
 MAX_TOKENIZE_IDS = 2**20
 """Most token ids a ``tokens`` frame may carry (its field's bound)."""
 
@@ -141,6 +150,9 @@ class MinerAgent(MediaTasks):
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._uploads: dict[str, asyncio.Queue[AudioChunk | KeyChunk]] = {}
         self._pending: set[asyncio.Future[None]] = set()
+        self._shard_chains: dict[str, tuple[str, str, int, int]] = {}
+        """Chain session → its receipt so far (input and output digest chains,
+        positions, steps)."""
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -277,6 +289,7 @@ class MinerAgent(MediaTasks):
                         if running is not None:
                             running.cancel()
                         else:  # a chain session that ended: free its cache
+                            self._shard_chains.pop(frame.job_id, None)
                             for backend in self.backends.values():
                                 if isinstance(backend, ShardBackendBase):
                                     backend.drop(frame.job_id)
@@ -394,10 +407,23 @@ class MinerAgent(MediaTasks):
         await self._send(ws, Tokens(job_id=frame.job_id, token_ids=tuple(ids)))
 
     async def _forward(self, ws: ClientConnection, task: Forward) -> None:
-        """Run one step of a chain session on this miner's shard; answer in binary."""
+        """Run one step of a chain session on this miner's shard and answer in binary,
+        with a signed receipt for the session so far (the chains of its input and output
+        digests, :func:`~covey.protocol.shard.chain_digest`)."""
         backend = self._backend(task.model, task.model_sha256, "forward")
         assert isinstance(backend, ShardBackendBase)
         reply = await backend.forward(task)
+        old = self._shard_chains.pop(task.session, None) if task.position else None
+        inputs, outputs, positions, steps = old or (CHAIN_START, CHAIN_START, 0, 0)
+        state = (chain_digest(inputs, reply.input_sha256),
+                 chain_digest(outputs, reply.output_sha256), positions + reply.tokens,
+                 steps + 1)
+        self._shard_chains[task.session] = state
+        while len(self._shard_chains) > MAX_SHARD_SESSIONS:
+            self._shard_chains.pop(next(iter(self._shard_chains)))
+        receipt = session_receipt(task.session, self.miner_id, backend.offer.sha256, *state)
+        reply = reply.model_copy(update={"receipt": receipt,
+                                         "signature": sign_receipt(self.key, receipt)})
         async with self._send_lock:
             await ws.send(encode_binary(reply))
 

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from covey.protocol.frames import ChatMessage, SamplingParams
-from covey.protocol.wire import JobId, Sha256Hex, ShardRange, TokenId, _Frame
+from covey.protocol.wire import JobId, Receipt, Sha256Hex, ShardRange, TokenId, _Frame
 
 __all__ = ["DType", "Forward", "Forwarded", "Tensor", "decode_binary", "encode_binary",
            "tensor_digest", "tensor_values"]
@@ -157,6 +157,10 @@ to sample answers with an empty tensor). ``input_sha256`` and
     part of the answer."""
     input_sha256: Sha256Hex
     output_sha256: Sha256Hex
+    receipt: Receipt | None = None
+    """The shard's account of the session so far (:func:`session_receipt`); the agent
+    adds it and ``signature``, its hex Ed25519 signature."""
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
     data: bytes = Field(default=b"", exclude=True, repr=False)
     """The hidden states' bytes (never in the JSON header)."""
 
@@ -243,3 +247,24 @@ def tensor_values(tensor: Tensor, data: bytes) -> array.array[float]:
         bits = array.array("I", (h << 16 for h in halves))
         out.frombytes(bits.tobytes())
     return out
+
+
+CHAIN_START = hashlib.sha256(b"covey-shard-receipt-v1").hexdigest()
+"""Where a session's digest chains start (:func:`chain_digest`)."""
+
+
+def chain_digest(previous: str, step: str) -> str:
+    """SHA-256 (hex) of ``previous`` then ``step`` (both hex digests, as bytes): a session's
+    inputs, or outputs, folded one step at a time from :data:`CHAIN_START`. One digest then
+    binds every activation a shard received, or sent, in order."""
+    return hashlib.sha256(bytes.fromhex(previous) + bytes.fromhex(step)).hexdigest()
+
+
+def session_receipt(session: str, miner: str, model_sha256: str, inputs: str, outputs: str,
+                    positions: int, steps: int) -> Receipt:
+    """A shard's receipt for chain session ``session`` so far: ``request_sha256`` is the
+    chain of its inputs' digests, ``output_sha256`` of its outputs' (:func:`chain_digest`),
+    ``prompt_tokens`` the positions it ran, ``completion_tokens`` its steps."""
+    return Receipt(job_id=session, miner=miner, model_sha256=model_sha256,
+                   request_sha256=inputs, output_sha256=outputs, prompt_tokens=positions,
+                   completion_tokens=steps)

@@ -19,7 +19,10 @@ async def get_receipt(job_id: Annotated[str, Path(max_length=100)], request: Req
     """The receipt of one of the caller's requests (its id is the completion's ``id``):
     ``receipt`` (job id, miner, model hash, request and output SHA-256, usage),
     ``miner_signature``, ``coordinator`` (public key) and ``coordinator_signature``. Check
-    it offline with ``covey receipts verify``.
+    it offline with ``covey receipts verify``. A sharded model's request has one receipt
+    per shard (its job id is the chain session's, its request and output digests chain
+    the digests of the activations the shard got and sent, its usage counts positions and
+    steps): ``{"object": "receipt.shards", "shards": [...]}``.
 
     Raises:
         ApiError: 404 when no settled request of this account has that id.

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Table, func, literal_column, select
 
@@ -186,12 +187,14 @@ class Bank:
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
                record: UsageRecord | None = None,
                receipt: tuple[Receipt, str] | None = None,
-               shares: Sequence[tuple[str, int]] = ()) -> Settlement | None:
+               shares: Sequence[tuple[str, int]] = (),
+               shard_receipts: Sequence[tuple[Receipt, str]] = ()) -> Settlement | None:
         """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
         and store ``record`` and the miner's ``receipt`` (with its signature; the
         coordinator countersigns it here) in the same transaction. ``shares`` (miner id,
         blocks) splits the miners' pay among a sharded model's chain instead, in
-        proportion (:func:`~covey.coordinator.ledger.pricing.split`). Returns the split,
+        proportion (:func:`~covey.coordinator.ledger.pricing.split`), and stores their
+        ``shard_receipts`` (each under its chain session's id). Returns the split,
         or None when the escrow was already closed (a second call changes nothing).
         """
         box = escrow(job_id)
@@ -216,10 +219,13 @@ class Bank:
                     "model": record.model, "prompt_tokens": record.prompt_tokens,
                     "completion_tokens": record.completion_tokens,
                     "cost": result[0].miner + result[0].fee, "created_us": now}))
-            if receipt is not None:
-                signed, signature = receipt
+            signed_by = [(job_id, r) for r in ([receipt] if receipt is not None else [])]
+            # A shard's receipt is stored under its chain session's id, "<job_id>.<n>".
+            signed_by += [(r[0].job_id, r) for r in shard_receipts
+                          if r[0].job_id.startswith(f"{job_id}.")]
+            for key, (signed, signature) in signed_by:
                 rows.append((receipts, {
-                    "job_id": job_id, "account": account_id, "miner": signed.miner,
+                    "job_id": key, "account": account_id, "miner": signed.miner,
                     "receipt": canonical_json(signed.model_dump()).decode(),
                     "miner_signature": signature,
                     "coordinator_signature": countersign(self.ledger.key, signed, signature),
@@ -234,13 +240,28 @@ class Bank:
 
     def receipt(self, job_id: str, account_id: str) -> dict[str, object] | None:
         """The stored receipt of ``job_id`` if ``account_id`` made the request: receipt,
-        miner and coordinator signatures, and the coordinator's public key (hex)."""
+        miner and coordinator signatures, and the coordinator's public key (hex). A
+        sharded model's request has one receipt per shard, stored under
+        ``<job_id>.<n>``: they come as ``shards``, a list of such objects."""
         q = select(receipts).where(receipts.c.job_id == job_id,
                                    receipts.c.account == account_id)
+        # The shards' ids sort between "<job_id>." and "<job_id>/" ("/" follows "."): a
+        # range, never LIKE, whose wildcards a job id could hold.
+        shards = select(receipts).where(receipts.c.job_id > f"{job_id}.",
+                                        receipts.c.job_id < f"{job_id}/",
+                                        receipts.c.account == account_id
+                                        ).order_by(receipts.c.created_us, receipts.c.job_id)
         with self.ledger.engine.connect() as conn:
             row = conn.execute(q).mappings().first()
-        if row is None:
+            parts = [] if row is not None else list(conn.execute(shards).mappings())
+        if row is None and not parts:
             return None
+        if row is None:
+            return {"object": "receipt.shards", "job_id": job_id,
+                    "shards": [self._receipt_body(r) for r in parts]}
+        return self._receipt_body(row)
+
+    def _receipt_body(self, row: Mapping[str, Any]) -> dict[str, object]:
         return {"object": "receipt", "receipt": json.loads(row["receipt"]),
                 "miner_signature": row["miner_signature"],
                 "coordinator": self.ledger.public_key,
