@@ -131,6 +131,20 @@ def _proof_setup(scorers: list[str]) -> list[str]:
     return ["--proof-setup", f"{scorers[1]}={folder}"]
 
 
+def _shard_ranges(model: str, shards: int) -> list[tuple[int, int]]:
+    """Even block ranges of ``model`` for ``shards`` shard miners.
+
+    Raises:
+        ValueError: the shard backend is not installed, or the model has fewer blocks.
+    """
+    if any(importlib.util.find_spec(m) is None for m in ("transformers", "accelerate")):
+        raise ValueError("--shards needs the transformers backend: pip install "
+                         "'covey[shard]'")
+    from covey.miner.backends.transformers_shard import count_blocks, split_blocks
+
+    return split_blocks(count_blocks(resolve_model(model).path), shards)
+
+
 def up(
     miners: Annotated[int, typer.Option(min=1, max=32, help="How many miners to start.")] = 1,
     host: Annotated[str, typer.Option(help="Coordinator interface.")] = "127.0.0.1",
@@ -150,6 +164,10 @@ def up(
     image_model: Annotated[str | None, typer.Option(
         help="Also serve this text-to-image model: a diffusers Stable Diffusion folder or "
              "an hf: reference (needs covey\\[image]; no image weights are bundled).")] = None,
+    shards: Annotated[int, typer.Option(
+        min=0, max=16, help="Serve the chat model sharded: a chain of this many more miners, "
+        "each holding a block range of it on transformers (needs covey\\[shard]); 0: "
+        "whole, on llama.cpp.")] = 0,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
     record_traffic: Annotated[bool, typer.Option(
@@ -169,7 +187,8 @@ def up(
             spoken = [BUNDLED_TRANSCRIPTION_MODEL, BUNDLED_SPEECH_MODEL]
         image = resolve_model(image_model).name if image_model else None
         scorers = _scoring_models() if scoring else []
-    except ModelNotFound as exc:
+        ranges = _shard_ranges(model, shards) if shards else []
+    except (ModelNotFound, ValueError) as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     if not _port_free(host, port):
@@ -185,15 +204,23 @@ def up(
                     "--data-dir", str(data_dir), *traffic, *proofs],
                    data_dir / "coordinator.log")
     procs = [coord]
-    for i in range(miners):
+    # Sharded: the chat model only on the chain (a whole copy would take every request).
+    whole = models[1:] if ranges else models
+    served_by = [*whole, *spoken, *scorers, *([image_model] if image_model else [])]
+    for i in range(miners if served_by else 0):
         mdir = data_dir / f"miner-{i}"
         mdir.mkdir(exist_ok=True)
         procs.append(_spawn(["miner", "--coordinator", base,
-                             *(arg for m in [*models, *spoken, *scorers,
-                                             *([image_model] if image_model else [])]
-                               for arg in ("--model", m)),
+                             *(arg for m in served_by for arg in ("--model", m)),
                              "--slots", str(slots), "--threads", str(threads),
                              "--data-dir", str(mdir)], data_dir / f"miner-{i}.log"))
+    for i, (start, end) in enumerate(ranges):
+        mdir = data_dir / f"shard-{i}"
+        mdir.mkdir(exist_ok=True)
+        procs.append(_spawn(["miner", "--coordinator", base, "--model", model,
+                             "--blocks", f"{start}:{end}", "--slots", str(slots),
+                             "--threads", "1", "--data-dir", str(mdir)],
+                            data_dir / f"shard-{i}.log"))
     stop = False
 
     def _on_signal(*_: object) -> None:
@@ -202,9 +229,14 @@ def up(
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    out.print(f"starting a coordinator and {miners} miner(s); logs in {data_dir}/")
-    names = [served, *models[1:], *spoken, *scorers, *([image] if image else [])]
-    problem = _wait_ready(base, names, miners, procs, 180)
+    chain = " and a chain of " + " → ".join(f"{a}:{b}" for a, b in ranges) + " shards" \
+        if ranges else ""
+    out.print(f"starting a coordinator and {miners if served_by else 0} miner(s){chain}; "
+              f"logs in {data_dir}/")
+    names = [*models[1:], *spoken, *scorers, *([image] if image else [])]
+    problem = _wait_ready(base, names, miners, procs, 180) if served_by else None
+    if problem is None:
+        problem = _wait_ready(base, [served], len(ranges) or miners, procs, 180)
     if problem is not None and not stop:
         out.print(f"[red]covey up failed:[/red] {problem}; see the logs in {data_dir}/")
         _stop(list(reversed(procs)))

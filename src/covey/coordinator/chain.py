@@ -22,20 +22,20 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
+from covey.coordinator.chain_links import ChainLink, Rebuilding
 from covey.coordinator.errors import ApiError
-from covey.coordinator.failover import FailoverPolicy, no_takeover
+from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.job_faults import MinerFault, miner_error, protocol
 from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.miners import MinerRegistry, MinerSession
 from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink, Share
-from covey.coordinator.placement import ShardMiner, missing_blocks, plan_chain
+from covey.coordinator.placement import ShardMiner, plan_chain
 from covey.coordinator.scores import Scoreboard
-from covey.protocol import Delta, Done, Generate, ModelOffer, Started
+from covey.coordinator.shards import incomplete, shard_sessions, shard_status
+from covey.protocol import Delta, Done, Generate, Started
 from covey.protocol.receipts import Receipt, verify_receipt
 from covey.protocol.shard import (
-    CHAIN_START,
     Forward,
     Forwarded,
     Tensor,
@@ -51,72 +51,7 @@ CLIENT_ERRORS = frozenset({"invalid_prompt", "context_length_exceeded"})
 client, nobody blamed); any other refusal is the shard's fault and it is replaced."""
 
 
-@dataclass
-class _Link:
-    """One link of the running chain: ``session`` runs blocks ``[start, end)``; ``sid`` is
-    the chain session's id there and ``position`` the positions its cache holds.
-    ``inputs`` is every input it was sent, to rebuild it elsewhere: the first link's
-    prompt job and token ids, another link's hidden-state chunks."""
-
-    session: MinerSession
-    start: int
-    end: int
-    sid: str
-    position: int = 0
-    steps_run: int = 0
-    """Steps it answered (its receipt's ``completion_tokens``)."""
-    steps: int = 0
-    seconds: float = 0.0
-    """Decode steps it ran and their seconds, round trip (its measured speed)."""
-    tokens: list[int] = field(default_factory=list)
-    chunks: list[tuple[Tensor, bytes]] = field(default_factory=list)
-    inputs: str = CHAIN_START
-    outputs: str = CHAIN_START
-    """The chains of the digests of what it was sent and sent back (its receipt's)."""
-    receipt: tuple[Receipt, str] | None = None
-    """Its latest signed receipt for the session."""
-
-
-@dataclass(frozen=True)
-class ShardStatus:
-    """How completely live miners hold a sharded model: ``total`` blocks, the live
-    shards as (miner id, start, end), and the ``missing`` ranges (empty: complete)."""
-
-    total: int
-    shards: tuple[tuple[str, int, int], ...]
-    missing: tuple[tuple[int, int], ...]
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
-
-
-def shard_sessions(registry: MinerRegistry, model: str) -> list[tuple[MinerSession, ModelOffer]]:
-    """Live sessions holding a shard of ``model``, with their offers."""
-    out = []
-    for s in registry.sessions.values():
-        if s.closed:
-            continue
-        offer = s.shard_offer(model)
-        if offer is not None:
-            out.append((s, offer))
-    return out
-
-
-def shard_status(registry: MinerRegistry, model: str) -> ShardStatus | None:
-    """The model's :class:`ShardStatus`, or None when no live miner holds a shard of it."""
-    shards = shard_sessions(registry, model)
-    if not shards:
-        return None
-    total = max(o.shard.total for _, o in shards if o.shard is not None)
-    ranges = [(o.shard.start, o.shard.end) for _, o in shards
-              if o.shard is not None and o.shard.total == total]
-    return ShardStatus(total, tuple(sorted((s.miner_id, o.shard.start, o.shard.end)
-                                           for s, o in shards if o.shard is not None)),
-                       tuple(missing_blocks(ranges, total)))
-
-
-class ChainJob:
+class ChainJob(Rebuilding):
     """A generation on a chain of shards, with the interface Serving uses of a running job
     (``RunningJob``): start, frames, outcome, close.
 
@@ -144,7 +79,7 @@ class ChainJob:
         self.first_token_at: float | None = None
         self.settlement: Awaitable[object] | None = None
         self.total = 0
-        self.links: list[_Link] = []
+        self.links: list[ChainLink] = []
         self._on_close = on_close
         self._on_failover = on_failover
         self._tried: set[str] = set()
@@ -194,7 +129,7 @@ class ChainJob:
         self.total = status.total
         self._sha256 = offers[0].sha256
         if not status.complete:
-            raise _incomplete(self.job.model, status)
+            raise incomplete(self.job.model, status)
         plan = plan_chain(self._candidates(), self.total)
         if plan is None:
             raise ApiError(429, f"Every chain serving '{self.job.model}' is busy; try again "
@@ -320,13 +255,13 @@ class ChainJob:
                                   s.busy.get(self.job.model, 0), s.slots_for(self.job.model)))
         return out
 
-    def _take(self, miner_id: str, start: int, end: int) -> _Link:
+    def _take(self, miner_id: str, start: int, end: int) -> ChainLink:
         session = self.registry.sessions[miner_id]
         session.busy[self.job.model] = session.busy.get(self.job.model, 0) + 1
         session.active += 1
-        return _Link(session, start, end, f"{self.job.job_id}.{next(_ids)}")
+        return ChainLink(session, start, end, f"{self.job.job_id}.{next(_ids)}")
 
-    def _release(self, link: _Link) -> None:
+    def _release(self, link: ChainLink) -> None:
         session = link.session
         session.busy[self.job.model] = max(0, session.busy.get(self.job.model, 1) - 1)
         session.active = max(0, session.active - 1)
@@ -374,7 +309,7 @@ class ChainJob:
         assert carry is not None
         return carry
 
-    def _forward(self, link: _Link, position: int, final: bool, *, prompt: bool = False,
+    def _forward(self, link: ChainLink, position: int, final: bool, *, prompt: bool = False,
                  token_ids: tuple[int, ...] = (), hidden: Tensor | None = None,
                  data: bytes = b"", emit_from: int | None = None, sample: bool = True,
                  resume: tuple[int, ...] = (), resume_chars: int = 0) -> Forward:
@@ -391,7 +326,7 @@ class ChainJob:
                        stop_ids=job.stop_ids, final=final, sample=sample, resume=resume,
                        resume_chars=resume_chars)
 
-    async def _hop(self, link: _Link, task: Forward) -> Forwarded:
+    async def _hop(self, link: ChainLink, task: Forward) -> Forwarded:
         """One shard's answer to ``task``, checked for shape.
 
         Raises:
@@ -424,104 +359,6 @@ class ChainJob:
             if len(h.shape) != 3 or h.shape[0] != 1:
                 raise protocol(f"hidden states of shape {h.shape}")
         return reply
-
-    async def _rebuild(self, i: int, fault: MinerFault, position: int, final: bool
-                       ) -> tuple[int, Forwarded]:
-        """Replace link ``i`` (failed with ``fault`` during the step at ``position``):
-        plan miners for its blocks, replay its recorded inputs there, and return the index
-        of the last new link with its answer for this step.
-
-        Raises:
-            MinerFault: replacements spent, or no miner left holds those blocks.
-        """
-        while True:
-            old = self.links[i]
-            log.warning("chain %s: shard %s (blocks %d:%d) failed (%s); rebuilding it",
-                        self.job.job_id, old.session.miner_id[:16], old.start, old.end,
-                        fault.reason)
-            if fault.blame:
-                self.scores.failure(old.session.miner_id)
-            self._tried.add(old.session.miner_id)
-            self.failovers += 1
-            if self._on_failover is not None:
-                self._on_failover(fault.reason)
-            if self.failovers >= self.policy.max_tries:
-                raise fault
-            plan = plan_chain(self._candidates(), self.total, frozenset(self._tried),
-                              old.start, old.end)
-            if plan is None:
-                raise MinerFault(fault.reason, no_takeover(fault, ApiError(
-                    503, f"no other miner holds blocks {old.start}:{old.end} of "
-                    f"'{self.job.model}'", code="model_unavailable")))
-            new = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
-            self._release(old)
-            try:
-                reply = await self._replay(old, new, position, final)
-            except MinerFault as again:
-                for link in new:
-                    self._release(link)
-                fault = again
-                continue
-            self.links[i:i + 1] = new
-            return i + len(new) - 1, reply
-
-    async def _replay(self, old: _Link, new: list[_Link], position: int, final: bool
-                      ) -> Forwarded:
-        """Rebuild ``old``'s cache on the ``new`` links from its recorded inputs (this
-        step's included); returns the last new link's answer for this step (positions
-        from ``position``)."""
-        first = old.start == 0
-        chunks = list(old.chunks)
-        tokens = list(old.tokens)
-        reply: Forwarded | None = None
-        for j, link in enumerate(new):
-            end_of_new = j == len(new) - 1
-            emit_from = position if end_of_new else 0
-            link.tokens, link.chunks = tokens, chunks
-            outputs: list[tuple[Tensor, bytes]] = []
-            if first and j == 0:
-                task = self._forward(link, 0, final, prompt=True, token_ids=tuple(tokens),
-                                     emit_from=emit_from, resume=tuple(self._ids),
-                                     resume_chars=self._chars)
-                reply = await self._hop(link, task)
-                link.position = reply.tokens
-                if reply.hidden is not None:
-                    outputs.append((reply.hidden, reply.data))
-            else:
-                for k, (tensor, data) in enumerate(_runs(chunks)):
-                    sample = k == len(_runs(chunks)) - 1
-                    task = self._forward(link, link.position, final, hidden=tensor,
-                                         data=data, emit_from=emit_from, sample=sample,
-                                         resume=tuple(self._ids), resume_chars=self._chars)
-                    reply = await self._hop(link, task)
-                    link.position += reply.tokens
-                    if reply.hidden is not None and reply.hidden.shape[1] > 0:
-                        outputs.append((reply.hidden, reply.data))
-            tokens, chunks = [], outputs
-        assert reply is not None
-        return reply
-
-
-def _runs(chunks: list[tuple[Tensor, bytes]]) -> list[tuple[Tensor, bytes]]:
-    """Recorded hidden-state chunks joined into as few tensors as their dtypes allow
-    (one per run of a dtype; batch 1, so the token axis concatenates as bytes)."""
-    out: list[tuple[Tensor, bytes]] = []
-    for tensor, data in chunks:
-        if out and out[-1][0].dtype == tensor.dtype and out[-1][0].shape[2:] == tensor.shape[2:]:
-            prev, prev_data = out[-1]
-            shape = (1, prev.shape[1] + tensor.shape[1], *tensor.shape[2:])
-            out[-1] = (Tensor(shape=shape, dtype=tensor.dtype), prev_data + data)
-        else:
-            out.append((tensor, data))
-    return out
-
-
-def _incomplete(model: str, status: ShardStatus) -> ApiError:
-    gaps = ", ".join(f"{s}:{e}" for s, e in status.missing)
-    return ApiError(503, f"'{model}' is incomplete: no live miner holds blocks {gaps} of "
-                    f"its {status.total}. Start a miner with `covey miner --model "
-                    f"{model} --blocks {status.missing[0][0]}:{status.missing[0][1]}`.",
-                    code="model_unavailable", type="server_error")
 
 
 async def start_chain(job: Generate, registry: MinerRegistry, scores: Scoreboard, account: str,

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from covey.coordinator.chain import shard_sessions, shard_status
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.scores import MinerScore
+from covey.coordinator.shards import shard_sessions, shard_status
 from covey.protocol import ModelOffer
 from covey.protocol.openai import ModelCard, ModelList, ModelPrice, ModelShards, ShardHolder
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
-from covey.coordinator.chain import shard_sessions, shard_status, start_chain
+from covey.coordinator.chain import start_chain
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.jobs import RunningJob, Sealer, start_job
@@ -23,6 +23,7 @@ from covey.coordinator.metrics import Metrics, RequestRecord
 from covey.coordinator.outcome import Outcome
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
+from covey.coordinator.shards import shard_sessions, shard_status
 from covey.protocol import Delta, Generate, JobId, ModelOffer
 from covey.protocol.openai import (
     ChatCompletion,

@@ -28,6 +28,7 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink
 from covey.coordinator.router import Dispatcher
+from covey.coordinator.shards import join_chunks
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
 from covey.coordinator.verify.validators import NoVerdict, SampledChecks
 from covey.protocol.shard import Forward, Forwarded, Tensor, tensor_values
@@ -125,7 +126,7 @@ async def _replay(session: MinerSession, answer: ShardAnswer, link: ShardLink, s
         steps.append({"messages": job.messages, "prompt": job.prompt,
                       "token_ids": link.tokens})
     else:
-        for tensor, data in _joined(link.chunks):
+        for tensor, data in join_chunks(link.chunks):
             steps.append({"hidden": tensor, "data": data})
     out: list[tuple[Tensor, bytes]] = []
     position = 0
@@ -140,18 +141,6 @@ async def _replay(session: MinerSession, answer: ShardAnswer, link: ShardLink, s
             raise NoVerdict("the validator sent a token where hidden states were due")
         out.append((reply.hidden, reply.data))
         position += reply.tokens
-    return out
-
-
-def _joined(chunks: Sequence[tuple[Tensor, bytes]]) -> list[tuple[Tensor, bytes]]:
-    out: list[tuple[Tensor, bytes]] = []
-    for tensor, data in chunks:
-        if out and out[-1][0].dtype == tensor.dtype:
-            prev, prev_data = out[-1]
-            shape = (1, prev.shape[1] + tensor.shape[1], *tensor.shape[2:])
-            out[-1] = (Tensor(shape=shape, dtype=tensor.dtype), prev_data + data)
-        else:
-            out.append((tensor, data))
     return out
 
 

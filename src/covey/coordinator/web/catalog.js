@@ -3,7 +3,8 @@
 "use strict";
 
 let kindFilter = "all";
-const STATUS_LABELS = { up: "up", trial: "on trial", offline: "no miner" };
+const STATUS_LABELS = { up: "up", trial: "on trial", offline: "no miner",
+                        incomplete: "incomplete" };
 
 // Credits with the trailing zeros trimmed: 0.25, 0.000004.
 function shortCredits(ucr) { return String(Number((ucr / 1e6).toFixed(6))); }
@@ -34,6 +35,25 @@ function speedText(m) {
   return parts.length ? parts.join(" · ") : "speed not measured yet";
 }
 
+// A sharded model: which blocks live miners hold (one cell per block, shaded by how many
+// hold it; a gap in red) and, in words, the chain and what is missing.
+function shardLines(m) {
+  const s = m.shards;
+  const held = new Array(s.total).fill(0);
+  for (const h of s.held) for (let b = h.start; b < h.end; b++) held[b] += 1;
+  const range = ([a, b]) => `${a}–${b - 1}`;
+  const words = s.missing.length
+    ? `blocks ${s.missing.map(range).join(", ")} of ${s.total} have no miner`
+    : `${s.held.length} shard${s.held.length === 1 ? "" : "s"} hold all ${s.total} blocks`;
+  return [
+    el("span", { className: "blockmap", role: "img",
+                 "aria-label": `Sharded model: ${words}` },
+       held.map((n, b) => el("span", { className: `block c${Math.min(n, 3)}`,
+                                       title: `block ${b}: ${n} miner${n === 1 ? "" : "s"}` }))),
+    el("span", { className: `card-line small ${s.missing.length ? "bad" : "muted"}` },
+       `sharded · ${words}`)];
+}
+
 function card(m) {
   const miners = `${m.miners} miner${m.miners === 1 ? "" : "s"}`;
   const trial = m.miners_on_trial ? ` · ${m.miners_on_trial} on trial` : "";
@@ -53,6 +73,7 @@ function card(m) {
     m.context_length && ["chat", "embedding"].includes(m.kind)
       ? `${m.context_length.toLocaleString("en")} tokens context · ` : "",
     priceText(m)),
+  ...(m.shards ? shardLines(m) : []),
   // A scoring model answers in milliseconds; tokens per second mean nothing there.
   m.kind === "scoring" ? null : el("span", { className: "card-line muted speed" }, speedText(m)));
   return el("li", {}, button);

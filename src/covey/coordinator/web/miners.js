@@ -104,7 +104,8 @@ function modelsCell(m) {
   return el("ul", { className: "plain" }, m.models.map((o) => {
     const state = m.refused.includes(o.name) ? ["refused", "bad"]
       : m.held.includes(o.name) ? ["on trial", "trial"] : null;
-    const facts = [o.kind, o.context_length ? `${o.context_length.toLocaleString("en")} ctx` : null,
+    const facts = [o.kind, o.shard ? `blocks ${o.shard.start}–${o.shard.end - 1} of ${o.shard.total}` : null,
+                   o.context_length ? `${o.context_length.toLocaleString("en")} ctx` : null,
                    o.backend].filter(Boolean).join(" · ");
     return el("li", {},
       el("span", { className: "model-name" }, o.name),

@@ -87,6 +87,48 @@ def load_float_model(path: Path, sha256: str) -> tuple[Any, Any]:
             AutoTokenizer.from_pretrained(folder))
 
 
+def count_blocks(path: Path) -> int:
+    """The decoder blocks of the model at ``path`` (a GGUF file's ``<arch>.block_count``, or
+    a transformers folder's ``num_hidden_layers``), read without loading the weights.
+
+    Raises:
+        ValueError: neither says.
+    """
+    if path.is_dir():
+        import json
+
+        config = json.loads((path / "config.json").read_text())
+        if "num_hidden_layers" not in config:
+            raise ValueError(f"{path}/config.json does not say how many blocks it has")
+        return int(config["num_hidden_layers"])
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    field = fields.get(f"{arch}.block_count")
+    if field is None:
+        raise ValueError(f"{path.name} does not say how many blocks it has")
+    return int(field.parts[-1][0])
+
+
+def split_blocks(total: int, shards: int) -> list[tuple[int, int]]:
+    """``total`` blocks in ``shards`` contiguous ranges as even as can be, the larger
+    first: 30 in 2 → [(0, 15), (15, 30)]; 30 in 4 → [(0, 8), (8, 16), (16, 23), (23, 30)].
+
+    Raises:
+        ValueError: fewer blocks than shards, or no shard.
+    """
+    if not 1 <= shards <= total:
+        raise ValueError(f"cannot split {total} blocks in {shards} shards")
+    size, extra = divmod(total, shards)
+    out, start = [], 0
+    for i in range(shards):
+        end = start + size + (i < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet reversed, token characters → bytes: printable
     bytes stand for themselves, the others are moved to code points from 256 up (the
