@@ -310,3 +310,84 @@ def test_a_shard_sending_perturbed_activations_is_caught_and_slashed(tmp_path):
         net.close()
     verified = ledger_verify(tmp_path / "coordinator")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_load_and_fail_cycles_never_lose_a_request_or_list_a_dead_miner(tmp_path, reference):
+    """20 rounds of starting and killing shard miners at random while a client streams:
+    every request completes with the greedy answer or ends with a clear error, a killed
+    miner leaves the list at once, and nothing stays held."""
+    import random
+    import threading
+
+    rng = random.Random(7)
+    net = shard_network(tmp_path, "0:15", "0:15", "15:", "15:")
+    _, expected = reference("Name three colours.", 16)
+    results: list[tuple[str, str]] = []
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            body = {"model": MODEL, "temperature": 0, "max_tokens": 16, "stream": True,
+                    "messages": [{"role": "user", "content": "Name three colours."}]}
+            pieces, error = [], None
+            with httpx.stream("POST", f"{net.url}/v1/chat/completions", headers=net.headers,
+                              json=body, timeout=60) as r:
+                if r.status_code != 200:
+                    error = json.loads(r.read())["error"]["message"]
+                else:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            if "error" in event:
+                                error = event["error"]["message"]
+                            for c in event.get("choices", []):
+                                pieces.append(c["delta"].get("content") or "")
+            results.append(("error", error) if error else ("text", "".join(pieces)))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    live = list(range(4))
+    try:
+        for _ in range(20):
+            listed = {m["id"] for m in httpx.get(f"{net.url}/v1/miners", timeout=5)
+                      .json()["data"]}
+            connected = [i for i in live if _miner_id(net, i) in listed]
+            if len(connected) > 2 and rng.random() < 0.6:
+                i = rng.choice(connected)
+                live.remove(i)
+                miner_id = _miner_id(net, i)
+                net.miners[i].popen.send_signal(signal.SIGKILL)
+                deadline = time.monotonic() + 3
+                while any(m["id"] == miner_id for m in httpx.get(
+                        f"{net.url}/v1/miners", timeout=5).json()["data"]):
+                    assert time.monotonic() < deadline, "a killed miner is still listed"
+                    time.sleep(0.05)
+            else:
+                blocks = rng.choice(["0:15", "15:"])
+                net.add_miner("--blocks", blocks, "--ctx", "512", wait=False)
+                live.append(len(net.miners) - 1)
+            time.sleep(rng.uniform(0.5, 2.0))
+    finally:
+        done.set()
+        thread.join(90)
+        for i in live:
+            net.miners[i].stop()
+        net.coordinator.stop()
+    assert len(results) >= 10, results
+    for kind, value in results:
+        if kind == "text":
+            assert value == expected, results
+        else:
+            assert value, "an error without a message"
+    assert sum(kind == "text" for kind, _ in results) >= len(results) // 2, results
+    verified = ledger_verify(tmp_path / "coordinator")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _miner_id(net: Network, i: int) -> str | None:
+    """Miner ``i``'s id, once it has made its key (None before)."""
+    key = net.tmp / f"miner-{i}" / "miner.key"
+    try:
+        return load_or_create(key).verify_key.encode().hex() if key.is_file() else None
+    except Exception:  # noqa: BLE001 - the miner is still writing it
+        return None

@@ -229,10 +229,11 @@ def up(
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    chain = " and a chain of " + " → ".join(f"{a}:{b}" for a, b in ranges) + " shards" \
-        if ranges else ""
-    out.print(f"starting a coordinator and {miners if served_by else 0} miner(s){chain}; "
-              f"logs in {data_dir}/")
+    parts = [f"{miners} miner(s)"] if served_by else []
+    if ranges:
+        parts.append(f"{len(ranges)} shard miners of {served} (blocks "
+                     + " → ".join(f"{a}:{b}" for a, b in ranges) + ")")
+    out.print(f"starting a coordinator and {' and '.join(parts)}; logs in {data_dir}/")
     names = [*models[1:], *spoken, *scorers, *([image] if image else [])]
     problem = _wait_ready(base, names, miners, procs, 180) if served_by else None
     if problem is None:

@@ -28,6 +28,7 @@ from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.job_faults import MinerFault, miner_error, protocol
 from covey.coordinator.link import MinerLink, TaskRefused
+from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, MinerSession
 from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink, Share
 from covey.coordinator.placement import ShardMiner, plan_chain
@@ -63,8 +64,10 @@ class ChainJob(Rebuilding):
     def __init__(self, job: Generate, registry: MinerRegistry, scores: Scoreboard,
                  account: str, policy: FailoverPolicy,
                  on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
-                 on_failover: Callable[[str], None] | None = None) -> None:
+                 on_failover: Callable[[str], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.job = job
+        self.metrics = metrics
         self.account = account
         self.policy = policy
         self.registry = registry
@@ -299,10 +302,13 @@ class ChainJob(Rebuilding):
             try:
                 began = time.monotonic()
                 carry = await self._hop(link, task)
+                took = time.monotonic() - began
                 link.position += carry.tokens
+                if self.metrics is not None:
+                    self.metrics.shard_relay.observe(max(0.0, took - carry.compute_ms / 1000))
                 if token is not None:
                     link.steps += 1
-                    link.seconds += time.monotonic() - began
+                    link.seconds += took
             except MinerFault as fault:
                 i, carry = await self._rebuild(i, fault, position, final)
             i += 1
@@ -364,14 +370,15 @@ class ChainJob(Rebuilding):
 async def start_chain(job: Generate, registry: MinerRegistry, scores: Scoreboard, account: str,
                       policy: FailoverPolicy,
                       on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
-                      on_failover: Callable[[str], None] | None = None) -> ChainJob:
+                      on_failover: Callable[[str], None] | None = None,
+                      metrics: Metrics | None = None) -> ChainJob:
     """Plan a chain for ``job`` (a sharded model's) and run its prompt through it.
     ``on_close`` is called once when the job ends, however it ends.
 
     Raises:
         ApiError: see :class:`ChainJob`.
     """
-    running = ChainJob(job, registry, scores, account, policy, on_close, on_failover)
+    running = ChainJob(job, registry, scores, account, policy, on_close, on_failover, metrics)
     try:
         await running.start()
     except BaseException:

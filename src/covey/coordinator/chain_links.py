@@ -10,12 +10,14 @@ goes on from the new link (:class:`Rebuilding`, mixed into
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy, no_takeover
 from covey.coordinator.job_faults import MinerFault
+from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerSession
 from covey.coordinator.placement import ShardMiner, plan_chain
 from covey.coordinator.scores import Scoreboard
@@ -57,6 +59,7 @@ class Rebuilding:
     """Rebuilding a failed link of a :class:`~covey.coordinator.chain.ChainJob`."""
 
     job: Generate
+    metrics: Metrics | None
     policy: FailoverPolicy
     scores: Scoreboard
     links: list[ChainLink]
@@ -104,6 +107,7 @@ class Rebuilding:
                     f"'{self.job.model}'", code="model_unavailable")))
             new = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
             self._release(old)
+            began = time.monotonic()
             try:
                 reply = await self._replay(old, new, position, final)
             except MinerFault as again:
@@ -112,6 +116,11 @@ class Rebuilding:
                 fault = again
                 continue
             self.links[i:i + 1] = new
+            took = time.monotonic() - began
+            log.info("chain %s: blocks %d:%d rebuilt on %s in %.3f s", self.job.job_id,
+                     old.start, old.end, ", ".join(n.session.miner_id[:16] for n in new), took)
+            if self.metrics is not None:
+                self.metrics.shard_rebuild.observe(took)
             return i + len(new) - 1, reply
 
     async def _replay(self, old: ChainLink, new: list[ChainLink], position: int, final: bool

@@ -101,6 +101,15 @@ class Metrics:
         self.checks = Counter("covey_checks", "Verifications by kind (trial, sampled, usage) "
                               "and result (passed, failed, skipped).", ["kind", "result"],
                               registry=r)
+        self.shard_relay = Histogram(
+            "covey_shard_relay_seconds", "Per hop of a chain of shards: the round trip less "
+            "the shard's own compute (what relaying through the coordinator costs).",
+            buckets=(0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.02,
+                     0.05, 0.1), registry=r)
+        self.shard_rebuild = Histogram(
+            "covey_shard_rebuild_seconds", "Rebuilding a failed link of a chain of shards "
+            "elsewhere: planning and replaying its inputs.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
         self.slashed = Counter("covey_slashed_ucr", "µcr slashed from miners' stakes.",
                                registry=r)
         Gauge("covey_queue_depth", "Requests waiting for a free miner slot.",

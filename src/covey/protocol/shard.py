@@ -152,6 +152,9 @@ to sample answers with an empty tensor). ``input_sha256`` and
     token_id: TokenId | None = None
     text: str = ""
     finish_reason: Literal["stop"] | None = None
+    compute_ms: float = Field(default=0.0, ge=0.0, le=1e9)
+    """Milliseconds the shard spent on the step itself (the coordinator's relay cost per
+    hop is the round trip less this)."""
     end_of_text: bool = False
     """The sampled token ended the answer (an end-of-generation or stop id): it is not
     part of the answer."""

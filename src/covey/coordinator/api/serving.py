@@ -305,7 +305,8 @@ class Serving:
             running = await start_chain(
                 job, self.dispatcher.registry, self.dispatcher.scores, account, self.policy,
                 self._on_close(record, record.stream),  # type: ignore[arg-type]
-                lambda reason: self.metrics.failovers.labels(job.model, reason).inc())
+                lambda reason: self.metrics.failovers.labels(job.model, reason).inc(),
+                self.metrics)
         except ApiError:
             await self.billing.refund(job.job_id, account)
             raise

@@ -73,7 +73,9 @@ function buildMiners() {
           el("p", {}, "Start the miner. It serves the bundled SmolLM2-135M model; add ",
             el("code", {}, "--model PATH.gguf"), " for a bigger one, ",
             el("code", {}, "--gpu-layers 99"), " on a GPU, ",
-            el("code", {}, "--slots 4"), " to run jobs in parallel:"),
+            el("code", {}, "--slots 4"), " to run jobs in parallel, ",
+            el("code", {}, "--blocks 0:15"), " to hold part of a model too big for one " +
+            "machine (a shard; the coordinator chains shards that cover the model):"),
           commandBlock("miner-command", "the miner command", `covey miner --coordinator ${origin}`),
           el("p", { className: "muted small" },
             "It makes its identity key in .covey/miner.key on the first run, prints its id, " +

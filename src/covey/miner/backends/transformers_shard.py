@@ -242,7 +242,10 @@ class ShardBackend(ShardBackendBase):
 
     def _locked_step(self, task: Forward) -> Forwarded:
         with self._lock:
-            return self._step(task)
+            began = time.perf_counter()
+            reply = self._step(task)
+            return reply.model_copy(update={
+                "compute_ms": round((time.perf_counter() - began) * 1000, 3)})
 
     def _step(self, task: Forward) -> Forwarded:
         import torch
