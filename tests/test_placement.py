@@ -102,3 +102,9 @@ def test_rebalance_never_opens_another_gap():
     assert rebalance([ShardMiner("a", 0, 10), ShardMiner("b", 10, 20)], 30) is None
     # Complete: nothing to do.
     assert rebalance([ShardMiner("a", 0, 30), ShardMiner("b", 0, 30)], 30) is None
+
+
+def test_rebalance_moves_only_a_miner_that_allows_it():
+    miners = [ShardMiner("a", 0, 15), ShardMiner("b", 0, 15)]
+    assert rebalance(miners, 30, movable=frozenset({"b"})) == ("b", (15, 30))
+    assert rebalance(miners, 30, movable=frozenset()) is None

@@ -398,3 +398,32 @@ def _miner_id(net: Network, i: int) -> str | None:
         return load_or_create(key).verify_key.encode().hex() if key.is_file() else None
     except Exception:  # noqa: BLE001 - the miner is still writing it
         return None
+
+
+def test_a_gap_is_closed_by_moving_a_redundant_shard_that_allows_it(tmp_path):
+    net = Network(tmp_path, "--stall-timeout", "2")
+    try:
+        net.add_miner("--blocks", "0:15", "--ctx", "512", "--rebalance", wait=False)
+        net.add_miner("--blocks", "0:15", "--ctx", "512", wait=False)
+        last = net.add_miner("--blocks", "15:", "--ctx", "512", wait=False)
+        net.wait_miners(3, timeout=180)
+        last.popen.send_signal(signal.SIGKILL)
+        # The model is incomplete now; the coordinator asks the miner that allows it to
+        # load blocks 15:30, and it comes back holding them.
+        deadline = time.monotonic() + 60
+        while True:
+            info = card(net)
+            held = sorted((h["start"], h["end"]) for h in info["shards"]["held"])
+            if held == [(0, 15), (15, 30)]:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+        assert info["status"] == "up" and info["shards"]["missing"] == []
+        assert "moved" not in net.miners[1].output()
+        r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=60,
+                       json={"model": MODEL, "max_tokens": 8, "temperature": 0,
+                             "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert "now serving blocks 15:30" in net.miners[0].output()
+    finally:
+        net.close()

@@ -215,6 +215,9 @@ def miner(
         help="Serve a shard: blocks START:END of the model (e.g. 0:15; 15: runs to the "
              "last block), on the transformers backend. The coordinator chains shards "
              "that together hold the whole model.")] = None,
+    rebalance: Annotated[bool, typer.Option(
+        help="With --blocks: let the coordinator move this shard to blocks of the model "
+             "that no miner holds (it reloads and reconnects).")] = False,
     activations: Annotated[str, typer.Option(
         help="A shard's hidden states on the wire: float32, float16 or bfloat16 (half "
              "the bytes).")] = "float32",
@@ -253,7 +256,7 @@ def miner(
                          gpu_layers=gpu_layers, stream_interval=stream_interval,
                          ask_prompt=ask_prompt, ask_completion=ask_completion,
                          tokens_per_second=tokens_per_second, blocks=shard,
-                         activations=activations)
+                         activations=activations, rebalance=rebalance)
     served: list[Backend] = []
     try:
         signing_key = load_or_create(key or data_dir / "miner.key")

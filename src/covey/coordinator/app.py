@@ -47,6 +47,7 @@ from covey.coordinator.limits import BodyLimit, QueryKeyGuard
 from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
+from covey.coordinator.rebalance import Rebalancer
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.traffic import TrafficRecorder
 from covey.coordinator.verify.checker import Verifier
@@ -157,6 +158,7 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.registry = registry
     app.state.dispatcher = dispatcher
+    registry.on_change.append(Rebalancer(registry).changed)
     metrics = Metrics(queue_depth=dispatcher.waiting,
                       miners_online=lambda: len(registry.sessions),
                       jobs_running=lambda: sum(s.active for s in registry.sessions.values()))

@@ -40,6 +40,7 @@ from covey.protocol import (
     Painted,
     Progress,
     Reply,
+    Reshard,
     Score,
     Scored,
     Segment,
@@ -230,6 +231,12 @@ class MinerLink:
         cache); nothing when the miner is gone."""
         if not self.session.closed:
             self.session.send_soon(Cancel(job_id=session))
+
+    def reshard(self, model: str, start: int, end: int) -> None:
+        """Ask a shard miner to load blocks ``start:end`` of ``model`` instead (it
+        reconnects with a new hello); nothing when it is gone."""
+        if not self.session.closed:
+            self.session.send_soon(Reshard(model=model, start=start, end=end))
 
     def call(self, task: Request, stall_timeout: float = 30.0) -> Call:
         """A call carrying ``task``; ``async with`` it to send, iterate it for the replies."""

@@ -157,24 +157,28 @@ def suggest_range(ranges: Sequence[tuple[int, int]], total: int, blocks: int
     return best[2], best[2] + blocks
 
 
-def rebalance(miners: Sequence[ShardMiner], total: int) -> tuple[str, tuple[int, int]] | None:
-    """A move that closes a gap: a miner whose blocks all stay held by others if it
-    leaves, and the range it should load instead (:func:`suggest_range` with its
-    ``memory_blocks``, else the size of its range). None when nothing is missing, or no
-    miner can move without opening another gap. The most redundant miner moves first
-    (its least-held block has the most other holders), ties to the smaller id."""
+def rebalance(miners: Sequence[ShardMiner], total: int,
+              movable: frozenset[str] | None = None) -> tuple[str, tuple[int, int]] | None:
+    """A move that closes a gap: a miner (of ``movable``; None: any) whose blocks all stay
+    held by others if it leaves, and the range it should load instead
+    (:func:`suggest_range` with its ``memory_blocks``, else the size of its range). None
+    when nothing is missing, or no miner can move without opening another gap. The most
+    redundant miner moves first (its least-held block has the most other holders), ties
+    to the smaller id."""
     ranges = [(m.start, m.end) for m in miners]
     if not missing_blocks(ranges, total):
         return None
     count = coverage(ranges, total)
-    movable = []
+    candidates = []
     for m in miners:
+        if movable is not None and m.miner_id not in movable:
+            continue
         spare = min((count[b] for b in range(m.start, min(m.end, total))), default=0) - 1
         if spare >= 1:
-            movable.append((-spare, m.miner_id, m))
-    if not movable:
+            candidates.append((-spare, m.miner_id, m))
+    if not candidates:
         return None
-    _, _, m = min(movable)
+    _, _, m = min(candidates)
     others = [(o.start, o.end) for o in miners if o is not m]
     size = m.memory_blocks or (m.end - m.start)
     return m.miner_id, suggest_range(others, total, size)

@@ -54,6 +54,7 @@ from covey.protocol import (
     ModelOffer,
     Paint,
     Painted,
+    Reshard,
     Score,
     Scored,
     Speak,
@@ -257,6 +258,9 @@ class MinerAgent(MediaTasks):
                 match frame:
                     case Forward():
                         work = self._forward(ws, frame)
+                    case Reshard():
+                        self._spawn_reshard(ws, frame)
+                        continue
                     case Generate():
                         work = self._run_job(ws, frame)
                     case Embed():
@@ -405,6 +409,32 @@ class MinerAgent(MediaTasks):
             raise BackendError("invalid_value", f"the text has {len(ids)} tokens; at most "
                                f"{MAX_TOKENIZE_IDS} can be returned", "text")
         await self._send(ws, Tokens(job_id=frame.job_id, token_ids=tuple(ids)))
+
+    def _spawn_reshard(self, ws: ClientConnection, frame: Reshard) -> None:
+        """Load the blocks the coordinator asks for, then reconnect with a new hello (a
+        shard served with ``--rebalance`` only)."""
+        backend = self.backends.get(frame.model)
+        if not isinstance(backend, ShardBackendBase) or not backend.offer.rebalance:
+            log.warning("coordinator asked to move %s, which this miner does not allow",
+                        frame.model)
+            return
+
+        async def move() -> None:
+            try:
+                new = await asyncio.to_thread(backend.moved, frame.start, frame.end)
+            except ValueError as exc:
+                log.warning("cannot load blocks %d:%d of %s: %s", frame.start, frame.end,
+                            frame.model, exc)
+                return
+            self.backends[frame.model] = new
+            backend.close()
+            log.info("now serving blocks %d:%d of %s; reconnecting", frame.start, frame.end,
+                     frame.model)
+            await ws.close(1012, "resharding")  # 1012: service restart; back at once
+
+        task = asyncio.ensure_future(move())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _forward(self, ws: ClientConnection, task: Forward) -> None:
         """Run one step of a chain session on this miner's shard and answer in binary,

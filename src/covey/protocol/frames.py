@@ -103,6 +103,9 @@ class ModelOffer(_Frame):
     """A sharded model's block range this miner holds (None: the whole model). A shard
     takes :class:`~covey.protocol.shard.Forward` tasks only; the coordinator chains
     shards that together cover the model (:mod:`covey.protocol.shard`)."""
+    rebalance: bool = False
+    """A shard miner that lets the coordinator move it to another block range of the same
+    size (:class:`Reshard`) when blocks of the model have no miner."""
     private: bool = False
     """A private (permuted-vocabulary) model: the file holds no vocabulary, so jobs must
     carry ``prompt_ids`` and the answer is token ids only (``covey model private``)."""
@@ -390,6 +393,17 @@ class CheckReport(_Frame):
     eos_checked: bool = False
 
 
+class Reshard(_Frame):
+    """Coordinator → a shard miner that offered ``rebalance``: load blocks ``start:end`` of
+    ``model`` instead of the range it holds (no live miner holds them), then connect again
+    with a new ``hello``. Petals' servers move the same way to the blocks the swarm lacks."""
+
+    type: Literal["reshard"] = "reshard"
+    model: str = Field(min_length=1, max_length=200)
+    start: int = Field(ge=0, lt=2**16)
+    end: int = Field(ge=1, le=2**16)
+
+
 class Tokenize(_Frame):
     """Ask a miner for the token ids of ``text`` under ``model``'s tokenizer (no special
     tokens, no template): watermark detection scores token ids."""
@@ -424,7 +438,7 @@ Frame = Annotated[
     Challenge | Hello | Welcome | Heartbeat | Generate | Started | Progress | Delta | Done
     | JobError | Cancel | Check | CheckReport | Tokenize | Tokens | Embed | Embedded
     | Transcribe | AudioChunk | Segment | Transcribed | Speak | SpeechChunk | Spoken | Paint
-    | Painted | Score | KeyChunk | Scored,
+    | Painted | Score | KeyChunk | Scored | Reshard,
     Field(discriminator="type"),
 ]
 

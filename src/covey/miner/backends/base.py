@@ -313,3 +313,12 @@ class ShardBackendBase(Backend):
 
     def drop(self, session: str) -> None:  # noqa: B027 - optional hook
         """Forget ``session``'s cache (its generation ended)."""
+
+    def moved(self, start: int, end: int) -> ShardBackendBase:
+        """A backend like this one holding blocks ``start:end`` instead (slow: it loads
+        them; run it off the event loop).
+
+        Raises:
+            ValueError: the range does not fit the model, or this backend cannot move.
+        """
+        raise ValueError(f"{type(self).__name__} cannot load other blocks")

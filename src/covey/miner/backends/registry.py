@@ -45,6 +45,8 @@ class ModelSettings:
     """A shard's block range ``[start, end)`` (end None: to the model's last block)."""
     activations: str = "float32"
     """A shard's hidden-state dtype on the wire (float32, float16 or bfloat16)."""
+    rebalance: bool = False
+    """A shard the coordinator may move to blocks no miner holds."""
 
 
 def parse_blocks(text: str) -> tuple[int, int | None]:
@@ -155,7 +157,8 @@ def _transformers(s: ModelSettings) -> Backend:
     assert s.path is not None
     return ShardBackend(s.name, s.path, s.sha256, s.blocks or (0, None), slots=s.slots,
                         ctx=s.ctx, threads=s.threads or 1, activations=s.activations,
-                        ask_prompt=s.ask_prompt, ask_completion=s.ask_completion)
+                        ask_prompt=s.ask_prompt, ask_completion=s.ask_completion,
+                        rebalance=s.rebalance)
 
 
 def _synthetic(s: ModelSettings) -> Backend:

@@ -173,8 +173,13 @@ class ShardBackend(ShardBackendBase):
     def __init__(self, name: str, path: Path, sha256: str, blocks: tuple[int, int | None],
                  slots: int = 4, ctx: int = 2048, threads: int | None = 1,
                  activations: str = "float32", ask_prompt: int = 0,
-                 ask_completion: int = 0) -> None:
+                 ask_completion: int = 0, rebalance: bool = False) -> None:
         import torch
+
+        self._settings = {"name": name, "path": path, "sha256": sha256, "slots": slots,
+                          "ctx": ctx, "threads": threads, "activations": activations,
+                          "ask_prompt": ask_prompt, "ask_completion": ask_completion,
+                          "rebalance": rebalance}
 
         if activations not in _TORCH_DTYPES:
             raise ValueError(f"activations must be one of {', '.join(_TORCH_DTYPES)}")
@@ -216,7 +221,8 @@ class ShardBackend(ShardBackendBase):
         self._bytes = _byte_decoder()
         self.offer = ModelOffer(name=name, sha256=sha256, context_length=self.n_ctx,
                                 backend="transformers", ask_prompt=ask_prompt,
-                                ask_completion=ask_completion, shard=self.range)
+                                ask_completion=ask_completion, shard=self.range,
+                                rebalance=rebalance)
 
     # -- the task --------------------------------------------------------------------
 
@@ -234,6 +240,17 @@ class ShardBackend(ShardBackendBase):
             raise BackendError("invalid_value", f"this shard holds blocks {self.range} of "
                                f"{self.range.total}, not {task.blocks}", "blocks")
         return await asyncio.to_thread(self._locked_step, task)
+
+    def moved(self, start: int, end: int) -> ShardBackend:
+        """This backend's model and settings with blocks ``start:end`` (about a second
+        from the kept float weights).
+
+        Raises:
+            ValueError: the range does not fit the model.
+        """
+        settings = dict(self._settings)
+        name, path, sha256 = settings.pop("name"), settings.pop("path"), settings.pop("sha256")
+        return ShardBackend(name, path, sha256, (start, end), **settings)  # type: ignore[arg-type]
 
     def drop(self, session: str) -> None:
         """Forget ``session``'s cache (the generation ended)."""
