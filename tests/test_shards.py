@@ -427,3 +427,21 @@ def test_a_gap_is_closed_by_moving_a_redundant_shard_that_allows_it(tmp_path):
         assert "now serving blocks 15:30" in net.miners[0].output()
     finally:
         net.close()
+
+
+def test_concurrent_requests_wait_for_a_free_chain(three_shards: Network):
+    """Each shard runs one session at a time here (--slots 1): a second and third request
+    wait for the chain rather than being refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = three_shards
+
+    def ask(i: int) -> int:
+        r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=120,
+                       json={"model": MODEL, "max_tokens": 6, "temperature": 0,
+                             "messages": [{"role": "user", "content": f"Say {i}."}]})
+        return r.status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(ask, range(3))) == [200, 200, 200]
+    assert net.wait_idle(5)

@@ -31,7 +31,7 @@ from covey.coordinator.link import MinerLink, TaskRefused
 from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, MinerSession
 from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink, Share
-from covey.coordinator.placement import ShardMiner, plan_chain
+from covey.coordinator.placement import Plan, ShardMiner, plan_chain
 from covey.coordinator.scores import Scoreboard
 from covey.coordinator.shards import incomplete, shard_sessions, shard_status
 from covey.protocol import Delta, Done, Generate, Started
@@ -47,6 +47,8 @@ from covey.protocol.shard import (
 log = logging.getLogger("covey.coordinator.chain")
 
 _ids = itertools.count(1)
+CHAIN_POLL_S = 0.05
+"""How often a request waiting for a free chain looks again, in seconds."""
 CLIENT_ERRORS = frozenset({"invalid_prompt", "context_length_exceeded"})
 """Codes a shard refuses a request with that are the request's fault (a 400 for the
 client, nobody blamed); any other refusal is the shard's fault and it is replaced."""
@@ -57,7 +59,8 @@ class ChainJob(Rebuilding):
     (``RunningJob``): start, frames, outcome, close.
 
     Raises (from :meth:`start` and :meth:`frames`): :class:`ApiError` — 503 when no chain
-    covers the model (naming the missing blocks), 429 when every chain is busy, the first
+    covers the model (naming the missing blocks), 429 when every chain stayed busy for
+    ``queue_timeout`` seconds, the first
     shard's 400 for a bad prompt, or a 502 once replacements are spent.
     """
 
@@ -65,9 +68,11 @@ class ChainJob(Rebuilding):
                  account: str, policy: FailoverPolicy,
                  on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
                  on_failover: Callable[[str], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, queue_timeout: float = 120.0) -> None:
         self.job = job
         self.metrics = metrics
+        self.queue_timeout = queue_timeout
+        """Seconds a request may wait for a chain with free slots."""
         self.account = account
         self.policy = policy
         self.registry = registry
@@ -133,10 +138,7 @@ class ChainJob(Rebuilding):
         self._sha256 = offers[0].sha256
         if not status.complete:
             raise incomplete(self.job.model, status)
-        plan = plan_chain(self._candidates(), self.total)
-        if plan is None:
-            raise ApiError(429, f"Every chain serving '{self.job.model}' is busy; try again "
-                           "shortly.", code="rate_limit_exceeded", type="rate_limit_error")
+        plan = await self._free_chain()
         self.links = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
         try:
             first = await self._step(None, 0, final=False)
@@ -246,6 +248,28 @@ class ChainJob(Rebuilding):
             self.settlement = self._on_close(self)
 
     # -- the chain --------------------------------------------------------------------
+
+    async def _free_chain(self) -> Plan:
+        """A chain with a free slot on every link, waiting up to ``queue_timeout`` seconds
+        for one while they are all busy (polled: a chain frees up when an answer ends).
+
+        Raises:
+            ApiError: 503 when blocks lose their last miner meanwhile, 429 when no chain
+                frees up in time.
+        """
+        deadline = time.monotonic() + self.queue_timeout
+        while (plan := plan_chain(self._candidates(), self.total)) is None:
+            status = shard_status(self.registry, self.job.model)
+            if status is None or not status.complete:
+                raise incomplete(self.job.model, status) if status else ApiError(
+                    503, f"No miner is serving '{self.job.model}' right now; try again "
+                    "later.", code="model_unavailable", type="server_error")
+            if time.monotonic() >= deadline:
+                raise ApiError(429, f"Every chain serving '{self.job.model}' stayed busy for "
+                               f"{self.queue_timeout:.0f} s; try again shortly.",
+                               code="rate_limit_exceeded", type="rate_limit_error")
+            await asyncio.sleep(CHAIN_POLL_S)
+        return plan
 
     def _candidates(self) -> list[ShardMiner]:
         out = []
@@ -371,14 +395,16 @@ async def start_chain(job: Generate, registry: MinerRegistry, scores: Scoreboard
                       policy: FailoverPolicy,
                       on_close: Callable[[ChainJob], Awaitable[object] | None] | None = None,
                       on_failover: Callable[[str], None] | None = None,
-                      metrics: Metrics | None = None) -> ChainJob:
+                      metrics: Metrics | None = None, queue_timeout: float = 120.0
+                      ) -> ChainJob:
     """Plan a chain for ``job`` (a sharded model's) and run its prompt through it.
     ``on_close`` is called once when the job ends, however it ends.
 
     Raises:
         ApiError: see :class:`ChainJob`.
     """
-    running = ChainJob(job, registry, scores, account, policy, on_close, on_failover, metrics)
+    running = ChainJob(job, registry, scores, account, policy, on_close, on_failover, metrics,
+                       queue_timeout)
     try:
         await running.start()
     except BaseException:

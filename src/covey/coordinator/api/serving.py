@@ -306,7 +306,7 @@ class Serving:
                 job, self.dispatcher.registry, self.dispatcher.scores, account, self.policy,
                 self._on_close(record, record.stream),  # type: ignore[arg-type]
                 lambda reason: self.metrics.failovers.labels(job.model, reason).inc(),
-                self.metrics)
+                self.metrics, self.dispatcher.policy.timeout)
         except ApiError:
             await self.billing.refund(job.job_id, account)
             raise

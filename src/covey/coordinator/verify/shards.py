@@ -38,10 +38,10 @@ log = logging.getLogger("covey.coordinator.verify")
 
 SHARD_TOLERANCE = 0.02
 """Largest relative L2 distance ‖validator − shard‖ / ‖validator‖ allowed at any position.
-Honest shards on this machine stay below 1e-5 in float32 and 1e-3 in float16 (the tests
-and ``bench/shards.py`` print the measured figure); the margin is for other hardware and
-bfloat16 (8 bits of mantissa: about 0.4% a value). Noise of 5% of the activations' spread
-lands at about 0.05."""
+Measured on this machine for SmolLM2's first 15 blocks, a 67-position answer replayed in one
+step against the decode steps it was sent in: 2.1e-6 in float32 and 2.4e-5 in float16. The
+margin is for other hardware and bfloat16 (8 bits of mantissa: about 0.4% a value); noise of
+5% of the activations' spread lands near 0.05."""
 
 _ids = itertools.count(1)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -201,6 +202,9 @@ class ShardBackend(ShardBackendBase):
         self.norm = inner.norm if self.range.last else None
         self.head = model.lm_head if self.range.last else None
         self.rotary = inner.rotary_emb
+        # transformers 5 calls a decoder layer's KV cache `cache`; 4.x `past_key_values`.
+        self._cache_arg = ("cache" if "cache" in inspect.signature(
+            type(self.layers[0]).forward).parameters else "past_key_values")
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
         self.n_vocab = int(model.config.vocab_size)
@@ -380,8 +384,8 @@ class ShardBackend(ShardBackendBase):
             mask = mask[None, None]
         for layer in layers:
             out = layer(hidden, attention_mask=mask, position_ids=positions,
-                        past_key_values=sess.cache, use_cache=True,
-                        cache_position=positions[0], position_embeddings=embeddings)
+                        use_cache=True, cache_position=positions[0],
+                        position_embeddings=embeddings, **{self._cache_arg: sess.cache})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
