@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
-from covey.coordinator.chain import start_chain
+from covey.coordinator.chain import ChainJob, start_chain
 from covey.coordinator.errors import ApiError
 from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.jobs import RunningJob, Sealer, start_job
@@ -251,6 +251,20 @@ class Serving:
         offers = self.offers(job.model)
         self.refuse_unservable(job, offers, text)
         _, _, max_cost, _ = self.quote(job, offers)
+        return await self._held(job, chat, record, max_cost, lambda: start_job(
+            self.dispatcher, job, account, self.policy, self._on_close(record, record.stream),
+            lambda reason: self.metrics.failovers.labels(job.model, reason).inc(), sealer))
+
+    async def _held(self, job: Generate, chat: bool, record: RequestRecord, max_cost: int,
+                    start: Callable[[], Awaitable[RunningJob | ChainJob]]
+                    ) -> tuple[RunningJob, Formatter]:
+        """Hold ``max_cost`` µcr of the account in escrow and ``start`` the job; the escrow
+        is refunded when it does not start (or the client leaves meanwhile).
+
+        Raises:
+            ApiError: 402, or whatever ``start`` raises.
+        """
+        account = record.account
         hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
         try:
             await asyncio.shield(hold)
@@ -259,21 +273,17 @@ class Serving:
             self.billing.refund_after(hold, job.job_id, account)
             raise
         try:
-            running = await start_job(
-                self.dispatcher, job, account, self.policy,
-                self._on_close(record, record.stream),
-                lambda reason: self.metrics.failovers.labels(job.model, reason).inc(), sealer)
+            running = await start()
         except ApiError:
             await self.billing.refund(job.job_id, account)
             raise
         except BaseException:  # cancelled while queued: refund on its own
             self.billing.refund(job.job_id, account)
             raise
-        assert running.session is not None
         meta = Meta(id=job.job_id, created=int(time.time()), model=job.model,
-                     fingerprint=fingerprint(running))
+                    fingerprint=fingerprint(running))  # type: ignore[arg-type]
         fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
-        return running, fmt
+        return running, fmt  # type: ignore[return-value]
 
     async def _start_chain(self, job: Generate, chat: bool, record: RequestRecord,
                            sealer: Sealer | None) -> tuple[RunningJob, Formatter]:
@@ -294,29 +304,11 @@ class Serving:
                            param="model")
         offers = [o for _, o in shard_sessions(self.dispatcher.registry, job.model)]
         _, _, max_cost, _ = self.quote(job, offers)
-        account = record.account
-        hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
-        try:
-            await asyncio.shield(hold)
-        except asyncio.CancelledError:
-            self.billing.refund_after(hold, job.job_id, account)
-            raise
-        try:
-            running = await start_chain(
-                job, self.dispatcher.registry, self.dispatcher.scores, account, self.policy,
-                self._on_close(record, record.stream),  # type: ignore[arg-type]
-                lambda reason: self.metrics.failovers.labels(job.model, reason).inc(),
-                self.metrics, self.dispatcher.policy.timeout)
-        except ApiError:
-            await self.billing.refund(job.job_id, account)
-            raise
-        except BaseException:
-            self.billing.refund(job.job_id, account)
-            raise
-        meta = Meta(id=job.job_id, created=int(time.time()), model=job.model,
-                    fingerprint=fingerprint(running))  # type: ignore[arg-type]
-        fmt: Formatter = ChatFormatter(meta) if chat else CompletionFormatter(meta)
-        return running, fmt  # type: ignore[return-value]
+        return await self._held(job, chat, record, max_cost, lambda: start_chain(
+            job, self.dispatcher.registry, self.dispatcher.scores, record.account, self.policy,
+            self._on_close(record, record.stream),  # type: ignore[arg-type]
+            lambda reason: self.metrics.failovers.labels(job.model, reason).inc(),
+            self.metrics, self.dispatcher.policy.timeout))
 
     async def complete(self, running: RunningJob, fmt: Formatter) -> ChatCompletion | Completion:
         """Collect the whole answer (non-streaming)."""
