@@ -169,6 +169,8 @@ def test_an_incomplete_model_is_listed_as_such_and_refused_clearly(tmp_path):
                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503, r.text
         assert "15:30" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "no_miner_available"
+        assert r.headers["retry-after"] == "5"
         after = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
         assert after == before
     finally:
@@ -177,6 +179,9 @@ def test_an_incomplete_model_is_listed_as_such_and_refused_clearly(tmp_path):
 
 def test_what_a_chain_cannot_serve_is_a_400_and_costs_nothing(three_shards: Network):
     net = three_shards
+    quote = httpx.post(f"{net.url}/v1/quote", headers=net.headers, timeout=10, json={
+        "model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    assert quote.status_code == 200 and quote.json()["max_completion_tokens"] == 10, quote.text
     before = httpx.get(f"{net.url}/v1/account", headers=net.headers).json()
     long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}
     r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, json=long,

@@ -81,13 +81,14 @@ def verify(
     for part in parts:
         if not isinstance(part, dict):
             _not_a_receipt("expected a JSON object")
-        failed |= not _verify_one(part, coordinator)
+        failed |= not _verify_one(part, coordinator, shard="shards" in body)
     if failed:
         raise typer.Exit(1)
 
 
-def _verify_one(body: dict, coordinator: str | None) -> bool:
-    """Check one receipt object's two signatures, printing the verdict."""
+def _verify_one(body: dict, coordinator: str | None, shard: bool = False) -> bool:
+    """Check one receipt object's two signatures, printing the verdict (a ``shard``'s
+    receipt counts positions and steps where others count tokens)."""
     try:
         receipt = Receipt.model_validate(body["receipt"])
         miner_sig, counter_sig = body["miner_signature"], body["coordinator_signature"]
@@ -110,7 +111,9 @@ def _verify_one(body: dict, coordinator: str | None) -> bool:
         err.print(f"[red]✗[/red] {problem}")
     if problems:
         return False
+    usage = (f"{receipt.prompt_tokens} positions in {receipt.completion_tokens} steps"
+             if shard else f"{receipt.prompt_tokens} prompt + {receipt.completion_tokens} "
+             "completion tokens")
     out.print(f"[green]receipt OK[/green]: job {receipt.job_id}, miner {receipt.miner[:16]}…, "
-              f"model {receipt.model_sha256[:12]}…, {receipt.prompt_tokens} prompt + "
-              f"{receipt.completion_tokens} completion tokens; coordinator {signer[:16]}…")
+              f"model {receipt.model_sha256[:12]}…, {usage}; coordinator {signer[:16]}…")
     return True

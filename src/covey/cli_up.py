@@ -165,9 +165,9 @@ def up(
         help="Also serve this text-to-image model: a diffusers Stable Diffusion folder or "
              "an hf: reference (needs covey\\[image]; no image weights are bundled).")] = None,
     shards: Annotated[int, typer.Option(
-        min=0, max=16, help="Serve the chat model sharded: a chain of this many more miners, "
-        "each holding a block range of it on transformers (needs covey\\[shard]); 0: "
-        "whole, on llama.cpp.")] = 0,
+        min=0, max=16, help="Serve the chat model sharded, on a chain of this many shard "
+        "miners each holding a block range of it on transformers (needs covey\\[shard]), "
+        "instead of whole on the miners; 0: whole, on llama.cpp.")] = 0,
     slots: Annotated[int, typer.Option(min=1, help="Slots per miner.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="State, keys and logs.")] = Path(".covey"),
     record_traffic: Annotated[bool, typer.Option(
@@ -291,10 +291,17 @@ def up(
                           highlight=False, markup=False)
         out.print("")
         out.print("Press Ctrl-C to stop.")
+    shard_procs = procs[len(procs) - len(ranges):] if ranges else []
+    gone: set[int] = set()
     while not stop:
-        if any(p.poll() is not None for p in procs):
+        if any(p.poll() is not None for p in procs if p not in shard_procs):
             out.print(f"[red]a process exited[/red]; see the logs in {data_dir}/")
             break
+        for i, p in enumerate(shard_procs):
+            if p.poll() is not None and i not in gone:  # the network runs on, incomplete
+                gone.add(i)
+                out.print(f"[yellow]shard miner {i} (blocks {ranges[i][0]}:{ranges[i][1]}) "
+                          f"exited[/yellow]; see {data_dir}/shard-{i}.log")
         time.sleep(0.5)
     out.print("stopping…")
     _stop(list(reversed(procs)))

@@ -49,6 +49,10 @@ log = logging.getLogger("covey.coordinator.chain")
 _ids = itertools.count(1)
 CHAIN_POLL_S = 0.05
 """How often a request waiting for a free chain looks again, in seconds."""
+SECONDS_PER_POSITION = 0.02
+"""Time a shard is allowed per position of a step, over the stall timeout: 20 ms, about 5
+times what SmolLM2's 15 blocks take on one CPU thread here, so a long prompt is not
+mistaken for a stalled shard."""
 CLIENT_ERRORS = frozenset({"invalid_prompt", "context_length_exceeded"})
 """Codes a shard refuses a request with that are the request's fault (a 400 for the
 client, nobody blamed); any other refusal is the shard's fault and it is replaced."""
@@ -132,8 +136,7 @@ class ChainJob(Rebuilding):
         offers = [o for _, o in shard_sessions(self.registry, self.job.model)]
         status = shard_status(self.registry, self.job.model)
         if status is None:
-            raise ApiError(503, f"No miner is serving '{self.job.model}' right now; try "
-                           "again later.", code="model_unavailable", type="server_error")
+            raise _gone(self.job.model)
         self.total = status.total
         self._sha256 = offers[0].sha256
         if not status.complete:
@@ -261,9 +264,7 @@ class ChainJob(Rebuilding):
         while (plan := plan_chain(self._candidates(), self.total)) is None:
             status = shard_status(self.registry, self.job.model)
             if status is None or not status.complete:
-                raise incomplete(self.job.model, status) if status else ApiError(
-                    503, f"No miner is serving '{self.job.model}' right now; try again "
-                    "later.", code="model_unavailable", type="server_error")
+                raise incomplete(self.job.model, status) if status else _gone(self.job.model)
             if time.monotonic() >= deadline:
                 raise ApiError(429, f"Every chain serving '{self.job.model}' stayed busy for "
                                f"{self.queue_timeout:.0f} s; try again shortly.",
@@ -292,6 +293,7 @@ class ChainJob(Rebuilding):
         session = link.session
         session.busy[self.job.model] = max(0, session.busy.get(self.job.model, 1) - 1)
         session.active = max(0, session.active - 1)
+        session.completed += 1
         MinerLink(session).end_session(link.sid)
 
     def _fail(self, error: ApiError) -> None:
@@ -339,6 +341,14 @@ class ChainJob(Rebuilding):
         assert carry is not None
         return carry
 
+    def _timeout(self, task: Forward) -> float:
+        """Seconds a shard may take over ``task``: the stall timeout, plus
+        :data:`SECONDS_PER_POSITION` for each position of a long step (a prompt or a
+        replay: a CPU shard prefills a few hundred positions a second)."""
+        positions = (task.hidden.shape[1] if task.hidden is not None
+                     else len(task.token_ids) + (1000 if task.messages or task.prompt else 0))
+        return self.policy.stall_timeout + SECONDS_PER_POSITION * positions
+
     def _forward(self, link: ChainLink, position: int, final: bool, *, prompt: bool = False,
                  token_ids: tuple[int, ...] = (), hidden: Tensor | None = None,
                  data: bytes = b"", emit_from: int | None = None, sample: bool = True,
@@ -364,7 +374,7 @@ class ChainJob(Rebuilding):
             ApiError: the request's own fault (a 400 for the client).
         """
         try:
-            async with MinerLink(link.session).call(task, self.policy.stall_timeout) as call:
+            async with MinerLink(link.session).call(task, self._timeout(task)) as call:
                 reply = await call.next()
         except TaskRefused as refused:
             error = miner_error(refused.frame)
@@ -389,6 +399,12 @@ class ChainJob(Rebuilding):
             if len(h.shape) != 3 or h.shape[0] != 1:
                 raise protocol(f"hidden states of shape {h.shape}")
         return reply
+
+
+def _gone(model: str) -> ApiError:
+    return ApiError(503, f"No miner is serving '{model}' right now; try again later.",
+                    code="no_miner_available", type="service_unavailable",
+                    headers={"Retry-After": "5"})
 
 
 async def start_chain(job: Generate, registry: MinerRegistry, scores: Scoreboard, account: str,

@@ -104,7 +104,8 @@ class Rebuilding:
             if plan is None:
                 raise MinerFault(fault.reason, no_takeover(fault, ApiError(
                     503, f"no other miner holds blocks {old.start}:{old.end} of "
-                    f"'{self.job.model}'", code="model_unavailable")))
+                    f"'{self.job.model}'", code="no_miner_available",
+                    type="service_unavailable")))
             new = [self._take(link.miner_id, link.start, link.end) for link in plan.links]
             self._release(old)
             began = time.monotonic()

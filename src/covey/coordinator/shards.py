@@ -73,4 +73,5 @@ def incomplete(model: str, status: ShardStatus) -> ApiError:
     return ApiError(503, f"'{model}' is incomplete: no live miner holds blocks {gaps} of "
                     f"its {status.total}. Start a miner with `covey miner --model "
                     f"{model} --blocks {status.missing[0][0]}:{status.missing[0][1]}`.",
-                    code="model_unavailable", type="server_error")
+                    code="no_miner_available", type="service_unavailable",
+                    headers={"Retry-After": "5"})

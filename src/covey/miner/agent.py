@@ -303,6 +303,8 @@ class MinerAgent(MediaTasks):
                 task = asyncio.create_task(self._guarded(ws, frame.job_id, work))
                 self._jobs[frame.job_id] = task
                 task.add_done_callback(lambda _t, j=frame.job_id: self._forget(j))
+                # A task cancelled before it ran never awaited its work: close it quietly.
+                task.add_done_callback(lambda _t, w=work: w.close())
         finally:
             beat.cancel()
 

@@ -23,7 +23,7 @@ from covey.coordinator.metrics import Metrics, RequestRecord
 from covey.coordinator.outcome import Outcome
 from covey.coordinator.quotas import KeyLimits
 from covey.coordinator.router import Dispatcher
-from covey.coordinator.shards import shard_sessions, shard_status
+from covey.coordinator.shards import incomplete, shard_sessions, shard_status
 from covey.protocol import Delta, Generate, JobId, ModelOffer
 from covey.protocol.openai import (
     ChatCompletion,
@@ -99,12 +99,31 @@ class Serving:
                 a model of another kind (embeddings).
         """
         if offers is None:
-            self.dispatcher.check(job.model)
-            offers = self.offers(job.model)
+            offers = self._sharded_offers(job.model)
+            if offers is None:
+                self.dispatcher.check(job.model)
+                offers = self.offers(job.model)
             self._refuse_kind(job, offers)
         context = max(o.context_length for o in offers)
         prompt, completion, max_cost = self.billing.quote(job, context, offers)
         return prompt, completion, max_cost, self.billing.price(job.model, offers)
+
+    def _sharded_offers(self, model: str) -> list[ModelOffer] | None:
+        """The shard offers of ``model`` when a chain of shards serves it (no live miner
+        serves it whole); None otherwise.
+
+        Raises:
+            ApiError: 503 when its shards leave blocks without a miner.
+        """
+        registry = self.dispatcher.registry
+        if registry.serving(model):
+            return None
+        status = shard_status(registry, model)
+        if status is None:
+            return None
+        if not status.complete:
+            raise incomplete(model, status)
+        return [o for _, o in shard_sessions(registry, model)]
 
     def offers(self, model: str) -> list[ModelOffer]:
         """The offers of the live miners serving ``model``."""
@@ -244,9 +263,9 @@ class Serving:
                      sealer: Sealer | None, text: bool) -> tuple[RunningJob, Formatter]:
         account = record.account
         encode_task(job)  # text JSON cannot carry is a 400 here, before any credit moves
-        if not self.dispatcher.registry.serving(job.model) and shard_status(
-                self.dispatcher.registry, job.model) is not None:
-            return await self._start_chain(job, chat, record, sealer)
+        sharded = self._sharded_offers(job.model)  # an incomplete one: 503, nothing held
+        if sharded is not None:
+            return await self._start_chain(job, chat, record, sealer, sharded)
         self.dispatcher.check(job.model)
         offers = self.offers(job.model)
         self.refuse_unservable(job, offers, text)
@@ -286,7 +305,8 @@ class Serving:
         return running, fmt  # type: ignore[return-value]
 
     async def _start_chain(self, job: Generate, chat: bool, record: RequestRecord,
-                           sealer: Sealer | None) -> tuple[RunningJob, Formatter]:
+                           sealer: Sealer | None, offers: list[ModelOffer]
+                           ) -> tuple[RunningJob, Formatter]:
         """Hold the maximum cost and start ``job`` on a chain of shards (a sharded
         model: :mod:`covey.coordinator.chain`).
 
@@ -302,7 +322,6 @@ class Serving:
             raise ApiError(400, f"'{job.model}' is a sharded model, served by a chain of "
                            f"miners; it cannot take {refused}.", code="invalid_value",
                            param="model")
-        offers = [o for _, o in shard_sessions(self.dispatcher.registry, job.model)]
         _, _, max_cost, _ = self.quote(job, offers)
         return await self._held(job, chat, record, max_cost, lambda: start_chain(
             job, self.dispatcher.registry, self.dispatcher.scores, record.account, self.policy,
