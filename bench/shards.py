@@ -63,6 +63,29 @@ def in_process(max_tokens: int, rounds: int) -> dict[str, float]:
     return {"ttft_s": statistics.median(ttfts), "decode_tps": statistics.median(rates)}
 
 
+def llama_cpp_text(max_tokens: int) -> str | None:
+    """llama.cpp's greedy answer to the same prompt from the same GGUF (None without it)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(str(resolve_model(BUNDLED_MODEL).path), n_ctx=1024, n_threads=1,
+                verbose=False)
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPT}],
+                                     max_tokens=max_tokens, temperature=0)
+    return out["choices"][0]["message"]["content"]
+
+
+def common_words(a: str, b: str) -> int:
+    """How many leading words two texts share."""
+    n = 0
+    for x, y in zip(a.split(), b.split(), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Net:
     """A coordinator and shard miners, one per range (each may be given twice)."""
 
@@ -221,6 +244,10 @@ def main() -> None:
             runs[k] = chain(Path(tmp) / f"s{k}", k, total, args.max_tokens, args.rounds)
         base = runs[1]
         base_text = base["text"]
+        llama = llama_cpp_text(args.max_tokens)
+        if llama is not None:
+            out["llama_cpp"] = {"common_leading_words": common_words(llama, base_text),
+                                "of_words": len(base_text.split())}
         for r in runs.values():
             r["same_text_as_1_shard"] = r.pop("text") == base_text
         base_step = base["step_s"]
