@@ -269,8 +269,10 @@ def test_a_shard_that_dies_mid_answer_is_rebuilt_and_the_answer_goes_on(
 def test_honest_shards_pass_their_re_checks(spare_shards: Network):
     net = spare_shards
     for i in range(3):
+        # Greedy answers may have their last shard's tokens checked, sampled ones not.
         r = httpx.post(f"{net.url}/v1/chat/completions", headers=net.headers, timeout=60,
-                       json={"model": MODEL, "max_tokens": 12, "temperature": 0.7, "seed": i,
+                       json={"model": MODEL, "max_tokens": 12, "temperature": 0.7 * (i == 0),
+                             "seed": i,
                              "messages": [{"role": "user", "content": f"Tell me about {i}."}]})
         assert r.status_code == 200, r.text
     deadline = time.monotonic() + 30
@@ -295,8 +297,10 @@ def test_a_shard_sending_perturbed_activations_is_caught_and_slashed(tmp_path):
         honest = ids[1 - cheat_index]
         found: list[dict] = []
         for i in range(5):
+            # Sampled: only links that send hidden states are re-checked then.
             r = httpx.post(f"{net.url}/v1/chat/completions", headers=headers, timeout=60,
-                           json={"model": MODEL, "max_tokens": 8, "temperature": 0,
+                           json={"model": MODEL, "max_tokens": 8, "temperature": 0.5,
+                                 "seed": i,
                                  "messages": [{"role": "user", "content": f"Count to {i}."}]})
             assert r.status_code == 200, r.text
             deadline = time.monotonic() + 15
@@ -403,6 +407,45 @@ def _miner_id(net: Network, i: int) -> str | None:
         return load_or_create(key).verify_key.encode().hex() if key.is_file() else None
     except Exception:  # noqa: BLE001 - the miner is still writing it
         return None
+
+
+def test_a_last_shard_sending_other_tokens_is_caught_and_slashed(tmp_path):
+    ids = [load_or_create(tmp_path / f"miner-{i}" / "miner.key").verify_key.encode().hex()
+           for i in (1, 2)]
+    cheat_index = 1 + ids.index(min(ids))  # the one a tie gives the chain to
+    net = shard_network(tmp_path, "0:15", "15:", "15:", args=("--check-rate", "1"),
+                        env={cheat_index: {ENV: "wrong-tokens"}})
+    try:
+        headers = sign_up(net)
+        cheat = stake(net, cheat_index, headers)
+        found: list[dict] = []
+        # Each answer has one of its two links picked for a re-check, at random; the
+        # first has no other holder to check it (skipped).
+        judged = tuple(f'covey_checks_total{{kind="sampled",result="{r}"}}'
+                       for r in ("passed", "failed", "skipped"))
+        for i in range(10):
+            before = sum(metric(net, m) for m in judged)
+            r = httpx.post(f"{net.url}/v1/chat/completions", headers=headers, timeout=60,
+                           json={"model": MODEL, "max_tokens": 8, "temperature": 0,
+                                 "messages": [{"role": "user", "content": f"Count to {i}."}]})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 15
+            while sum(metric(net, m) for m in judged) == before:
+                assert time.monotonic() < deadline, "no verdict"
+                time.sleep(0.1)
+            if metric(net, judged[1]):  # failed: its penalty is being written
+                deadline = time.monotonic() + 10
+                while not (found := checks_of(net, cheat)) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                break
+        assert found, "other tokens were not caught"
+        check = found[0]
+        assert "greedy tokens are not the model's choice" in check["verdict"]["reasons"][0]
+        assert check["slashed"] == SLASH and check["validator"] == ids[2 - cheat_index]
+    finally:
+        net.close()
+    verified = ledger_verify(tmp_path / "coordinator")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_a_gap_is_closed_by_moving_a_redundant_shard_that_allows_it(tmp_path):

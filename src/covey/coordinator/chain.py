@@ -96,6 +96,7 @@ class ChainJob(Rebuilding):
         self._on_failover = on_failover
         self._tried: set[str] = set()
         self._ids: list[int] = []
+        self._sampled: list[int] = []
         self._texts: list[str] = []
         self._chars = 0
         self._sha256: str | None = None
@@ -163,6 +164,8 @@ class ChainJob(Rebuilding):
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             ended = reply.finish_reason == "stop"
+            if reply.token_id is not None:
+                self._sampled.append(reply.token_id)
             ids = () if reply.end_of_text or reply.token_id is None else (reply.token_id,)
             self._ids.extend(ids)
             self._texts.append(reply.text)
@@ -226,7 +229,7 @@ class ChainJob(Rebuilding):
         if self.done is not None:
             answer = ShardAnswer(self.job, self._sha256 or "", self.total, tuple(
                 ShardLink(link.session.miner_id, link.start, link.end, tuple(link.tokens),
-                          tuple(link.chunks)) for link in self.links))
+                          tuple(link.chunks)) for link in self.links), tuple(self._sampled))
             return Outcome(self.job.job_id, self.account, self.job.model, "done",
                            base.miner_id, offer, prompt_tokens=prompt,
                            completion_tokens=len(self._ids), failovers=self.failovers,

@@ -126,12 +126,15 @@ class ShardLink:
 class ShardAnswer:
     """A sharded model's answer, for re-checking one link: ``job`` as asked, the
     weights, the model's ``total`` blocks and the chain's ``links`` in order (a link's
-    output is the next link's ``chunks``)."""
+    output is the next link's ``chunks``; the last link's, the ``sampled`` tokens)."""
 
     job: Generate
     sha256: str
     total: int
     links: tuple[ShardLink, ...]
+    sampled: tuple[int, ...] = ()
+    """Every token the last shard sampled, an ending end-of-text token included (one per
+    position from the prompt's last)."""
 
 
 Answer = (TextAnswer | EmbedAnswer | TranscriptAnswer | SpeechAnswer | ImageAnswer | ScoreAnswer

@@ -111,6 +111,10 @@ class Forward(_Frame):
     resume: tuple[TokenId, ...] = Field(default=(), max_length=2**24)
     resume_chars: int = Field(default=0, ge=0)
     final: bool = False
+    score_ids: tuple[TokenId, ...] = Field(default=(), max_length=2**24)
+    """A validator's re-check of a last shard: instead of sampling, report how each of
+    these tokens fits the logits at the step's last ``len(score_ids)`` positions
+    (:attr:`Forwarded.gaps`)."""
     sample: bool = True
     """The last shard samples a token (False while a replacement is rebuilt from earlier
     steps: it answers with an empty tensor)."""
@@ -152,6 +156,9 @@ to sample answers with an empty tensor). ``input_sha256`` and
     token_id: TokenId | None = None
     text: str = ""
     finish_reason: Literal["stop"] | None = None
+    gaps: tuple[float, ...] = Field(default=(), max_length=2**24)
+    """Answering ``score_ids``: per token, the top logit minus the token's (0 where it is
+    the argmax), in raw logits; the tensor is then empty."""
     compute_ms: float = Field(default=0.0, ge=0.0, le=1e9)
     """Milliseconds the shard spent on the step itself (the coordinator's relay cost per
     hop is the round trip less this)."""

@@ -8,8 +8,10 @@ step from position 0; its output at every position must lie within
 :data:`SHARD_TOLERANCE` (relative L2 distance) of what the link sent on. The coordinator
 kept both for the rebuild of a failed link (a link's output is the next link's input), so
 a check costs it nothing more until it runs, and the shard cannot tell a checked answer
-from another. A link that sends tokens (the last) is not re-checked here yet, nor an
-answer whose chain was rebuilt mid-answer.
+from another. The last link, which sends tokens, is re-checked for greedy answers: the
+validator scores the tokens it sampled at their positions, and each must be within the
+text re-checks' ``greedy_gap`` of the validator's top logit. Sampled answers' last links,
+and answers whose chain was rebuilt mid-answer, are not re-checked.
 """
 
 from __future__ import annotations
@@ -60,14 +62,19 @@ class ShardVerification(SampledChecks):
     def _maybe_check_shard(self, outcome: Outcome, answer: ShardAnswer,
                            settlement: Awaitable[object]) -> None:
         """After a chain's answer: re-check one link of a share ``policy.rate`` of them."""
-        if outcome.failovers or len(answer.links) < 2:
+        params = answer.job.params
+        greedy = (params.temperature == 0 and not params.presence_penalty
+                  and not params.frequency_penalty and bool(answer.sampled))
+        # Links that send hidden states, and the last one when its tokens can be judged.
+        checkable = len(answer.links) - (0 if greedy else 1)
+        if outcome.failovers or checkable < 1:
             return
         if self._rng.random() >= self.policy.rate:
             return
         if self._pending >= 16:
             self.metrics.checks.labels("sampled", "skipped").inc()
             return
-        index = self._rng.randrange(len(answer.links) - 1)
+        index = self._rng.randrange(checkable)
         link = answer.links[index]
         checked = replace(outcome, miner_id=link.miner_id)
         self._pending += 1
@@ -84,20 +91,25 @@ class ShardVerification(SampledChecks):
         Raises:
             NoVerdict: no validator holds those blocks, or it failed.
         """
-        link, after = answer.links[index], answer.links[index + 1]
+        link = answer.links[index]
+        last = index == len(answer.links) - 1
         session = self._shard_validator(answer, link)
         model = answer.job.model
         session.busy[model] = session.busy.get(model, 0) + 1
         sid = f"chk-shard-{next(_ids)}"
         try:
             async with asyncio.timeout(self.policy.timeout):
-                outputs = await _replay(session, answer, link, sid, self.policy.timeout)
+                outputs = await _replay(session, answer, link, sid, self.policy.timeout,
+                                        answer.sampled if last else ())
         except (TimeoutError, MinerFault, TaskRefused) as exc:
             raise NoVerdict(f"the validator could not replay the shard: {exc}") from None
         finally:
             session.busy[model] = max(0, session.busy.get(model, 1) - 1)
             MinerLink(session).end_session(sid)
-        return compare(outputs, after.chunks), session.miner_id
+        if last:
+            return judge_tokens(outputs[-1][2], self.policy.greedy_gap), session.miner_id
+        after = answer.links[index + 1]
+        return compare([(t, d) for t, d, _ in outputs], after.chunks), session.miner_id
 
     def _shard_validator(self, answer: ShardAnswer, link: ShardLink) -> MinerSession:
         model = answer.job.model
@@ -117,8 +129,14 @@ class ShardVerification(SampledChecks):
 
 
 async def _replay(session: MinerSession, answer: ShardAnswer, link: ShardLink, sid: str,
-                  timeout: float) -> list[tuple[Tensor, bytes]]:
-    """The validator's outputs for every position of ``link``'s inputs."""
+                  timeout: float, score: Sequence[int] = ()
+                  ) -> list[tuple[Tensor, bytes, tuple[float, ...]]]:
+    """The validator's outputs for every position of ``link``'s inputs (for the last
+    link, the gaps of the ``score`` tokens at the last positions instead).
+
+    Raises:
+        NoVerdict: the validator answered out of shape.
+    """
     job = answer.job
     blocks = ShardRange(start=link.start, end=link.end, total=answer.total)
     steps: list[dict[str, object]] = []
@@ -128,20 +146,37 @@ async def _replay(session: MinerSession, answer: ShardAnswer, link: ShardLink, s
     else:
         for tensor, data in join_chunks(link.chunks):
             steps.append({"hidden": tensor, "data": data})
-    out: list[tuple[Tensor, bytes]] = []
+    out: list[tuple[Tensor, bytes, tuple[float, ...]]] = []
     position = 0
-    for step in steps:
+    for i, step in enumerate(steps):
+        final = i == len(steps) - 1
         task = Forward(job_id=f"{sid}.{len(out)}", session=sid, model=job.model,
                        model_sha256=answer.sha256, blocks=blocks, position=position,
-                       emit_from=position, params=job.params, **step)  # type: ignore[arg-type]
+                       emit_from=position, params=job.params, sample=False,
+                       score_ids=tuple(score) if final else (),
+                       **step)  # type: ignore[arg-type]
         async with MinerLink(session).call(task, timeout) as call:
             reply = await call.next()
         assert isinstance(reply, Forwarded)
-        if reply.hidden is None:
-            raise NoVerdict("the validator sent a token where hidden states were due")
-        out.append((reply.hidden, reply.data))
+        if reply.hidden is None or (final and len(reply.gaps) != len(score)):
+            raise NoVerdict("the validator's answer does not fit the replay")
+        out.append((reply.hidden, reply.data, reply.gaps))
         position += reply.tokens
     return out
+
+
+def judge_tokens(gaps: Sequence[float], greedy_gap: float) -> Verdict:
+    """Judge a last shard's greedy tokens by a validator's ``gaps`` (its top logit minus
+    each token's): each must be within ``greedy_gap`` logits, the text re-checks' bound
+    (:class:`~covey.coordinator.verify.judge.CheckPolicy`)."""
+    worst = max(gaps, default=0.0)
+    verdict = Verdict(figures={"tokens": len(gaps), "max_gap": worst,
+                               "greedy_gap": greedy_gap})
+    wrong = [i for i, g in enumerate(gaps) if not g <= greedy_gap]
+    if wrong:
+        verdict.reasons.append(f"{len(wrong)} of {len(gaps)} greedy tokens are not the "
+                               f"model's choice (largest gap {worst:.2f} logits)")
+    return verdict
 
 
 def _rows(chunks: Sequence[tuple[Tensor, bytes]]) -> list[Sequence[float]]:

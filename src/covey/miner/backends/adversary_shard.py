@@ -1,10 +1,11 @@
 """TEST ONLY: a cheating shard miner, to prove that re-checks of activations catch it.
 
 Enabled, like :mod:`covey.miner.backends.adversary`, solely by ``COVEY_TEST_ADVERSARY``:
-``perturb-activations[:SCALE]`` adds Gaussian noise of SCALE (default 0.05) times each
-position's own standard deviation to the hidden states a shard sends on (a miner saving
-work by skipping blocks, or steering the answer). A last shard, which sends tokens, stays
-honest.
+
+- ``perturb-activations[:SCALE]`` adds Gaussian noise of SCALE (default 0.05) times each
+  position's own standard deviation to the hidden states a shard sends on (a miner saving
+  work by skipping blocks, or steering the answer);
+- ``wrong-tokens`` makes a last shard send the token after the one it sampled (by id).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class AdversaryShard(ShardBackendBase):
 
     async def forward(self, task: Forward) -> Forwarded:
         reply = await self.inner.forward(task)
+        if self.behaviour == "wrong-tokens" and reply.token_id is not None \
+                and not reply.end_of_text:
+            n_vocab = getattr(self.inner, "n_vocab", reply.token_id + 2)
+            bent = reply.model_copy(update={"token_id": (reply.token_id + 1) % n_vocab})
+            return bent.model_copy(update={"output_sha256": tensor_digest(bent)})
         if self.behaviour != "perturb-activations" or reply.hidden is None or not reply.data:
             return reply
         import torch

@@ -300,7 +300,9 @@ class ShardBackend(ShardBackendBase):
         start = sess.position
         sess.position += steps
         emit = max(0, (task.emit_from if task.emit_from is not None else start) - start)
-        if not blocks.last or not task.sample:
+        if blocks.last and task.score_ids:
+            reply = self._score(task, hidden, steps)
+        elif not blocks.last or not task.sample:
             out = hidden[:, emit:, :].to(getattr(torch, self.activations)).contiguous()
             data = _tensor_bytes(out)
             reply = Forwarded(job_id=task.job_id, tokens=steps,
@@ -388,6 +390,28 @@ class ShardBackend(ShardBackendBase):
                         position_embeddings=embeddings, **{self._cache_arg: sess.cache})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _score(self, task: Forward, hidden: Any, steps: int) -> Forwarded:
+        """How the tokens ``task.score_ids`` fit this model's logits at the step's last
+        positions (a validator re-checking a last shard's greedy answer).
+
+        Raises:
+            BackendError: ``invalid_value``, more tokens than positions or ids outside the
+                vocabulary.
+        """
+        import torch
+
+        ids = task.score_ids
+        if len(ids) > steps or any(t >= self.n_vocab for t in ids):
+            raise BackendError("invalid_value", f"{len(ids)} tokens to score over a step of "
+                               f"{steps} positions", "score_ids")
+        with torch.inference_mode():
+            logits = self.head(self.norm(hidden[0, steps - len(ids):, :])).float()
+        chosen = logits[torch.arange(len(ids)), torch.tensor(ids)]
+        gaps = (logits.max(dim=-1).values - chosen).clamp(min=0).tolist()
+        empty = Tensor(shape=(1, 0, self.hidden_size), dtype=self.activations)
+        return Forwarded(job_id=task.job_id, tokens=steps, hidden=empty, gaps=tuple(gaps),
+                         input_sha256=tensor_digest(task), output_sha256="0" * 64)
 
     def _sample(self, task: Forward, sess: _Session, last: Any, steps: int) -> Forwarded:
         import torch
