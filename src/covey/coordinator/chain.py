@@ -97,7 +97,6 @@ class ChainJob(Rebuilding):
         self._tried: set[str] = set()
         self._ids: list[int] = []
         self._sampled: list[int] = []
-        self._texts: list[str] = []
         self._chars = 0
         self._sha256: str | None = None
         self._pending: Forwarded | None = None
@@ -115,10 +114,6 @@ class ChainJob(Rebuilding):
     @property
     def delivered(self) -> int:
         return len(self._ids)
-
-    @property
-    def text(self) -> str:
-        return "".join(self._texts)
 
     async def __aenter__(self) -> ChainJob:
         return self
@@ -168,7 +163,6 @@ class ChainJob(Rebuilding):
                 self._sampled.append(reply.token_id)
             ids = () if reply.end_of_text or reply.token_id is None else (reply.token_id,)
             self._ids.extend(ids)
-            self._texts.append(reply.text)
             self._chars += len(reply.text)
             if ids or reply.text:
                 yield Delta(job_id=self.job.job_id, text=reply.text, token_ids=ids)

@@ -147,8 +147,9 @@ class Rebuilding:
                 if reply.hidden is not None:
                     outputs.append((reply.hidden, reply.data))
             else:
-                for k, (tensor, data) in enumerate(join_chunks(chunks)):
-                    sample = k == len(join_chunks(chunks)) - 1
+                runs = join_chunks(chunks)
+                for k, (tensor, data) in enumerate(runs):
+                    sample = k == len(runs) - 1
                     task = self._forward(link, link.position, final, hidden=tensor,
                                          data=data, emit_from=emit_from, sample=sample,
                                          resume=tuple(self._ids), resume_chars=self._chars)

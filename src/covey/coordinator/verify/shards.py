@@ -31,6 +31,7 @@ from covey.coordinator.miners import MinerSession
 from covey.coordinator.outcome import Outcome, ShardAnswer, ShardLink
 from covey.coordinator.router import Dispatcher
 from covey.coordinator.shards import join_chunks
+from covey.coordinator.verify.embeddings import MAX_PENDING_CHECKS
 from covey.coordinator.verify.judge import CheckPolicy, Verdict
 from covey.coordinator.verify.validators import NoVerdict, SampledChecks
 from covey.protocol.shard import Forward, Forwarded, Tensor, tensor_values
@@ -71,7 +72,7 @@ class ShardVerification(SampledChecks):
             return
         if self._rng.random() >= self.policy.rate:
             return
-        if self._pending >= 16:
+        if self._pending >= MAX_PENDING_CHECKS:
             self.metrics.checks.labels("sampled", "skipped").inc()
             return
         index = self._rng.randrange(checkable)

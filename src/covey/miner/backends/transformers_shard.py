@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,8 +357,7 @@ class ShardBackend(ShardBackendBase):
         chat = [{"role": m.role, "content": m.content} for m in messages]
         out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
                                                  tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys")
-                    else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     def _hidden_in(self, task: Forward) -> Any:
         import torch
@@ -418,10 +417,9 @@ class ShardBackend(ShardBackendBase):
 
         logits = self.head(self.norm(last))[0].float()
         params = task.params
-        for t in set(sess.generated):
-            if params.presence_penalty or params.frequency_penalty:
-                logits[t] -= params.presence_penalty + params.frequency_penalty * \
-                    sess.generated.count(t)
+        if params.presence_penalty or params.frequency_penalty:
+            for t, n in Counter(sess.generated).items():
+                logits[t] -= params.presence_penalty + params.frequency_penalty * n
         if params.temperature == 0:
             token = int(torch.argmax(logits))
         else:
