@@ -13,7 +13,13 @@ rules on it. From that:
   job, whatever the check rate;
 - for check rates 1%, 5%, 10%: verification compute as a share of inference compute, and
   jobs until each cheat is caught (median, p95, and P(caught within 200 jobs)), simulated
-  from the measured per-check outcomes.
+  from the measured per-check outcomes;
+- ``canaries``: the sleeper (the real weights for its trial, the other weights for every
+  other job) against covert greedy canaries from the built-in prompt grammar at
+  ``--canary-rate`` per user job plus sampled re-checks at ``--chat-check-rate``: the
+  per-canary detection rate, the compute overhead (canary inference and check, plus the
+  sampled checks, over user inference) and the jobs until it is caught, canaries counted
+  among the jobs.
 
 Prints one JSON object; ``--markdown`` also prints the table for the docs.
 """
@@ -30,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from covey.coordinator.verify.canaries import built_in_prompt
 from covey.coordinator.verify.judge import CheckPolicy, judge
 from covey.coordinator.verify.trials import TrialBook, compare
 from covey.miner.backends.adversary import make_impostor
@@ -166,6 +173,21 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         impostor_caught.append(not verdict.passed)
         impostor_by_setting.setdefault(_setting(job), []).append(not verdict.passed)
         impostor_z.append(float(verdict.figures.get("likelihood_p", 1.0)))
+    canary_caught: list[bool] = []
+    canary_infer_s = canary_check_s = 0.0
+    prompts = random.Random(11)
+    for i in range(args.cheat_jobs):
+        job = Job(job_id=f"canary-{i}", model="m",
+                  messages=(ChatMessage(role="user", content=built_in_prompt(prompts)),),
+                  params=SamplingParams(temperature=0, max_tokens=args.max_tokens))
+        ids, text, finish, prompt, took = await answer(impostor, job)
+        verdict, checked = await recheck(validator, job, ids, text, finish, prompt, policy)
+        canary_caught.append(not verdict.passed)
+        canary_infer_s += took
+        canary_check_s += checked
+    canaries = sleeper_figures(
+        args, canary_caught, impostor_caught, (canary_infer_s + canary_check_s) /
+        args.cheat_jobs, check_s / args.jobs, infer_s / args.jobs, rng)
     trial_caught = []
     for ref in TrialBook().references.get(sha, []):
         job = Job(job_id="trial", model="m",
@@ -206,7 +228,50 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "random_tokens_detect_by_setting": _rates(by_setting),
         "impostor_detect_by_setting": _rates(impostor_by_setting),
         "rates": table,
+        "canaries": canaries,
     }
+
+
+def sleeper_figures(args: argparse.Namespace, canary_caught: list[bool],
+                    sampled_caught: list[bool], canary_s: float, check_s: float,
+                    infer_s: float, rng: random.Random) -> dict[str, object]:
+    """The sleeper against canaries and sampled checks at the configured rates, next to
+    sampled checks alone at 5% (the previous default). ``canary_s``: seconds of one
+    canary's inference and check; ``check_s`` / ``infer_s``: per user job."""
+    overhead = (args.canary_rate * canary_s + args.chat_check_rate * check_s) / infer_s
+    caught = sleeper_jobs_to_catch(args.canary_rate, canary_caught, args.chat_check_rate,
+                                   sampled_caught, args.sims, rng)
+    alone = jobs_to_catch(0.05, sampled_caught, args.sims, rng)
+    return {"canary_rate": args.canary_rate, "chat_check_rate": args.chat_check_rate,
+            "canary_detect_per_check": round(statistics.fmean(canary_caught), 4),
+            "sampled_detect_per_check": round(statistics.fmean(sampled_caught), 4),
+            "overhead_share": round(overhead, 4), "sleeper": caught,
+            "sampled_5pct_alone": {**alone,
+                                   "overhead_share": round(0.05 * check_s / infer_s, 4)}}
+
+
+def sleeper_jobs_to_catch(canary_rate: float, canary_outcomes: list[bool], check_rate: float,
+                          check_outcomes: list[bool], sims: int, rng: random.Random,
+                          cap: int = 100_000) -> dict[str, float]:
+    """Simulated jobs on the sleeper until the first failed check: each user job is
+    re-checked with probability ``check_rate`` (caught as one of ``check_outcomes``) and
+    followed by a canary with probability ``canary_rate`` (caught as one of
+    ``canary_outcomes``); a canary counts as a job too."""
+    counts = []
+    for _ in range(sims):
+        n = 0
+        while n < cap:
+            n += 1
+            if rng.random() < check_rate and rng.choice(check_outcomes):
+                break
+            if rng.random() < canary_rate:
+                n += 1
+                if rng.choice(canary_outcomes):
+                    break
+        counts.append(n)
+    counts.sort()
+    return {"median": counts[len(counts) // 2], "p95": counts[int(len(counts) * 0.95)],
+            "p_within_200": round(sum(c <= 200 for c in counts) / len(counts), 4)}
 
 
 def _setting(job: Job) -> str:
@@ -236,6 +301,8 @@ if __name__ == "__main__":
                         help="answers per cheat to re-check")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sims", type=int, default=20_000)
+    parser.add_argument("--canary-rate", type=float, default=0.024)
+    parser.add_argument("--chat-check-rate", type=float, default=0.005)
     parser.add_argument("--markdown", action="store_true")
     a = parser.parse_args()
     out = asyncio.run(main(a))

@@ -89,9 +89,12 @@ class Network:
                 str(self.tmp / "coordinator"),
                 "--log-level",
                 "warning",
-                # Sampled re-checks take validator slots at random moments; tests of other
-                # things run without them (a later --check-rate in the args wins).
+                # Sampled re-checks and canaries take miner slots at random moments; tests
+                # of other things run without them (a later --check-rate or --canary-rate in
+                # the args wins).
                 "--check-rate",
+                "0",
+                "--canary-rate",
                 "0",
                 *self.coordinator_args,
             ],

@@ -77,8 +77,18 @@ def coordinator(
              "(repeatable); others get 100000,200000.")] = None,
     unbonding: Annotated[float, typer.Option(min=0, help="Seconds unstaked credits stay "
                                              "locked.")] = 7 * 24 * 3600,
-    check_rate: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Share of jobs re-checked by a validator miner.")] = 0.05,
+    check_rate: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Share of jobs re-checked by a validator miner (default "
+        "0.05; also the chat rate unless --chat-check-rate is given).")] = None,
+    chat_check_rate: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Share of text generation jobs re-checked (default: "
+        "--check-rate when given, else 0.005, with canaries watching too).")] = None,
+    canary_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Covert greedy canary jobs sent per user text job, each "
+        "re-checked (0: none).")] = 0.024,
+    canary_prompts: Annotated[Path | None, typer.Option(
+        help="The network's private canary prompts: one per line, or JSON lines with "
+             "'messages' (default: a built-in grammar, public).")] = None,
     slash_bps: Annotated[int, typer.Option(
         min=0, max=10_000, help="Basis points of a miner's stake slashed per failed check."
     )] = 1000,
@@ -143,6 +153,14 @@ def coordinator(
                       "(µcr per 1M tokens, whole numbers)")
             raise typer.Exit(2) from None
         prices[model_name] = Price(prompt_p, completion_p)
+    pool: tuple = ()
+    if canary_prompts is not None:
+        from covey.coordinator.verify.canaries import load_pool
+        try:
+            pool = tuple(load_pool(canary_prompts))
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]error:[/red] --canary-prompts {canary_prompts}: {exc}")
+            raise typer.Exit(2) from None
     wm_key = _watermark_key(watermark_key) if watermark_key else None
     setups: dict[str, Path] = {}
     for spec in proof_setup or []:
@@ -162,8 +180,14 @@ def coordinator(
                                bank=BankPolicy(grant=grant, fee_bps=fee_bps,
                                                min_stake=min_stake, unbonding_s=unbonding),
                                queue=QueuePolicy(max_waiting=queue_size, timeout=queue_timeout),
-                               checks=CheckPolicy(rate=check_rate, slash_bps=slash_bps,
-                                                  trials=trial),
+                               checks=CheckPolicy(
+                                   rate=0.05 if check_rate is None else check_rate,
+                                   chat_rate=(chat_check_rate if chat_check_rate is not None
+                                              else check_rate if check_rate is not None
+                                              else 0.005),
+                                   canary_rate=canary_rate, slash_bps=slash_bps,
+                                   trials=trial),
+                               canary_prompts=pool,
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
                                max_audio_bytes=int(max_audio_mb * 2**20),
@@ -313,8 +337,13 @@ def _serve(spec: str, name: str | None, backend: str, base: ModelSettings, data_
     fake = adversary.claimed_path()
     if fake is not None:  # TEST ONLY: other weights under the same name and digest
         path = fake
-    return _maybe_adversary(build(kind, replace(base, name=model_file.name, path=path,
-                                                 sha256=sha)))
+    served = _maybe_adversary(build(kind, replace(base, name=model_file.name, path=path,
+                                                   sha256=sha)))
+    other = adversary.sleeper_path()
+    if other is not None:  # TEST ONLY: the real weights for trials, others for the rest
+        return adversary.Sleeper(served, build(kind, replace(base, name=model_file.name,
+                                                             path=other, sha256=sha)))
+    return served
 
 
 @app.command()
@@ -384,6 +413,8 @@ def _maybe_adversary(served: Backend) -> Backend:
         adversary.ENV, ":".join(mode))
     if mode[0] == "wrong-model":
         return served
+    if mode[0] == "sleeper":
+        return served  # built with its other weights beside it, in _serve
     if isinstance(served, EmbeddingBackend):
         return adversary.AdversaryEmbedding(served, mode[0])
     if isinstance(served, ShardBackendBase):

@@ -50,10 +50,14 @@ from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.rebalance import Rebalancer
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.traffic import TrafficRecorder
+from covey.coordinator.verify.canaries import CANARY_ACCOUNT, Canaries
+from covey.coordinator.verify.canaries import fund as fund_canary
 from covey.coordinator.verify.checker import Verifier
 from covey.coordinator.verify.embeddings import load_references, split_reference_files
 from covey.coordinator.verify.judge import CheckPolicy
 from covey.coordinator.verify.trials import TrialBook
+from covey.protocol import Generate
+from covey.protocol.frames import ChatMessage
 from covey.protocol.identity import load_or_create
 from covey.protocol.watermark import derive_key
 
@@ -117,6 +121,9 @@ class CoordinatorConfig:
     """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
     max_audio_bytes: int = 25 * 2**20
     """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
+    canary_prompts: tuple[tuple[ChatMessage, ...], ...] = ()
+    """The operator's private canary prompts (:func:`covey.coordinator.verify.canaries.
+    load_pool`); empty: the built-in grammar."""
     invite_only: bool = False
     """Sign-up needs an invite code (``covey invite create``); off: anyone may sign up."""
     proof_setups: dict[str, Path] = field(default_factory=dict)
@@ -174,6 +181,14 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
                                                         config.max_keys_bytes)
     serving.proof_verifiers = load_verifiers(config.proof_setups)
     serving.on_false_proof = verifier.false_proof
+    if config.checks.canary_rate > 0:
+        async def send_canary(job: Generate) -> None:
+            await serving.run_internal(job, CANARY_ACCOUNT, lambda cost: billing.ledger_call(
+                fund_canary, billing.bank, job.job_id, cost))
+
+        verifier.canaries = Canaries(
+            config.checks.canary_rate, send_canary, config.canary_prompts,
+            lambda: metrics.checks.labels("canary", "skipped").inc())
     app.state.serving = serving
     app.state.started_at = int(time.time())
     app.state.coordinator_key = ledger.public_key

@@ -98,9 +98,16 @@ class Metrics:
                                  ["model", "reason"], registry=r)
         self.evictions = Counter("covey_evictions", "Miner sessions ended by the coordinator.",
                                  ["reason"], registry=r)
-        self.checks = Counter("covey_checks", "Verifications by kind (trial, sampled, usage) "
-                              "and result (passed, failed, skipped).", ["kind", "result"],
+        self.checks = Counter("covey_checks", "Verifications by kind (trial, sampled, canary, "
+                              "usage, ...) and result (passed, failed, skipped; unconfirmed: "
+                              "a failed verdict a second validator did not confirm; alone: "
+                              "one no other validator could confirm).", ["kind", "result"],
                               registry=r)
+        self.dissents = Counter("covey_validator_dissents", "Validator reports that differed "
+                                "from the ruling on a failed verdict (each costs the "
+                                "validator reputation).", registry=r)
+        self.validator_fees = Counter("covey_validator_fees_ucr", "µcr paid to validators "
+                                      "for their checks, whatever the verdict.", registry=r)
         self.shard_relay = Histogram(
             "covey_shard_relay_seconds", "Per hop of a chain of shards: the round trip less "
             "the shard's own compute (what relaying through the coordinator costs).",

@@ -329,6 +329,22 @@ class Serving:
             lambda reason: self.metrics.failovers.labels(job.model, reason).inc(),
             self.metrics, self.dispatcher.policy.timeout))
 
+    async def run_internal(self, job: Generate, account: str,
+                           fund: Callable[[int], Awaitable[object]]) -> None:
+        """Serve ``job`` for one of the network's own accounts (a canary) exactly as a
+        user's non-streamed chat request: limits, hold, routing, settlement, receipt and
+        ``after_job``. ``fund(max_cost)`` runs before the hold, to cover it.
+
+        Raises:
+            ApiError: as a user's request would get it (no miner, queue full, …).
+        """
+        _, _, max_cost, _ = self.quote(job)
+        await fund(max_cost)
+        record = RequestRecord(job.job_id, job.model, account, False)
+        self.admit(record)
+        running, fmt = await self.start(job, True, record)
+        await self.complete(running, fmt)
+
     async def complete(self, running: RunningJob, fmt: Formatter) -> ChatCompletion | Completion:
         """Collect the whole answer (non-streaming)."""
         parts: list[str] = []

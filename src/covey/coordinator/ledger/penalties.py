@@ -59,7 +59,7 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
     whenever the job was paid at all.
     """
     m, a = evidence.miner_id, evidence.account
-    cost, pay = _job_cost(bank, evidence.job_id) if a else (0, 0)
+    cost, pay = job_cost(bank, evidence.job_id) if a else (0, 0)
     receipt = _receipt(bank, evidence.job_id)  # read here: the writer's thread must not wait
     result: list[Penalty] = []
     validator = miner(evidence.validator) if evidence.validator else None
@@ -106,7 +106,7 @@ def penalize(bank: Bank, evidence: Evidence, slash_bps: int, validator_bps: int
     return result[0] if applied and result else None
 
 
-def _job_cost(bank: Bank, job_id: str) -> tuple[int, int]:
+def job_cost(bank: Bank, job_id: str) -> tuple[int, int]:
     """(what the user paid for ``job_id``: the miner's pay plus the fee, what the miner got
     of it), in µcr, from the job's settlement transfers."""
     q = select(transfers.c.kind, func.sum(transfers.c.amount)).where(

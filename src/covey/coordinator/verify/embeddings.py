@@ -168,11 +168,12 @@ class EmbeddingVerification(SampledChecks):
     _spawn: Callable[[Awaitable[None]], None]
     punish: Callable[[Evidence], Awaitable[object]]
 
-    async def _judge_embedding_trial(self, session: MinerSession, offer: ModelOffer
+    async def _judge_embedding_trial(self, session: MinerSession, offer: ModelOffer,
+                                     others: Sequence[str] = ()
                                      ) -> tuple[Verdict, str, str | None] | None:
         """Embed the trial inputs on ``session`` and judge them against the reference for
-        the weights, or a validator's vectors when there is none: (verdict, task id,
-        validator id or None), or None when the miner did not answer."""
+        the weights, or a validator's vectors (not ``others``'s) when there is none:
+        (verdict, task id, validator id or None), or None when the miner did not answer."""
         ref = self.embedding_references.get(offer.sha256)
         task = Embed(job_id=new_id("emb"), model=offer.name, model_sha256=offer.sha256,
                      input=ref.inputs if ref else TRIAL_INPUTS)
@@ -183,9 +184,10 @@ class EmbeddingVerification(SampledChecks):
         if ref is not None:
             return compare(ref.vectors, ref.prompt_tokens, got), task.job_id, None
         try:
-            trusted, validator = await self._embed_by_validator(task, [session.miner_id])
+            trusted, validator = await self._embed_by_validator(task, [session.miner_id,
+                                                                       *others])
         except EmbeddingUnavailable as exc:
-            verdict = Verdict(figures={"unverified": str(exc)})
+            verdict = Verdict(figures={"unverified": str(exc), "nobody": exc.nobody})
             return verdict, task.job_id, None
         rows = unpack_vectors(trusted.vectors, trusted.dimensions)
         return compare(rows, trusted.prompt_tokens, got), task.job_id, validator
@@ -218,10 +220,8 @@ class EmbeddingVerification(SampledChecks):
 
     async def _sampled_embedding(self, outcome: Outcome, answer: EmbedAnswer,
                                  settlement: Awaitable[object]) -> None:
-        async def recheck() -> tuple[Verdict, str | None]:
-            assert outcome.miner_id is not None
-            trusted, validator_id = await self._embed_by_validator(answer.sent,
-                                                                   [outcome.miner_id])
+        async def recheck(exclude: Sequence[str]) -> tuple[Verdict, str | None]:
+            trusted, validator_id = await self._embed_by_validator(answer.sent, exclude)
             rows = unpack_vectors(trusted.vectors, trusted.dimensions)
             got = Embedded(job_id=answer.sent.job_id, dimensions=answer.dimensions,
                            vectors=answer.vectors, prompt_tokens=outcome.prompt_tokens)

@@ -18,7 +18,12 @@ from covey.protocol import CheckReport, Generate
 class CheckPolicy:
     """Verification settings.
 
-    - ``rate``: share of finished jobs re-checked by a validator (0–1).
+    - ``rate``: share of finished jobs re-checked by a validator (0–1); ``chat_rate``: the
+      same for text generation, which canaries watch too (None: ``rate``).
+    - ``canary_rate``: covert canary jobs sent per user text job (0–1,
+      :mod:`covey.coordinator.verify.canaries`). With ``chat_rate`` 0.005, 0.024 catches the
+      sleeper (real weights for its trial, others after) within 200 jobs with probability
+      ≥ 0.99 at ≤ 5% compute overhead (``bench/verify.py``, ``canaries``).
     - ``greedy_gap``: largest logit gap (validator's top logit minus the token's) a greedy
       token may have. Validator and miner evaluate the answer in different batch shapes
       (one prefill versus token-by-token decode), so their logits differ by rounding: up to
@@ -37,7 +42,11 @@ class CheckPolicy:
     - ``max_outside``: tokens a sampled answer may have outside its top-p set (after the
       validator's slack for rounding).
     - ``slash_bps``: basis points of the miner's stake slashed per failed check;
-      ``validator_bps``: basis points of the slashed amount paid to the validator.
+      ``validator_bps``: basis points of the slashed amount paid to the validator (0: a
+      validator earns nothing from a slash, so framing pays nothing; it is paid per check
+      instead, see :mod:`covey.coordinator.verify.confirm`).
+    - ``validator_fee``: the least µcr a validator is paid per check, by the network's
+      issuance (it gets the checked job's miner pay when that is more).
     - ``reputation_floor``: below it a miner gets no jobs until it passes a trial again.
     - ``timeout``: seconds a validator or a trial may take.
     - ``trials``: hold each new miner until it passes a trial task (off only for networks of
@@ -45,13 +54,16 @@ class CheckPolicy:
     """
 
     rate: float = 0.05
+    chat_rate: float | None = None
+    canary_rate: float = 0.0
     greedy_gap: float = 1.0
     tail_q: float = 1e-4
     tail_alpha: float = 1e-6
     likelihood_alpha: float = 1e-6
     max_outside: int = 0
     slash_bps: int = 1000
-    validator_bps: int = 5000
+    validator_bps: int = 0
+    validator_fee: int = 10
     reputation_floor: float = 0.3
     timeout: float = 60.0
     trials: bool = True
@@ -66,6 +78,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
+        """No reasons to fail."""
         return not self.reasons
 
     def as_dict(self) -> dict[str, object]:

@@ -235,10 +235,12 @@ class MediaVerification(SampledChecks):
                     return offer.name
         return None
 
-    async def _judge_media_trial(self, session: MinerSession, offer: ModelOffer
+    async def _judge_media_trial(self, session: MinerSession, offer: ModelOffer,
+                                 others: Sequence[str] = ()
                                  ) -> tuple[Verdict, str, str | None] | None:
         """A media trial for ``offer`` on ``session``: (verdict, task id, validator id or
-        None), or None when the miner did not answer."""
+        None), or None when the miner did not answer; validators in ``others`` are not
+        asked."""
         timeout = self.policy.timeout
         task: MediaTask
         if offer.kind == "transcription":
@@ -262,9 +264,10 @@ class MediaVerification(SampledChecks):
                 return None
             try:
                 transcript, validator = await self._round_trip(
-                    bytes(got.audio), "opus", 24_000, [session.miner_id])
+                    bytes(got.audio), "opus", 24_000, [session.miner_id, *others])
             except MediaUnavailable as exc:
-                return Verdict(figures={"unverified": str(exc)}), task.job_id, None
+                return Verdict(figures={"unverified": str(exc), "nobody": exc.nobody}), \
+                    task.job_id, None
             return judge_speech(task, getattr(last, "duration", 0.0), transcript), \
                 task.job_id, validator
         task = Paint(job_id=new_id("img"), model=offer.name, model_sha256=offer.sha256,
@@ -276,9 +279,10 @@ class MediaVerification(SampledChecks):
             return None
         assert isinstance(last, Painted)
         try:
-            trusted, validator = await self._validator_run(task, [session.miner_id])
+            trusted, validator = await self._validator_run(task, [session.miner_id, *others])
         except MediaUnavailable as exc:
-            return Verdict(figures={"unverified": str(exc)}), task.job_id, None
+            return Verdict(figures={"unverified": str(exc), "nobody": exc.nobody}), \
+                task.job_id, None
         assert isinstance(trusted, Painted)
         return judge_images(trusted.images, last.images), task.job_id, validator
 
@@ -312,7 +316,7 @@ class MediaVerification(SampledChecks):
         """
         model = self._transcriber(exclude)
         if model is None:
-            raise MediaUnavailable("no transcription model is online")
+            raise MediaUnavailable("no transcription model is online", nobody=True)
         clip = as_container(audio, fmt, sample_rate)
         task = _transcribe(model, None, clip, f"speech.{'wav' if fmt == 'pcm' else fmt}")
         _, got, miner = await self._validator_go(task, exclude, clip)
@@ -339,13 +343,11 @@ class MediaVerification(SampledChecks):
                              answer: TranscriptAnswer | SpeechAnswer | ImageAnswer,
                              settlement: Awaitable[object]) -> None:
         await self._sampled_single(outcome, answer.sent.model_sha256 or "", settlement,
-                            lambda: self._recheck_media(outcome, answer))
+                            lambda ex: self._recheck_media(outcome, answer, ex))
 
     async def _recheck_media(self, outcome: Outcome,
-                             answer: TranscriptAnswer | SpeechAnswer | ImageAnswer
-                             ) -> tuple[Verdict, str | None]:
-        assert outcome.miner_id is not None
-        exclude = [outcome.miner_id]
+                             answer: TranscriptAnswer | SpeechAnswer | ImageAnswer,
+                             exclude: Sequence[str]) -> tuple[Verdict, str | None]:
         if isinstance(answer, TranscriptAnswer):
             last, got, validator = await self._validator_go(answer.sent, exclude, answer.audio)
             assert isinstance(last, Transcribed)

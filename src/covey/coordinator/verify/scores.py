@@ -128,12 +128,11 @@ class ScoreVerification(SampledChecks):
                 return
         self._pending += 1
         self._spawn(self._sampled_single(outcome, answer.sent.model_sha256 or "", settlement,
-                                         lambda: self._recheck_score(outcome, answer)))
+                                         lambda ex: self._recheck_score(outcome, answer, ex)))
 
-    async def _recheck_score(self, outcome: Outcome, answer: ScoreAnswer
-                             ) -> tuple[Verdict, str | None]:
-        assert outcome.miner_id is not None
-        trusted, validator_id = await self._validator_score(answer.sent, [outcome.miner_id],
+    async def _recheck_score(self, outcome: Outcome, answer: ScoreAnswer,
+                             exclude: Sequence[str]) -> tuple[Verdict, str | None]:
+        trusted, validator_id = await self._validator_score(answer.sent, exclude,
                                                             outcome.account)
         if answer.encrypted is not None:
             return judge_ciphertext(trusted.encrypted or "", answer.encrypted), validator_id
@@ -160,10 +159,11 @@ class ScoreVerification(SampledChecks):
             s.miner_id != miner_id and (o := s.offer(offer.name)) is not None
             and o.sha256 == offer.sha256 for s in self.dispatcher.registry.serving(offer.name))
 
-    async def _judge_score_trial(self, session: MinerSession, offer: ModelOffer
+    async def _judge_score_trial(self, session: MinerSession, offer: ModelOffer,
+                                 others: Sequence[str] = ()
                                  ) -> tuple[Verdict, str, str | None] | None:
-        """A scoring trial on ``session``: (verdict, task id, validator id), or None when
-        the miner did not answer."""
+        """A scoring trial on ``session``: (verdict, task id, validator id, not one of
+        ``others``), or None when the miner did not answer."""
         task = Score(job_id=new_id("score"), model=offer.name, model_sha256=offer.sha256,
                      inputs=trial_rows(offer))
         try:
@@ -171,9 +171,11 @@ class ScoreVerification(SampledChecks):
         except ScoreUnavailable:
             return None
         try:
-            trusted, validator_id = await self._validator_score(task, [session.miner_id])
+            trusted, validator_id = await self._validator_score(task, [session.miner_id,
+                                                                       *others])
         except ScoreUnavailable as exc:
-            return Verdict(figures={"unverified": str(exc)}), task.job_id, None
+            return Verdict(figures={"unverified": str(exc), "nobody": exc.nobody}), \
+                task.job_id, None
         return judge_scores(trusted.outputs or (), got.outputs or ()), task.job_id, \
             validator_id
 

@@ -80,21 +80,23 @@ class ShardVerification(SampledChecks):
         checked = replace(outcome, miner_id=link.miner_id)
         self._pending += 1
 
-        async def recheck() -> tuple[Verdict, str | None]:
-            return await self._recheck_link(answer, index)
+        async def recheck(exclude: Sequence[str]) -> tuple[Verdict, str | None]:
+            return await self._recheck_link(answer, index, exclude)
 
         self._spawn(self._sampled_single(checked, answer.sha256, settlement, recheck))
 
-    async def _recheck_link(self, answer: ShardAnswer, index: int) -> tuple[Verdict, str]:
-        """Replay link ``index``'s inputs on a validator and compare its outputs with the
-        link's (the next link's inputs).
+    async def _recheck_link(self, answer: ShardAnswer, index: int,
+                            exclude: Sequence[str]) -> tuple[Verdict, str]:
+        """Replay link ``index``'s inputs on a validator (not in ``exclude``, which holds
+        the link's miner) and compare its outputs with the link's (the next link's
+        inputs).
 
         Raises:
             NoVerdict: no validator holds those blocks, or it failed.
         """
         link = answer.links[index]
         last = index == len(answer.links) - 1
-        session = self._shard_validator(answer, link)
+        session = self._shard_validator(answer, link, exclude)
         model = answer.job.model
         session.busy[model] = session.busy.get(model, 0) + 1
         sid = f"chk-shard-{next(_ids)}"
@@ -112,20 +114,23 @@ class ShardVerification(SampledChecks):
         after = answer.links[index + 1]
         return compare([(t, d) for t, d, _ in outputs], after.chunks), session.miner_id
 
-    def _shard_validator(self, answer: ShardAnswer, link: ShardLink) -> MinerSession:
+    def _shard_validator(self, answer: ShardAnswer, link: ShardLink,
+                         exclude: Sequence[str]) -> MinerSession:
         model = answer.job.model
-        free = []
+        free, holders = [], 0
         for s in self.dispatcher.registry.sessions.values():
             o = s.shard_offer(model)
             if (s.closed or o is None or o.shard is None or s.miner_id == link.miner_id
+                    or s.miner_id in exclude
                     or o.sha256 != answer.sha256 or o.shard.total != answer.total
-                    or not o.shard.start <= link.start < link.end <= o.shard.end
-                    or s.busy.get(model, 0) >= s.slots_for(model)):
+                    or not o.shard.start <= link.start < link.end <= o.shard.end):
                 continue
-            free.append(s)
+            holders += 1
+            if s.busy.get(model, 0) < s.slots_for(model):
+                free.append(s)
         if not free:
             raise NoVerdict(f"no other miner holds blocks {link.start}:{link.end} of "
-                            f"{model} with a free slot")
+                            f"{model} with a free slot", nobody=not holders)
         return min(free, key=lambda s: (s.busy.get(model, 0), s.miner_id))
 
 

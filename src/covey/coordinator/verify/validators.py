@@ -33,22 +33,44 @@ async def validator(dispatcher: Dispatcher, model: str, sha256: str | None,
 
     Raises:
         Exception: ``unavailable(reason)`` when none is free within ``timeout`` seconds
-            (or none serves the weights).
+            (or none serves the weights: its ``nobody`` attribute is then True).
     """
-    try:
-        async with asyncio.timeout(timeout):
-            session = await dispatcher.acquire(model, VALIDATOR_ACCOUNT, sha256,
-                                               frozenset(exclude), priority=True)
-    except (ApiError, TimeoutError) as exc:
-        raise unavailable(getattr(exc, "message", "no validator was free")) from None
+    session = await borrow(dispatcher, model, sha256, exclude, timeout, unavailable)
     try:
         yield session
     finally:
         dispatcher.release(session, VALIDATOR_ACCOUNT, model)
 
 
+async def borrow(dispatcher: Dispatcher, model: str, sha256: str | None,
+                 exclude: Sequence[str], timeout: float,
+                 unavailable: Callable[[str], Exception]) -> MinerSession:
+    """A validator's slot, as :func:`validator` takes it (the caller releases it with
+    ``dispatcher.release(session, VALIDATOR_ACCOUNT, model)``).
+
+    Raises:
+        Exception: ``unavailable(reason)``, with ``nobody`` True when no live miner outside
+            ``exclude`` serves the weights at all (rather than none being free in time).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await dispatcher.acquire(model, VALIDATOR_ACCOUNT, sha256,
+                                            frozenset(exclude), priority=True)
+    except (ApiError, TimeoutError) as exc:
+        error = unavailable(getattr(exc, "message", "no validator was free"))
+        error.nobody = isinstance(exc, ApiError) and exc.code == "no_miner_available"  # type: ignore[attr-defined]
+        raise error from None
+
+
 class NoVerdict(Exception):
-    """No validator could give a verdict (none online or free, or it failed)."""
+    """No validator could give a verdict (none online or free, or it failed).
+
+    ``nobody`` is True when no other miner serves the weights at all (the network has no
+    validator left to ask), False when one exists but was busy or failed."""
+
+    def __init__(self, *args: object, nobody: bool = False) -> None:
+        super().__init__(*args)
+        self.nobody = nobody
 
 
 class SampledChecks:
@@ -59,14 +81,18 @@ class SampledChecks:
     metrics: Metrics
     _pending: int
     punish: Callable[[Evidence], Awaitable[object]]
+    paid: Callable[[str | None, str], None]
+    convict: Callable[..., Awaitable[bool]]
 
     async def _sampled_single(self, outcome: Outcome, model_sha256: str,
                        settlement: Awaitable[object],
-                       recheck: Callable[[], Awaitable[tuple[Verdict, str | None]]]) -> None:
+                       recheck: Callable[[Sequence[str]],
+                                         Awaitable[tuple[Verdict, str | None]]]) -> None:
         """Once ``settlement`` has landed, judge ``outcome``: its usage fault if it has one,
-        else ``recheck()``'s verdict (and validator id); a failure is punished (slash and
-        refund, :mod:`covey.coordinator.ledger.penalties`). Counts itself out of
-        ``_pending``."""
+        else ``recheck(exclude)``'s verdict (and validator id; ``exclude`` holds the miner
+        and any validators already asked); a failure confirmed by a second validator
+        (:mod:`covey.coordinator.verify.confirm`) is punished (slash and refund,
+        :mod:`covey.coordinator.ledger.penalties`). Counts itself out of ``_pending``."""
         assert outcome.miner_id is not None
         kind = "usage" if outcome.fault is not None else "sampled"
         validator_id: str | None = None
@@ -76,7 +102,8 @@ class SampledChecks:
                 verdict = Verdict([outcome.fault], {"receipt": outcome.receipt[0].model_dump()
                                                     if outcome.receipt else None})
             else:
-                verdict, validator_id = await recheck()
+                verdict, validator_id = await recheck([outcome.miner_id])
+                self.paid(validator_id, outcome.job_id)
         except NoVerdict as exc:
             self.metrics.checks.labels("sampled", "skipped").inc()
             log.info("%s not re-checked: %s", outcome.job_id, exc)
@@ -90,6 +117,6 @@ class SampledChecks:
             return
         log.warning("%s: miner %s failed a %s check: %s", outcome.job_id,
                     outcome.miner_id[:16], kind, "; ".join(verdict.reasons))
-        await self.punish(Evidence(new_id("chk"), kind, outcome.job_id, outcome.miner_id,
-                                   model_sha256, verdict.as_dict(), outcome.account,
-                                   validator_id))
+        await self.convict(Evidence(new_id("chk"), kind, outcome.job_id, outcome.miner_id,
+                                    model_sha256, verdict.as_dict(), outcome.account,
+                                    validator_id), recheck)

@@ -14,6 +14,12 @@ when it is set). Behaviours (``ENV=<name>[:<argument>]``):
   were used.
 - ``inject:TEXT`` — send TEXT as the text of the answer's first delta (its token ids stay
   honest): a hostile miner's markup, which clients must render as untrusted.
+- ``frame`` — an honest miner but a lying validator: every check it runs reports every
+  token far from the model's choice, so every answer it checks fails.
+- ``sleeper:PATH`` — the sleeper (:class:`Sleeper`): the real weights for every prompt of
+  the public trial set (and for the first N jobs with the variable below) and for its
+  checks as a validator, the GGUF at PATH for every other job. Only covert canaries
+  (:mod:`covey.coordinator.verify.canaries`) and sampled re-checks see its other weights.
 
 An embedding model (:class:`AdversaryEmbedding`) knows ``random-vectors`` (random unit
 vectors of the right shape) and ``wrong-model:PATH`` (another model folder served under the
@@ -64,6 +70,12 @@ def claimed_path() -> Path | None:
     return Path(m[1]) if m and m[0] == "wrong-model" else None
 
 
+def sleeper_path() -> Path | None:
+    """For ``sleeper:PATH``: the GGUF served outside trials."""
+    m = mode()
+    return Path(m[1]) if m and m[0] == "sleeper" else None
+
+
 class AdversaryBackend(TextBackend):
     """Wraps an honest backend and cheats as :data:`ENV` says (see module docstring).
 
@@ -87,7 +99,13 @@ class AdversaryBackend(TextBackend):
         self._rng = random.Random()
 
     async def check(self, check: Check) -> CheckReport:
-        return await self.inner.check(check)
+        report = await self.inner.check(check)
+        if self.behaviour != "frame":
+            return report
+        # Every token "far from the model's choice" and outside the top-p set: any answer
+        # it checks fails, honest or not.
+        return report.model_copy(update={"gaps": tuple(10.0 for _ in report.gaps),
+                                         "outside": len(report.gaps)})
 
     def set_watermark_key(self, key: bytes | None) -> None:
         self.watermark_key = key
@@ -100,7 +118,7 @@ class AdversaryBackend(TextBackend):
         self.inner.close()
 
     async def generate(self, job: Generate) -> AsyncIterator[Started | Progress | Delta | Done]:
-        if self._honest_left > 0:
+        if self._honest_left > 0 or self.behaviour == "frame":
             self._honest_left -= 1
             async for frame in self.inner.generate(job):
                 yield frame
@@ -220,3 +238,56 @@ def make_embedding_impostor(source: Path, target: Path, layers: tuple[int, int] 
         swapped[other] = tensor
     save_file(swapped, str(weights))
     return target
+
+
+def public_trial_prompts() -> frozenset[str]:
+    """The texts of the public trial prompts (the coordinator's ``trials.json``, shipped
+    with every copy of Covey): what a sleeper recognises and answers honestly."""
+    import json
+    from importlib import resources
+
+    text = resources.files("covey.coordinator.verify").joinpath("trials.json").read_text()
+    return frozenset(m["content"] for refs in json.loads(text).values() for ref in refs
+                     for m in ref["messages"])
+
+
+class Sleeper(TextBackend):
+    """TEST ONLY: ``honest`` (the real weights) answers trials, the first
+    ``HONEST_FIRST_ENV`` jobs and every check; ``other`` (cheaper weights, served under the
+    real name and hash) answers the rest."""
+
+    def __init__(self, honest: TextBackend, other: TextBackend) -> None:
+        self.inner = honest
+        self.other = other
+        self.capabilities = honest.capabilities  # type: ignore[misc]
+        self.offer = honest.offer
+        self.slots = honest.slots
+        self._trials = public_trial_prompts()
+        self._honest_left = int(os.environ.get(HONEST_FIRST_ENV, "0"))
+
+    async def check(self, check: Check) -> CheckReport:
+        return await self.inner.check(check)
+
+    def set_watermark_key(self, key: bytes | None) -> None:
+        self.watermark_key = key
+        self.inner.set_watermark_key(key)
+        self.other.set_watermark_key(key)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.other.close()
+
+    def _looks_like_a_trial(self, job: Generate) -> bool:
+        return any(m.content in self._trials for m in job.messages or ()
+                   if isinstance(m.content, str))
+
+    async def generate(self, job: Generate) -> AsyncIterator[Started | Progress | Delta | Done]:
+        backend = self.other
+        if self._honest_left > 0 or self._looks_like_a_trial(job):
+            self._honest_left -= 1
+            backend = self.inner
+        async for frame in backend.generate(job):
+            yield frame
