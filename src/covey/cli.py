@@ -83,6 +83,10 @@ def coordinator(
     chat_check_rate: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Share of text generation jobs re-checked (default: "
         "--check-rate when given, else 0.005, with canaries watching too).")] = None,
+    lease_ttl: Annotated[float, typer.Option(
+        min=1.0, help="Seconds this coordinator's lease on a shared ledger lasts unless "
+        "renewed: after a replica dies, another refunds its open escrows once it expires.")
+    ] = 15.0,
     canary_rate: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Covert greedy canary jobs sent per user text job, each "
         "re-checked (0: none).")] = 0.024,
@@ -187,7 +191,7 @@ def coordinator(
                                               else 0.005),
                                    canary_rate=canary_rate, slash_bps=slash_bps,
                                    trials=trial),
-                               canary_prompts=pool,
+                               canary_prompts=pool, lease_ttl=lease_ttl,
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
                                max_audio_bytes=int(max_audio_mb * 2**20),
@@ -201,8 +205,9 @@ def coordinator(
 
 @app.command()
 def miner(
-    coordinator: Annotated[str, typer.Option(help="Coordinator base URL.")] = (
-        "http://127.0.0.1:8000"),
+    coordinator: Annotated[list[str] | None, typer.Option(
+        help="Coordinator base URL (default http://127.0.0.1:8000); repeat for replicas of "
+             "one network, tried in turn when the connection is lost.")] = None,
     model: Annotated[list[str] | None, typer.Option(
         help="A bundled model name (smollm2-135m-instruct, all-minilm-l6-v2, "
              "whisper-tiny.en, hibari), a path to a .gguf file or a model folder "
@@ -264,6 +269,7 @@ def miner(
         err.print(f"[red]error:[/red] --backend {backend!r}: expected auto or one of "
                   f"{', '.join(BUILDERS)}")
         raise typer.Exit(2)
+    urls = coordinator or ["http://127.0.0.1:8000"]
     specs = model or ([] if backend == "synthetic" else [BUNDLED_MODEL])
     if name is not None and len(specs) > 1:
         err.print("[red]error:[/red] --name names one model; serve several models under "
@@ -288,7 +294,7 @@ def miner(
             served.append(build("synthetic", base))
         for spec in specs if backend != "synthetic" else []:
             served.append(_serve(spec, name, backend, base, data_dir))
-        agent = MinerAgent(coordinator, signing_key, served)
+        agent = MinerAgent(urls, signing_key, served)
     except (IdentityError, ModelNotFound, BackendUnavailable, ValueError) as exc:
         for b in served:
             b.close()
@@ -297,7 +303,7 @@ def miner(
     for b in served:
         err.print(f"miner {agent.miner_id[:16]}… serving {b.offer.name} ({b.offer.kind}) via "
                   f"{b.offer.backend} ({b.offer.sha256[:12]}…, {b.slots} slot(s)) to "
-                  f"{coordinator}")
+                  f"{' or '.join(urls)}")
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -37,12 +37,14 @@ from covey.coordinator.api.scores import SCORE_KEYS, load_verifiers
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.api.transcriptions import TRANSCRIPTIONS
 from covey.coordinator.billing import Billing
+from covey.coordinator.duties import run_duties
 from covey.coordinator.errors import install_error_handlers
 from covey.coordinator.failover import FailoverPolicy
 from covey.coordinator.he_keys import KeyStore
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy
 from covey.coordinator.ledger.pricing import Price
+from covey.coordinator.ledger.replicas import LEASE_TTL_S, Lease, refund_orphaned, replica_id
 from covey.coordinator.limits import BodyLimit, QueryKeyGuard
 from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
@@ -121,6 +123,9 @@ class CoordinatorConfig:
     """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
     max_audio_bytes: int = 25 * 2**20
     """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
+    lease_ttl: float = LEASE_TTL_S
+    """Seconds this replica's lease on the shared ledger lasts unless renewed
+    (:mod:`covey.coordinator.ledger.replicas`)."""
     canary_prompts: tuple[tuple[ChatMessage, ...], ...] = ()
     """The operator's private canary prompts (:func:`covey.coordinator.verify.canaries.
     load_pool`); empty: the built-in grammar."""
@@ -148,15 +153,24 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         # before serving, so no credit stays locked and none is charged twice.
         log.info("coordinator key %s (signs the ledger head and countersigns receipts)",
                  ledger.public_key)
-        refunded = await asyncio.to_thread(billing.bank.refund_open_escrows)
+        # Other replicas' running jobs keep their escrows: only this replica's own (left by
+        # its previous run) and those of replicas whose lease expired are refunded.
+        billing.bank.replica = replica_id(config.data_dir)
+        lease = Lease(ledger, billing.bank.replica, config.lease_ttl)
+        await asyncio.to_thread(lease.take)
+        refunded = await asyncio.to_thread(refund_orphaned, billing.bank, billing.bank.replica)
         if refunded:
-            log.warning("refunded %d escrows left open by a previous run", refunded)
+            log.warning("refunded %d escrows left open by a previous run or a dead replica",
+                        refunded)
+        duties = asyncio.create_task(run_duties(lease, billing))
         stakes = await asyncio.to_thread(ledger.balances_like, "stake:")
         for account, staked in stakes.items():
             registry.set_stake(account.removeprefix("stake:"), staked)
         yield
+        duties.cancel()
         verifier.close()
         await billing.drain()
+        await asyncio.to_thread(lease.end)
         ledger.close()
 
     app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan)

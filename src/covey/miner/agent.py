@@ -128,15 +128,20 @@ class Backoff:
 
 class MinerAgent(MediaTasks):
     """Serves ``backends`` (one per model; a single backend is accepted too) to the
-    coordinator at ``coordinator_url`` under ``key``.
+    coordinator at ``coordinator_url`` under ``key``. Several URLs (replicas of one
+    network) are tried in turn: after a lost or refused connection the next one is used.
 
     Raises (from the constructor):
         ValueError: no backend, or two backends serving the same model name.
     """
 
-    def __init__(self, coordinator_url: str, key: SigningKey,
+    def __init__(self, coordinator_url: str | Sequence[str], key: SigningKey,
                  backends: Backend | Sequence[Backend], backoff: Backoff = Backoff()) -> None:
-        self.url = ws_url(coordinator_url)
+        urls = [coordinator_url] if isinstance(coordinator_url, str) else list(coordinator_url)
+        if not urls:
+            raise ValueError("no coordinator URL")
+        self.urls = [ws_url(u) for u in urls]
+        self.url = self.urls[0]
         self.key = key
         served = [backends] if isinstance(backends, Backend) else list(backends)
         self.backends: dict[str, Backend] = {b.offer.name: b for b in served}
@@ -215,8 +220,14 @@ class MinerAgent(MediaTasks):
                 await self._cancel_all()
             if self._stopping.is_set():
                 return
-            delay = self.backoff.delay(attempt)
-            attempt += 1
+            # The next replica of the network at once; backing off only once each was tried
+            # (one URL: the same again, backing off).
+            self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+            if self.url != self.urls[0]:
+                delay = self.backoff.delay(0)
+            else:
+                delay = self.backoff.delay(attempt)
+                attempt += 1
             log.info("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

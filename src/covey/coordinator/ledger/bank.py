@@ -22,7 +22,14 @@ from covey.coordinator.ledger import keys
 from covey.coordinator.ledger.invites import claim
 from covey.coordinator.ledger.keys import KeyInfo, hash_key
 from covey.coordinator.ledger.pricing import Settlement, settle, split
-from covey.coordinator.ledger.schema import api_keys, balances, receipts, transfers, usage
+from covey.coordinator.ledger.schema import (
+    api_keys,
+    balances,
+    escrow_owners,
+    receipts,
+    transfers,
+    usage,
+)
 from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
 from covey.protocol.receipts import Receipt, countersign
 from covey.protocol.signing import canonical_json
@@ -88,6 +95,9 @@ class Bank:
         self._key_cache: dict[str, tuple[str, float]] = {}
         self._revoked: set[str] = set()
         """Hashes of keys revoked by this process: never cached again (64 bytes each)."""
+        self.replica: str | None = None
+        """This coordinator's replica id: each hold records it as the escrow's owner
+        (:mod:`covey.coordinator.ledger.replicas`); None writes no owner."""
 
     # --- accounts and keys ---------------------------------------------------------------
 
@@ -181,8 +191,14 @@ class Bank:
             InsufficientFunds: the user cannot cover ``amount``.
         """
         if amount > 0:
+            owner = None
+            if self.replica is not None:
+                row = {"job_id": job_id, "replica_id": self.replica, "account": account_id,
+                       "created_us": time.time_ns() // 1000}
+                owner = lambda: (escrow_owners, row)  # noqa: E731
             self.ledger.post(f"hold:{job_id}",
-                             [Transfer(user(account_id), escrow(job_id), amount, "hold")])
+                             [Transfer(user(account_id), escrow(job_id), amount, "hold")],
+                             also=owner)
 
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
                record: UsageRecord | None = None,
@@ -367,22 +383,6 @@ class Bank:
 
         applied = self.ledger.post_computed(f"close:{job_id}", [box, user(account_id)], make)
         return refunded[0] if applied and refunded else 0
-
-    def refund_open_escrows(self) -> int:
-        """Refund every escrow still holding credits (jobs that died with a coordinator);
-        returns how many. Run at start-up, before serving."""
-        n = 0
-        for account, held in self.ledger.balances_like("escrow:").items():
-            if held <= 0:
-                continue
-            job_id = account.removeprefix("escrow:")
-            hold = self.ledger.entries_with_key_prefix(f"hold:{job_id}:")
-            if not hold:
-                raise LedgerError(f"{account} holds credits but has no hold entry")
-            payer = str(hold[0]["debit"]).removeprefix("user:")
-            self.refund(job_id, payer)
-            n += 1
-        return n
 
     # --- stake ---------------------------------------------------------------------------
 

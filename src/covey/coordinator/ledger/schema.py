@@ -119,3 +119,22 @@ checks = Table(
 """One row per failed check (trial, sampled re-check or usage recount): the evidence (the
 verdict with its figures, the miner's signed receipt when there is one) and the money it
 moved (µcr slashed, paid to the validator, refunded to the user)."""
+
+replicas = Table(
+    "replicas", metadata,
+    Column("replica_id", String(64), primary_key=True),
+    Column("started_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+)
+"""Coordinator replicas sharing this ledger, each with its lease: a replica renews
+``expires_us`` while it lives (:mod:`covey.coordinator.ledger.replicas`)."""
+
+escrow_owners = Table(
+    "escrow_owners", metadata,
+    Column("job_id", String(100), primary_key=True),
+    Column("replica_id", String(64), nullable=False, index=True),
+    Column("account", String(200), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+)
+"""Which replica holds each escrow (written in the hold's own transaction): only escrows of
+a replica whose lease expired are refunded by another."""
