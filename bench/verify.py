@@ -131,6 +131,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     infer_s = check_s = 0.0
     failed: list[str] = []
     greedy_gaps: list[float] = []
+    gap_sums: list[float] = []
     tail_ps: list[float] = []
     zs: list[float] = []
     lps: list[float] = []
@@ -146,6 +147,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             failed.append(f"{job.job_id}: {verdict.reasons}")
         if job.params.temperature == 0:
             greedy_gaps.append(float(verdict.figures["max_gap"]))
+            gap_sums.append(float(verdict.figures["gap_sum"]))
         else:
             tail_ps.append(float(verdict.figures.get("tail_p", 1.0)))
             zs.append(float(verdict.figures.get("z", 0.0)))
@@ -214,6 +216,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return {
         "honest_jobs": args.jobs, "honest_failed_checks": len(failed), "failures": failed[:5],
         "honest_max_gap": round(max(greedy_gaps, default=0.0), 4),
+        "honest_max_gap_sum": round(max(gap_sums, default=0.0), 4),
         "honest_min_tail_p": min(tail_ps, default=1.0),
         "honest_min_z": round(min(zs, default=0.0), 3),
         "honest_min_likelihood_p": min(lps, default=1.0),

@@ -4,6 +4,7 @@ leader is one replica at a time. The ledger on SQLite and on the real PostgreSQL
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import threading
@@ -26,7 +27,7 @@ from covey.coordinator.ledger.replicas import (
     replica_id,
 )
 from tcp_balancer import Balancer
-from test_billing import GRANT, account, cost
+from test_billing import GRANT, account, cost, sign_up
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -107,28 +108,28 @@ def test_the_replica_id_is_kept_in_the_data_folder(tmp_path: Path):
     assert len(made) == 16 and replica_id(tmp_path) == made
 
 
-def test_two_replicas_serve_one_network_and_either_can_die(tmp_path: Path):
+@pytest.mark.parametrize("bus", [False, True], ids=["ledger-only", "nats"])
+def test_two_replicas_serve_one_network_and_either_can_die(tmp_path: Path, bus: bool,
+                                                           request: pytest.FixtureRequest):
     """Two coordinators on one PostgreSQL ledger behind a TCP balancer, a miner on each
-    (each miner knows both URLs). One replica is killed mid-load: its miner moves to the
-    other, its escrows are refunded once its lease runs out (and only those: the other
-    replica's jobs finish and are charged), and the network keeps serving."""
+    (each miner knows both URLs); with NATS, each replica also routes to the other's miner.
+    One replica is killed mid-load: its miner moves to the other, its escrows are refunded
+    once its lease runs out (and only those: the other replica's jobs finish, or fail
+    over, and are charged once), and the network keeps serving."""
     with postgres_database() as db:
-        args = ("--database-url", db, "--lease-ttl", "3")
-        (tmp_path / "one").mkdir()
-        one = Network(tmp_path / "one", *args)
-        # Replicas share the network's identity key (the ledger head's signer).
-        (tmp_path / "two" / "coordinator").mkdir(parents=True)
-        shutil.copy(tmp_path / "one" / "coordinator" / "coordinator.key",
-                    tmp_path / "two" / "coordinator" / "coordinator.key")
-        two = Network(tmp_path / "two", *args)
+        args = ["--database-url", db, "--lease-ttl", "3"]
+        if bus:
+            args += ["--nats-url", request.getfixturevalue("nats_url")]
+        one, two = replicas(tmp_path, *args)
         balancer = Balancer([one.port, two.port])
         try:
-            for net, urls in ((one, (one.url, two.url)), (two, (two.url, one.url))):
+            for n, (net, urls) in enumerate(((one, (one.url, two.url)),
+                                             (two, (two.url, one.url)))):
                 net.miners.append(Proc(
                     ["miner", "--coordinator", urls[0], "--coordinator", urls[1],
                      "--data-dir", str(net.tmp / "miner"), "--threads", "1", "--ctx", "1024"],
                     net.tmp / "miner.log"))
-                net.wait_miners(1)
+                net.wait_miners(n + 1 if bus else 1)
             r = httpx.post(f"{balancer.url}/v1/accounts", timeout=10)
             assert r.status_code == 201
             headers = {"Authorization": f"Bearer {r.json()['api_key']}"}
@@ -181,3 +182,87 @@ def test_two_replicas_serve_one_network_and_either_can_die(tmp_path: Path):
                 net.close()
         check = ledger_verify(tmp_path / "two" / "coordinator", db)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+NATS = "nats://127.0.0.1:4222"
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """The NATS server at 127.0.0.1:4222 (CI runs one: its tests must run there)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 4222), timeout=2).close()
+    except OSError as exc:
+        if os.environ.get("COVEY_REQUIRE_NATS"):
+            raise
+        pytest.skip(f"no NATS at 127.0.0.1:4222 ({exc})")
+    return NATS
+
+
+def replicas(tmp_path: Path, *args: str) -> tuple[Network, Network]:
+    """Two coordinator replicas started with ``args``, sharing one identity key."""
+    (tmp_path / "one").mkdir()
+    one = Network(tmp_path / "one", *args)
+    (tmp_path / "two" / "coordinator").mkdir(parents=True)
+    shutil.copy(tmp_path / "one" / "coordinator" / "coordinator.key",
+                tmp_path / "two" / "coordinator" / "coordinator.key")
+    try:
+        return one, Network(tmp_path / "two", *args)
+    except Exception:
+        one.close()
+        raise
+
+
+def test_a_replica_serves_through_a_miner_connected_to_another(tmp_path: Path, nats_url):
+    with postgres_database() as db:
+        one, two = replicas(tmp_path, "--database-url", db, "--nats-url", nats_url)
+        try:
+            miner_args = ["miner", "--data-dir", str(tmp_path / "miner"), "--threads", "1",
+                          "--ctx", "1024"]
+            two.miners.append(Proc([*miner_args, "--coordinator", two.url],
+                                   tmp_path / "miner.log"))
+            two.wait_miners(1)
+            one.wait_miners(1, timeout=15)  # announced over NATS
+            [listed] = httpx.get(f"{one.url}/v1/miners", timeout=5).json()["data"]
+            headers = sign_up(one)
+            body = {"model": MODEL, "max_tokens": 12,
+                    "messages": [{"role": "user", "content": "Name a colour."}]}
+            r = httpx.post(f"{one.url}/v1/chat/completions", headers=headers, json=body,
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            assert answer["system_fingerprint"] == f"miner-{listed['id'][:16]}"
+            assert answer["choices"][0]["message"]["content"]
+            u = answer["usage"]
+            # Streamed too, token by token, through the other replica.
+            with httpx.stream("POST", f"{one.url}/v1/chat/completions", headers=headers,
+                              json={**body, "stream": True}, timeout=60) as s:
+                lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and len(lines) > 3
+            # One ledger: the other replica sees the same account and charges.
+            a = account(two, headers)
+            assert a["held"] == 0 and a["balance"] < GRANT - cost(u["prompt_tokens"],
+                                                                   u["completion_tokens"]) + 1
+            # The same key connecting to the first replica: one session network-wide; the
+            # process it replaced is told another uses its key, and stops.
+            second = Proc([*miner_args, "--coordinator", one.url], tmp_path / "miner2.log")
+            one.miners.append(second)
+            two.miners[0].popen.wait(30)
+            assert "another miner process connected with this miner's key" in \
+                two.miners[0].output()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not (
+                    one.live_miners() == 1 and two.live_miners() == 1
+                    and len(httpx.get(f"{two.url}/v1/miners").json()["data"]) == 1):
+                time.sleep(0.2)
+            for net in (one, two):
+                assert [m["id"] for m in httpx.get(f"{net.url}/v1/miners").json()["data"]] \
+                    == [listed["id"]]
+            r = httpx.post(f"{two.url}/v1/chat/completions", headers=headers, json=body,
+                           timeout=60)
+            assert r.status_code == 200, r.text  # now served the other way round
+        finally:
+            for net in (one, two):
+                net.close()

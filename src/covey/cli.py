@@ -83,6 +83,10 @@ def coordinator(
     chat_check_rate: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Share of text generation jobs re-checked (default: "
         "--check-rate when given, else 0.005, with canaries watching too).")] = None,
+    nats_url: Annotated[str | None, typer.Option(
+        help="NATS server shared by the replicas of this network (with a shared "
+             "--database-url): each replica routes to the miners connected to the others, "
+             "e.g. nats://127.0.0.1:4222.")] = None,
     lease_ttl: Annotated[float, typer.Option(
         min=1.0, help="Seconds this coordinator's lease on a shared ledger lasts unless "
         "renewed: after a replica dies, another refunds its open escrows once it expires.")
@@ -192,6 +196,7 @@ def coordinator(
                                    canary_rate=canary_rate, slash_bps=slash_bps,
                                    trials=trial),
                                canary_prompts=pool, lease_ttl=lease_ttl,
+                               nats_url=nats_url,
                                trials=tuple(trials or ()), watermark_key=wm_key,
                                watermark_models=frozenset(watermark or ()),
                                max_audio_bytes=int(max_audio_mb * 2**20),

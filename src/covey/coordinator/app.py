@@ -50,6 +50,7 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.rebalance import Rebalancer
+from covey.coordinator.remote import ReplicaBus
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.traffic import TrafficRecorder
 from covey.coordinator.verify.canaries import CANARY_ACCOUNT, Canaries
@@ -123,6 +124,9 @@ class CoordinatorConfig:
     """Write every message received and sent to this file (:mod:`covey.coordinator.traffic`)."""
     max_audio_bytes: int = 25 * 2**20
     """Largest audio upload for a transcription (25 MiB, as OpenAI's)."""
+    nats_url: str | None = None
+    """NATS server of the replicas of this network (None: a lone coordinator); see
+    :mod:`covey.coordinator.remote`."""
     lease_ttl: float = LEASE_TTL_S
     """Seconds this replica's lease on the shared ledger lasts unless renewed
     (:mod:`covey.coordinator.ledger.replicas`)."""
@@ -163,10 +167,17 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
             log.warning("refunded %d escrows left open by a previous run or a dead replica",
                         refunded)
         duties = asyncio.create_task(run_duties(lease, billing))
+        bus = None
+        if config.nats_url:
+            bus = ReplicaBus(registry, billing.bank.replica, config.nats_url)
+            await bus.start()
+            log.info("replica %s on the bus at %s", billing.bank.replica, config.nats_url)
         stakes = await asyncio.to_thread(ledger.balances_like, "stake:")
         for account, staked in stakes.items():
             registry.set_stake(account.removeprefix("stake:"), staked)
         yield
+        if bus is not None:
+            await bus.close()
         duties.cancel()
         verifier.close()
         await billing.drain()

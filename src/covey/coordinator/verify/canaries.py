@@ -13,7 +13,7 @@ miner sees nothing that tells it apart. Every canary answer is re-checked by a v
 
 - **Pool.** ``--canary-prompts FILE`` (one prompt per line, or JSON lines with
   ``messages``) is the operator's private pool. Without one, prompts are drawn from a
-  built-in grammar (:func:`built_in_prompt`, 6,150 prompts): its words are public, so
+  built-in grammar (:func:`built_in_prompt`, 6,850 prompts): its words are public, so
   a miner that learns them could answer every prompt of that shape honestly; real networks
   keep their pool private.
 - **Paid by issuance.** The canary account is funded from the faucet (the network's
@@ -65,19 +65,24 @@ _SUBJECTS = (
 _FORMS = (
     "Tell me one fact about {s}.", "Write a short poem about {s}.",
     "Explain {s} to a child in two sentences.", "List three words related to {s}.",
-    "What is the history of {s}, briefly?", "Give me a riddle whose answer is {s}.",
+    "What is the history of {s}, briefly?", "Explain how {s} work, step by step.",
     "Describe {s} in the style of a weather report.", "Why do people find {s} {a}?",
     "Write a haiku about {s} at {t}.", "Compare {s} and {o} in one paragraph.",
-    "Write a two-line story about {s} and {o}.", "What would a {p} say about {s}?",
+    "Tell me a story about {s} and {o}.", "What would a {p} say about {s}?",
+    "Write a letter from a {p} about {s}.", "Describe a day in the life of a {p} who "
+    "loves {s}.",
 )
+"""Open-ended forms: a canary's worth is the tokens it makes a miner commit to, so forms
+that end after a few words (a riddle's answer) are left out (``bench/verify.py`` measures
+how often a canary catches other weights)."""
 _ADJECTIVES = ("interesting", "useful", "beautiful", "strange", "calming", "important")
 _TIMES = ("dawn", "noon", "dusk", "midnight", "the end of winter")
 _PEOPLE = ("sailor", "child", "baker", "scientist", "poet", "farmer", "historian")
 
 
 def built_in_prompt(rng: random.Random) -> str:
-    """One prompt from the built-in grammar: 12 forms over 50 subjects (two of them over
-    pairs of subjects) and their fillers, 6,150 distinct prompts."""
+    """One prompt from the built-in grammar: 14 forms over 50 subjects (two of them over
+    pairs of subjects) and their fillers, 6,850 distinct prompts."""
     s, o = rng.sample(_SUBJECTS, 2)
     return rng.choice(_FORMS).format(s=s, o=o, a=rng.choice(_ADJECTIVES),
                                      t=rng.choice(_TIMES), p=rng.choice(_PEOPLE))

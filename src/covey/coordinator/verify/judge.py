@@ -31,6 +31,12 @@ class CheckPolicy:
       gaps measured stay below 0.2 (``bench/verify.py``, ``honest_max_gap``). 1.0 leaves room
       for other CPUs and builds; a wrong token from another model is typically several
       logits away.
+    - ``greedy_mean_gap``: a greedy answer also fails when its gaps add up to more than
+      this per token (counted over at least 32 tokens): rounding flips a near tie now and
+      then, so honest answers of 32 tokens sum to 0.4 logits at most (0 on most), while
+      other weights that stay under ``greedy_gap`` at every token still drift off the
+      model's choice at several (1.4 to 3.6 logits over 32 tokens; ``bench/verify.py``,
+      ``honest_max_gap_sum``).
     - ``tail_q`` / ``tail_alpha``: a sampled answer fails when its count of tokens with
       probability below ``tail_q`` (under the request's own sampling distribution) is so
       high that an honest sampler would reach it with probability below ``tail_alpha``
@@ -57,6 +63,7 @@ class CheckPolicy:
     chat_rate: float | None = None
     canary_rate: float = 0.0
     greedy_gap: float = 1.0
+    greedy_mean_gap: float = 0.045
     tail_q: float = 1e-4
     tail_alpha: float = 1e-6
     likelihood_alpha: float = 1e-6
@@ -134,6 +141,12 @@ def judge(policy: CheckPolicy, job: Generate, report: CheckReport, prompt_tokens
             v.figures["wrong_positions"] = wrong[:20]
             v.reasons.append(f"{len(wrong)} of {len(gaps)} greedy tokens are not the model's "
                              f"choice (largest gap {max(gaps):.2f} logits)")
+        total, allowed = sum(gaps), policy.greedy_mean_gap * max(32, len(gaps))
+        v.figures["gap_sum"] = round(total, 3)
+        if not wrong and total > allowed:
+            v.reasons.append(f"greedy tokens are not the model's choice: their gaps add up to "
+                             f"{total:.2f} logits over {len(gaps)} tokens (at most "
+                             f"{allowed:.2f} for the model's own answer)")
         return v
     if report.outside > policy.max_outside:
         v.reasons.append(f"{report.outside} of {len(gaps)} sampled tokens lie outside the "
