@@ -8,8 +8,10 @@ closed socket into ``disconnected`` and a frame out of place into ``protocol``
 Jobs, trials, re-checks, tokenize and embeddings all go through it; nothing else writes to a
 miner's socket or its mailbox (``tests/test_layout.py`` keeps it so).
 
-A link is local today (the miner's socket is on this coordinator); a link to a miner on
-another replica is the same interface. A chain of shards (:mod:`covey.coordinator.chain`)
+A link is local (the miner's socket is on this coordinator) or remote: a miner on another
+replica is a :class:`~covey.coordinator.remote.RemoteSession` whose socket relays over
+NATS, through the same interface (the owner relays with the functions at the end of this
+module). A chain of shards (:mod:`covey.coordinator.chain`)
 calls each of its miners through this link, one ``forward`` step at a time, in binary
 frames.
 """
@@ -241,3 +243,38 @@ class MinerLink:
     def call(self, task: Request, stall_timeout: float = 30.0) -> Call:
         """A call carrying ``task``; ``async with`` it to send, iterate it for the replies."""
         return Call(self.session, task, stall_timeout)
+
+
+# --- relaying for other replicas (covey.coordinator.remote) ---------------------------------
+
+
+def mailbox(session: MinerSession, job_id: str) -> object | None:
+    """The reply mailbox open for ``job_id`` on ``session`` (None: none)."""
+    return session.jobs.get(job_id)
+
+
+def open_mailbox(session: MinerSession, job_id: str, box: object) -> None:
+    """Route ``session``'s replies to ``job_id`` into ``box`` (anything with
+    ``put_nowait``): a task relayed from another replica."""
+    session.jobs[job_id] = box  # type: ignore[assignment]
+
+
+def close_mailbox(session: MinerSession, job_id: str, box: object) -> None:
+    """Stop routing ``job_id``'s replies into ``box`` (if it is still the mailbox)."""
+    if session.jobs.get(job_id) is box:
+        del session.jobs[job_id]
+
+
+async def send_raw(session: MinerSession, data: bytes, binary: bool) -> None:
+    """Send an already encoded frame (a binary one when ``binary``) down ``session``'s
+    socket, as another replica's link encoded it.
+
+    Raises:
+        Exception: the transport's, when the socket died under the send.
+    """
+    if not session.welcomed.is_set():
+        await session.welcomed.wait()
+    if binary:
+        await session.websocket.send_bytes(data)
+    else:
+        await session.websocket.send_text(data.decode())

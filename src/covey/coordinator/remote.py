@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from covey.coordinator.link import _LAST
+from covey.coordinator.link import _LAST, close_mailbox, mailbox, open_mailbox, send_raw
 from covey.coordinator.miners import CLOSE_REPLACED, MINER_GONE, MinerRegistry, MinerSession
 from covey.protocol import Cancel, Hello, JobError, MinerId, decode_frame, encode_frame
 from covey.protocol.shard import Forwarded, decode_binary, encode_binary
@@ -108,8 +108,7 @@ class Forwarder:
             self.end()
 
     def end(self) -> None:
-        if self.session.jobs.get(self.job_id) is self:
-            del self.session.jobs[self.job_id]
+        close_mailbox(self.session, self.job_id, self)
 
 
 class ReplicaBus:
@@ -266,22 +265,17 @@ class ReplicaBus:
                              {"miner": miner_id, "job": job_id, "gone": "1"})
             return
         if isinstance(frame, Cancel):
-            mailbox = session.jobs.get(frame.job_id)
-            if isinstance(mailbox, Forwarder):
-                mailbox.end()
+            box = mailbox(session, frame.job_id)
+            if isinstance(box, Forwarder):
+                box.end()
         elif job_id is not None and frame.type in _TASKS:
-            session.jobs[job_id] = Forwarder(self, session, origin, job_id)  # type: ignore[assignment]
+            open_mailbox(session, job_id, Forwarder(self, session, origin, job_id))
         try:
-            if not session.welcomed.is_set():
-                await session.welcomed.wait()
-            if binary:
-                await session.websocket.send_bytes(msg.data)
-            else:
-                await session.websocket.send_text(msg.data.decode())
+            await send_raw(session, msg.data, binary)
         except Exception:  # noqa: BLE001 - the socket died under the send
-            mailbox = session.jobs.get(job_id or "")
-            if isinstance(mailbox, Forwarder):
-                mailbox.put_nowait(MINER_GONE)
+            box = mailbox(session, job_id or "")
+            if isinstance(box, Forwarder):
+                box.put_nowait(MINER_GONE)
 
     async def _on_reply(self, msg: Any) -> None:
         """On the requester: a miner's reply relayed by its owner."""
@@ -289,11 +283,11 @@ class ReplicaBus:
         session = self.registry.sessions.get(headers.get("miner", ""))
         if session is None:
             return
-        queue = session.jobs.get(headers.get("job", ""))
+        queue = mailbox(session, headers.get("job", ""))
         if queue is None:
             return  # a late frame of a task that ended here
         if headers.get("gone") == "1":
-            queue.put_nowait(MINER_GONE)
+            queue.put_nowait(MINER_GONE)  # type: ignore[attr-defined]
             return
         try:
             frame = decode_binary(msg.data) if headers.get("bin") == "1" else \
@@ -302,4 +296,4 @@ class ReplicaBus:
             log.warning("a malformed reply came over the bus from miner %s",
                         session.miner_id[:16])
             return
-        queue.put_nowait(frame)
+        queue.put_nowait(frame)  # type: ignore[attr-defined]
