@@ -99,9 +99,12 @@ def corrupt(ids: list[int], share: float, vocab: int, piece, rng: random.Random
 
 
 def jobs_to_catch(rate: float, outcomes: list[bool], sims: int, rng: random.Random,
-                  cap: int = 100_000) -> dict[str, float]:
+                  cap: int = 100_000, canary_rate: float = 0.0,
+                  canary_outcomes: list[bool] | None = None) -> dict[str, float]:
     """Simulated jobs until the first failed check: each job is checked with probability
-    ``rate``; a checked job is caught as one of the measured ``outcomes`` (drawn at random)."""
+    ``rate``; a checked job is caught as one of the measured ``outcomes`` (drawn at random).
+    With ``canary_rate``, each job is followed by a canary with that probability (caught as
+    one of ``canary_outcomes``), which counts as a job too."""
     counts = []
     for _ in range(sims):
         n = 0
@@ -109,6 +112,10 @@ def jobs_to_catch(rate: float, outcomes: list[bool], sims: int, rng: random.Rand
             n += 1
             if rng.random() < rate and rng.choice(outcomes):
                 break
+            if canary_rate and rng.random() < canary_rate:
+                n += 1
+                if rng.choice(canary_outcomes or [False]):
+                    break
         counts.append(n)
     counts.sort()
     return {"median": counts[len(counts) // 2], "p95": counts[int(len(counts) * 0.95)],
@@ -242,8 +249,8 @@ def sleeper_figures(args: argparse.Namespace, canary_caught: list[bool],
     sampled checks alone at 5% (the previous default). ``canary_s``: seconds of one
     canary's inference and check; ``check_s`` / ``infer_s``: per user job."""
     overhead = (args.canary_rate * canary_s + args.chat_check_rate * check_s) / infer_s
-    caught = sleeper_jobs_to_catch(args.canary_rate, canary_caught, args.chat_check_rate,
-                                   sampled_caught, args.sims, rng)
+    caught = jobs_to_catch(args.chat_check_rate, sampled_caught, args.sims, rng,
+                           canary_rate=args.canary_rate, canary_outcomes=canary_caught)
     alone = jobs_to_catch(0.05, sampled_caught, args.sims, rng)
     return {"canary_rate": args.canary_rate, "chat_check_rate": args.chat_check_rate,
             "canary_detect_per_check": round(statistics.fmean(canary_caught), 4),
@@ -252,29 +259,6 @@ def sleeper_figures(args: argparse.Namespace, canary_caught: list[bool],
             "sampled_5pct_alone": {**alone,
                                    "overhead_share": round(0.05 * check_s / infer_s, 4)}}
 
-
-def sleeper_jobs_to_catch(canary_rate: float, canary_outcomes: list[bool], check_rate: float,
-                          check_outcomes: list[bool], sims: int, rng: random.Random,
-                          cap: int = 100_000) -> dict[str, float]:
-    """Simulated jobs on the sleeper until the first failed check: each user job is
-    re-checked with probability ``check_rate`` (caught as one of ``check_outcomes``) and
-    followed by a canary with probability ``canary_rate`` (caught as one of
-    ``canary_outcomes``); a canary counts as a job too."""
-    counts = []
-    for _ in range(sims):
-        n = 0
-        while n < cap:
-            n += 1
-            if rng.random() < check_rate and rng.choice(check_outcomes):
-                break
-            if rng.random() < canary_rate:
-                n += 1
-                if rng.choice(canary_outcomes):
-                    break
-        counts.append(n)
-    counts.sort()
-    return {"median": counts[len(counts) // 2], "p95": counts[int(len(counts) * 0.95)],
-            "p_within_200": round(sum(c <= 200 for c in counts) / len(counts), 4)}
 
 
 def _setting(job: Job) -> str:
