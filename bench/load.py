@@ -6,12 +6,14 @@ All on 127.0.0.1, bounded in time, side by side in one run:
   (2) Covey: short completions (``max_tokens`` 1, billed: key check, escrow hold,
       settlement) through the coordinator to unthrottled synthetic miners;
   (3) scale: ``--scale-miners`` synthetic miners connected at once and ``--streams``
-      concurrent streaming requests held open, with the coordinator's peak RSS.
+      concurrent streaming requests held open, with the coordinator's peak RSS;
+  (4) with ``--replicas``: one replica against two on one PostgreSQL ledger and NATS, each
+      pinned to its own core (a fresh database on ``--pg-admin``'s server for each).
 The client is a lean keep-alive HTTP/1.1 client on asyncio streams, so the load generator's
 own cost (it shares the 2 cores) stays small. Prints one JSON line.
 
 Usage: python bench/load.py [--seconds 10] [--concurrency 64] [--scale-miners 1000]
-                            [--streams 5000]
+                            [--streams 5000] [--skip-scale] [--replicas]
 """
 
 from __future__ import annotations
@@ -159,17 +161,21 @@ async def _hammer(port: int, path: str, headers: str, concurrency: int, seconds:
             "latency_ms_p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)}
 
 
-def _coordinator(tmp: Path) -> tuple[subprocess.Popen, int, str]:
+def _coordinator(tmp: Path, *extra: str, cpu: int | None = None
+                 ) -> tuple[subprocess.Popen, int, str]:
     """A coordinator with no per-key limits and a rich faucet, data in ``tmp``; returns the
     process, its port and base URL once it answers. Trial tasks are off: the synthetic fleet
     joins a thousand miners at once to measure the coordinator's own capacity, and sampled
-    re-checks (5%, the default) still run."""
-    tmp.mkdir()
+    re-checks (5%, the default) still run. ``extra``: more options; ``cpu``: the one core
+    it may run on (``taskset``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port = _port()
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "covey", "coordinator", "--port", str(port), "--data-dir",
-         str(tmp), "--log-level", "warning", "--key-concurrency", "0", "--key-rpm", "0",
-         "--queue-size", "100000", "--grant", str(10**13), "--no-trial"],
+        [*pin, sys.executable, "-m", "covey", "coordinator", "--port", str(port),
+         "--data-dir", str(tmp), "--log-level", "warning", "--key-concurrency", "0",
+         "--key-rpm", "0", "--queue-size", "100000", "--grant", str(10**13), "--no-trial",
+         *extra],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "coordinator.err", "ab"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:
@@ -226,6 +232,70 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
                                           2),
             "added_latency_ms_p99": round(covey["latency_ms_p99"] - ceiling["latency_ms_p99"],
                                           2)}
+
+
+async def _hammer_all(ports: list[int], headers: str, concurrency: int, seconds: float
+                      ) -> dict[str, float]:
+    """:func:`_hammer` on each port at once, ``concurrency`` connections in all."""
+    parts = await asyncio.gather(*(_hammer(p, "/v1/completions", headers,
+                                           concurrency // len(ports), seconds) for p in ports))
+    return {"requests_per_s": round(sum(x["requests_per_s"] for x in parts), 1),
+            "ok": sum(x["ok"] for x in parts), "errors": sum(x["errors"] for x in parts),
+            "latency_ms_p50": max(x["latency_ms_p50"] for x in parts)}
+
+
+def replicas(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    """Phase (4): one replica, then two, on one fresh PostgreSQL ledger and NATS
+    (``--nats-url``), each replica pinned to a core of its own with its own
+    synthetic fleet; the client splits its connections between them. Reports requests/s,
+    the ratio of two to one, and coordinator CPU per request (both replicas' CPU over all
+    requests)."""
+    import psycopg
+
+    out: dict[str, object] = {}
+    for n in (1, 2):
+        procs, fleets, ports = [], [], []
+        name = f"covey_load_{n}"
+        with psycopg.connect(args.pg_admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}")
+        database_url = args.pg_admin.replace("postgresql://", "postgresql+psycopg://", 1)
+        database_url = database_url.rsplit("/", 1)[0] + f"/{name}"
+        try:
+            key_file = tmp / f"r{n}-key"
+            for i in range(n):
+                data = tmp / f"replicas{n}-{i}"
+                data.mkdir(parents=True)
+                if key_file.exists():  # replicas share the network's identity key
+                    (data / "coordinator.key").write_bytes(key_file.read_bytes())
+                    (data / "coordinator.key").chmod(0o600)
+                proc, port, url = _coordinator(data, "--database-url", database_url,
+                                               "--nats-url", args.nats_url,
+                                               cpu=i % (os.cpu_count() or 1))
+                key_file.write_bytes((data / "coordinator.key").read_bytes())
+                procs.append(proc)
+                ports.append(port)
+                fleets.append(_fleet(url, args.miners, 64, 0))
+                _wait_miners(url, args.miners * (i + 1))
+            key = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/accounts",
+                             timeout=10).json()["api_key"]
+            auth = f"Authorization: Bearer {key}\r\n"
+            asyncio.run(_hammer_all(ports, auth, args.concurrency, 2))  # warm-up
+            cpus = [psutil.Process(p.pid) for p in procs]
+            before = [c.cpu_times() for c in cpus]
+            got = asyncio.run(_hammer_all(ports, auth, args.concurrency, args.seconds))
+            used = sum(a.user + a.system - b.user - b.system
+                       for a, b in zip((c.cpu_times() for c in cpus), before, strict=True))
+            got["coordinator_cpu_ms_per_request"] = round(1000 * used / max(1, got["ok"]), 3)
+            out[f"replicas_{n}"] = got
+        finally:
+            for f in fleets:
+                _stop(f)
+            for p in procs:
+                _stop(p)
+    one, two = out["replicas_1"], out["replicas_2"]
+    out["two_vs_one"] = round(two["requests_per_s"] / one["requests_per_s"], 3)
+    return out
 
 
 async def _hold_streams(port: int, key: str, n: int, max_tokens: int, url: str,
@@ -314,6 +384,11 @@ def main() -> None:
     ap.add_argument("--ramp", type=float, default=200.0, help="streams opened per second")
     ap.add_argument("--stream-rate", type=float, default=2.0, help="tokens/s per stream")
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--replicas", action="store_true",
+                    help="also phase (4): one against two replicas on PostgreSQL and NATS")
+    ap.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                    help="PostgreSQL server for phase (4): it makes a database per run")
+    ap.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     args = ap.parse_args()
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     with tempfile.TemporaryDirectory(prefix="covey-load-") as d:
@@ -321,6 +396,8 @@ def main() -> None:
         out: dict[str, object] = {"cpus": os.cpu_count(), **throughput(args, tmp)}
         if not args.skip_scale:
             out["scale"] = scale(args, tmp)
+        if args.replicas:
+            out["replicas"] = replicas(args, tmp)
     print(json.dumps(out))
 
 
