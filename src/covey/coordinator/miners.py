@@ -105,9 +105,15 @@ class MinerSession:
 
     def claim(self, model: str) -> ModelOffer | None:
         """What the miner's hello says about ``model``, trial or no trial."""
-        return next((m for m in self.hello.models if m.name == model), None)
+        # Routing asks this several times per request: an index of the (frozen) hello.
+        if self._claims is None:
+            self._claims = {}
+            for m in self.hello.models:
+                self._claims.setdefault(m.name, m)
+        return self._claims.get(model)
 
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    _claims: dict[str, ModelOffer] | None = None
 
     async def send(self, frame: _Frame) -> None:
         """Send one frame; raises on a closed socket."""

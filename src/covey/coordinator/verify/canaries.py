@@ -155,7 +155,9 @@ class Canaries:
         self.send = send
         self.pool = list(pool) if pool else None
         self.skipped = skipped
-        self._rng = rng or random.SystemRandom()
+        # Seeded from the OS once: a draw per user job must not cost a system call, and
+        # the draws are never seen by a miner.
+        self._rng = rng or random.Random(random.SystemRandom().getrandbits(128))
         self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
