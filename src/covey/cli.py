@@ -169,6 +169,16 @@ def coordinator(
         except (OSError, ValueError) as exc:
             err.print(f"[red]error:[/red] --canary-prompts {canary_prompts}: {exc}")
             raise typer.Exit(2) from None
+    if nats_url is not None:
+        if database_url is None or not database_url.startswith("postgresql"):
+            err.print("[red]error:[/red] --nats-url joins replicas of one network, which "
+                      "share one ledger: give the same --database-url "
+                      "(postgresql+psycopg://…) to every replica")
+            raise typer.Exit(2)
+        problem = _unreachable(nats_url, "nats", 4222)
+        if problem:
+            err.print(f"[red]error:[/red] --nats-url {nats_url}: {problem}")
+            raise typer.Exit(2)
     wm_key = _watermark_key(watermark_key) if watermark_key else None
     setups: dict[str, Path] = {}
     for spec in proof_setup or []:
@@ -206,6 +216,21 @@ def coordinator(
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
                 ws_per_message_deflate=False)
+
+
+def _unreachable(url: str, scheme: str, default_port: int) -> str | None:
+    """Why ``url`` (``scheme://host[:port]``) cannot be reached by TCP now, or None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != scheme or not parts.hostname:
+        return f"expected {scheme}://HOST[:PORT]"
+    try:
+        socket.create_connection((parts.hostname, parts.port or default_port), 3).close()
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+    return None
 
 
 @app.command()

@@ -20,6 +20,7 @@ from covey.coordinator.errors import ApiError
 from covey.coordinator.ledger import InsufficientFunds
 from covey.coordinator.ledger.bank import Bank
 from covey.coordinator.ledger.pricing import Price, cost
+from covey.coordinator.ledger.store import Operation
 from covey.coordinator.outcome import LedgerOp, Outcome, Refund, settle
 from covey.protocol import Generate, ModelOffer
 
@@ -144,8 +145,10 @@ class Billing:
         Raises:
             ApiError: 402 ``insufficient_quota`` when the balance cannot cover it.
         """
+        op = self.bank.hold_op(job_id, account, amount)
         try:
-            await self.ledger_call(self.bank.hold, job_id, account, amount)
+            if op is not None:
+                await self.bank.ledger.run_async(op)
         except InsufficientFunds as exc:
             raise ApiError(
                 402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
@@ -158,14 +161,12 @@ class Billing:
         pays the miner, takes the fee and refunds the rest, storing the miner's receipt
         countersigned; a refund returns the whole escrow. Runs on its own; await to wait
         for it."""
-        if isinstance(op, Refund):
-            work: Callable[[], object] = lambda: self.bank.refund(  # noqa: E731
-                op.job_id, op.account)
-        else:
-            work = lambda: self.bank.settle(op.job_id, op.account, op.miner_id,  # noqa: E731
-                                            op.amount, op.usage, op.receipt, op.shares,
-                                            op.shard_receipts)
-        future = asyncio.ensure_future(self._logged(self.ledger_call(work), op.job_id))
+        ledger_op: Operation[object] = (
+            self.bank.refund_op(op.job_id, op.account) if isinstance(op, Refund) else  # type: ignore[assignment]
+            self.bank.settle_op(op.job_id, op.account, op.miner_id, op.amount, op.usage,
+                                op.receipt, op.shares, op.shard_receipts))
+        future = asyncio.ensure_future(self._logged(self.bank.ledger.run_async(ledger_op),
+                                                    op.job_id))
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         # Shielded: a caller cancelled while awaiting (the client left) must not cancel the

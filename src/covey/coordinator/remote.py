@@ -52,6 +52,10 @@ _TASKS = ("generate", "embed", "transcribe", "speak", "paint", "score", "check",
           "forward")
 
 
+class BusUnavailable(Exception):
+    """The replicas' NATS server cannot be reached."""
+
+
 class RemoteSocket:
     """Stands for a miner's WebSocket on another replica: what is sent goes to ``owner``
     over the bus; closing it asks the owner to drop its session (see the module
@@ -131,16 +135,26 @@ class ReplicaBus:
         self._changed = asyncio.Event()
         self._replicas: dict[str, float] = {}
 
-    async def start(self) -> None:
-        """Connect and subscribe.
+    async def start(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe; once connected, a lost connection is retried for ever.
 
         Raises:
-            OSError, nats.errors.Error: the NATS server cannot be reached.
+            BusUnavailable: the NATS server could not be reached within ``timeout`` s.
         """
         import nats
 
-        self._nc = await nats.connect(self.url, name=f"covey-{self.replica}",
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        async def quiet(exc: Exception) -> None:
+            log.warning("NATS at %s: %s", self.url, exc or type(exc).__name__)
+
+        try:
+            async with asyncio.timeout(timeout):
+                self._nc = await nats.connect(self.url, name=f"covey-{self.replica}",
+                                              max_reconnect_attempts=-1,
+                                              reconnect_time_wait=0.5, connect_timeout=2,
+                                              error_cb=quiet)
+        except (TimeoutError, OSError, ValueError) as exc:
+            raise BusUnavailable(f"cannot reach NATS at {self.url} ({exc or 'timed out'})"
+                                 ) from None
         await self._nc.subscribe(f"covey.to.{self.replica}", cb=self._on_task)
         await self._nc.subscribe(f"covey.from.{self.replica}", cb=self._on_reply)
         await self._nc.subscribe(f"covey.drop.{self.replica}", cb=self._on_drop)

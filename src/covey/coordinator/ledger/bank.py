@@ -30,7 +30,14 @@ from covey.coordinator.ledger.schema import (
     transfers,
     usage,
 )
-from covey.coordinator.ledger.store import FAUCET, TREASURY, Ledger, LedgerError, Transfer
+from covey.coordinator.ledger.store import (
+    FAUCET,
+    TREASURY,
+    Ledger,
+    LedgerError,
+    Operation,
+    Transfer,
+)
 from covey.protocol.receipts import Receipt, countersign
 from covey.protocol.signing import canonical_json
 
@@ -190,15 +197,22 @@ class Bank:
         Raises:
             InsufficientFunds: the user cannot cover ``amount``.
         """
-        if amount > 0:
-            owner = None
-            if self.replica is not None:
-                row = {"job_id": job_id, "replica_id": self.replica, "account": account_id,
-                       "created_us": time.time_ns() // 1000}
-                owner = lambda: (escrow_owners, row)  # noqa: E731
-            self.ledger.post(f"hold:{job_id}",
-                             [Transfer(user(account_id), escrow(job_id), amount, "hold")],
-                             also=owner)
+        op = self.hold_op(job_id, account_id, amount)
+        if op is not None:
+            self.ledger.run(op)
+
+    def hold_op(self, job_id: str, account_id: str, amount: int) -> Operation[bool] | None:
+        """:meth:`hold` as an operation to run (None: nothing to hold)."""
+        if amount <= 0:
+            return None
+        owner = None
+        if self.replica is not None:
+            row = {"job_id": job_id, "replica_id": self.replica, "account": account_id,
+                   "created_us": time.time_ns() // 1000}
+            owner = lambda: (escrow_owners, row)  # noqa: E731
+        return Operation.of(f"hold:{job_id}",
+                           [Transfer(user(account_id), escrow(job_id), amount, "hold")],
+                           also=owner)
 
     def settle(self, job_id: str, account_id: str, miner_id: str, charge: int,
                record: UsageRecord | None = None,
@@ -213,6 +227,16 @@ class Bank:
         ``shard_receipts`` (each under its chain session's id). Returns the split,
         or None when the escrow was already closed (a second call changes nothing).
         """
+        return self.ledger.run(self.settle_op(job_id, account_id, miner_id, charge, record,
+                                              receipt, shares, shard_receipts))
+
+    def settle_op(self, job_id: str, account_id: str, miner_id: str, charge: int,
+                  record: UsageRecord | None = None,
+                  receipt: tuple[Receipt, str] | None = None,
+                  shares: Sequence[tuple[str, int]] = (),
+                  shard_receipts: Sequence[tuple[Receipt, str]] = ()
+                  ) -> Operation[Settlement | None]:
+        """:meth:`settle` as an operation to run."""
         box = escrow(job_id)
         result: list[Settlement] = []
         payees = [m for m, _ in shares] or [miner_id]
@@ -248,11 +272,10 @@ class Bank:
                     "created_us": now}))
             return rows
 
-        applied = self.ledger.post_computed(
+        return Operation.computed(
             f"close:{job_id}", [box, *dict.fromkeys(miner(m) for m in payees), TREASURY,
-                                user(account_id)], make,
-            also=write_usage)
-        return result[0] if applied and result else None
+                                user(account_id)], make, also=write_usage,
+            finish=lambda applied: result[0] if applied and result else None)
 
     def receipt(self, job_id: str, account_id: str) -> dict[str, object] | None:
         """The stored receipt of ``job_id`` if ``account_id`` made the request: receipt,
@@ -374,6 +397,10 @@ class Bank:
     def refund(self, job_id: str, account_id: str) -> int:
         """Return a failed job's whole escrow to the user; µcr refunded (0 if already
         closed)."""
+        return self.ledger.run(self.refund_op(job_id, account_id))
+
+    def refund_op(self, job_id: str, account_id: str) -> Operation[int]:
+        """:meth:`refund` as an operation to run."""
         box = escrow(job_id)
         refunded: list[int] = []
 
@@ -381,8 +408,9 @@ class Bank:
             refunded.append(bal.get(box, 0))
             return [Transfer(box, user(account_id), refunded[0], "refund")] if refunded[0] else []
 
-        applied = self.ledger.post_computed(f"close:{job_id}", [box, user(account_id)], make)
-        return refunded[0] if applied and refunded else 0
+        return Operation.computed(f"close:{job_id}", [box, user(account_id)], make,
+                                 finish=lambda applied: refunded[0] if applied and refunded
+                                 else 0)
 
     # --- stake ---------------------------------------------------------------------------
 

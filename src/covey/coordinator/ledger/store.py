@@ -11,6 +11,7 @@ that single order carry many operations per commit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -161,6 +163,47 @@ class _Pending:
     applied: bool = False
     error: BaseException | None = None
     event: threading.Event = field(default_factory=threading.Event)
+    done: Callable[[], None] | None = None
+    """Called on the writer thread once the operation was decided (an async caller's
+    wake-up)."""
+
+    def decided(self) -> None:
+        self.event.set()
+        if self.done is not None:
+            self.done()
+
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Operation(Generic[T]):
+    """One ledger operation, prepared: what :meth:`Ledger.post` or
+    :meth:`Ledger.post_computed` would submit, and ``finish(applied)``, which turns the
+    outcome into the caller's result. Run it with :meth:`Ledger.run` (blocking) or
+    :meth:`Ledger.run_async` (from the event loop, with no thread of its own)."""
+
+    pending: _Pending
+    finish: Callable[[bool], T]
+
+    @classmethod
+    def of(cls, op_key: str, ops: Sequence[Transfer], also: Record | None = None,
+           finish: Callable[[bool], T] = bool) -> Operation[T]:  # type: ignore[assignment]
+        """An operation of fixed transfers (see :meth:`Ledger.post`).
+
+        Raises:
+            LedgerError: an amount is not a positive integer, or debit equals credit.
+        """
+        _check(ops)
+        return cls(_Pending(op_key, tuple(ops), also), finish)
+
+    @classmethod
+    def computed(cls, op_key: str, accounts: Sequence[str],
+                 make: Callable[[Mapping[str, int]], Sequence[Transfer]],
+                 also: Record | None = None,
+                 finish: Callable[[bool], T] = bool) -> Operation[T]:  # type: ignore[assignment]
+        """An operation computed from balances (see :meth:`Ledger.post_computed`)."""
+        return cls(_Pending(op_key, (), also, tuple(accounts), make), finish)
 
 
 class Ledger:
@@ -234,7 +277,44 @@ class Ledger:
         """
         return self._submit(_Pending(op_key, (), also, tuple(accounts), make))
 
+    def run(self, op: Operation[T]) -> T:
+        """Submit ``op`` and wait for it (blocking: not from the event loop).
+
+        Raises:
+            InsufficientFunds, LedgerError: as :meth:`post` does.
+        """
+        return op.finish(self._submit(op.pending))
+
+    async def run_async(self, op: Operation[T]) -> T:
+        """Submit ``op`` from the event loop and await it: the writer thread wakes this
+        task when the operation is decided, so no thread waits for it.
+
+        Raises:
+            InsufficientFunds, LedgerError: as :meth:`post` does.
+        """
+        loop = asyncio.get_running_loop()
+        decided = loop.create_future()
+        pending = op.pending
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_resolve, decided)
+
+        pending.done = wake
+        self._enqueue(pending)
+        await asyncio.shield(decided)
+        if pending.error is not None:
+            raise pending.error
+        return op.finish(pending.applied)
+
     def _submit(self, pending: _Pending) -> bool:
+        self._enqueue(pending)
+        pending.event.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.applied
+
+    def _enqueue(self, pending: _Pending) -> None:
         # Group commit: one writer thread commits everything queued so far in one
         # transaction, so one commit (one fsync, one chain-head lock) carries many operations.
         with self._wake:
@@ -246,10 +326,6 @@ class Ledger:
                                                 daemon=True)
                 self._thread.start()
             self._wake.notify()
-        pending.event.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.applied
 
     def _write_loop(self) -> None:
         while True:
@@ -267,13 +343,13 @@ class Ledger:
         except Exception:
             if len(batch) == 1:
                 batch[0].error = sys.exc_info()[1]
-                batch[0].event.set()
+                batch[0].decided()
                 return
             for one in batch:  # isolate the operation that failed
                 self._commit([one])
             return
         for p in batch:
-            p.event.set()
+            p.decided()
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         """Apply ``batch`` in order in one transaction: each operation succeeds, is a repeat
@@ -468,3 +544,8 @@ class Ledger:
         if report.total != report.minted:
             report.problems.append(f"balances sum to {report.total}, minted {report.minted}")
         return report
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
