@@ -58,8 +58,12 @@ class Balancer:
         await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
 
     def close(self) -> None:
-        def stop() -> None:
+        async def stop() -> None:
             self._server.close()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:  # the pipes still open
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             self._loop.stop()
-        self._loop.call_soon_threadsafe(stop)
+        asyncio.run_coroutine_threadsafe(stop(), self._loop)
         self._thread.join(5)

@@ -162,13 +162,15 @@ class _Pending:
     make: Callable[[Mapping[str, int]], Sequence[Transfer]] | None = None
     applied: bool = False
     error: BaseException | None = None
-    event: threading.Event = field(default_factory=threading.Event)
+    event: threading.Event | None = None
+    """Set once the operation was decided (a blocking caller waits on it)."""
     done: Callable[[], None] | None = None
     """Called on the writer thread once the operation was decided (an async caller's
     wake-up)."""
 
     def decided(self) -> None:
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
         if self.done is not None:
             self.done()
 
@@ -308,8 +310,9 @@ class Ledger:
         return op.finish(pending.applied)
 
     def _submit(self, pending: _Pending) -> bool:
+        pending.event = event = threading.Event()
         self._enqueue(pending)
-        pending.event.wait()
+        event.wait()
         if pending.error is not None:
             raise pending.error
         return pending.applied
