@@ -148,6 +148,8 @@ class Metrics:
         if status == 200 and (record.ttft_s is not None or record.decode_tps is not None):
             self.speeds.setdefault(record.model, ModelSpeed()).add(record.ttft_s,
                                                                    record.decode_tps)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the request log is off: no line to build
         fields = asdict(record)
         fields.pop("arrived")
         fields["duration_s"] = round(time.monotonic() - record.arrived, 4)

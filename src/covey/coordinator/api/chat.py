@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from covey.coordinator.api.accounts import Account
 from covey.coordinator.api.requests import chat_job, completion_job, watermarked
@@ -41,7 +41,8 @@ async def _respond(request: Request, account: str, job: Generate, chat: bool, st
             return StreamingResponse(serving.stream(running, fmt, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         body = await serving.complete(running, fmt)
-        return JSONResponse(body.model_dump(mode="json"))
+        # pydantic writes the JSON itself (one pass, in Rust), not a dict for json.dumps
+        return Response(body.model_dump_json(), media_type="application/json")
 
     return await _unless_client_leaves(request, work())
 
