@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import httpx
 import pytest
 from nacl.signing import SigningKey
 
-from conftest import MODEL, Network, Proc, ledger_verify, postgres_database
+from conftest import MODEL, Network, Proc, free_port, ledger_verify, postgres_database
 from covey.coordinator.ledger import Ledger
 from covey.coordinator.ledger.bank import Bank, BankPolicy, user
 from covey.coordinator.ledger.replicas import (
@@ -266,3 +268,19 @@ def test_a_replica_serves_through_a_miner_connected_to_another(tmp_path: Path, n
         finally:
             for net in (one, two):
                 net.close()
+
+
+def test_a_replica_with_another_identity_key_is_refused(tmp_path: Path, nats_url):
+    with postgres_database() as db:
+        args = ("--database-url", db, "--nats-url", nats_url)
+        (tmp_path / "one").mkdir()
+        one = Network(tmp_path / "one", *args)
+        try:  # the second replica's data folder holds a key of its own
+            r = subprocess.run([sys.executable, "-m", "covey", "coordinator", "--port",
+                                str(free_port()), "--data-dir", str(tmp_path / "other"),
+                                *args], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, r.stderr
+            assert "copy the first replica's coordinator.key" in r.stderr
+            assert "Traceback" not in r.stderr
+        finally:
+            one.close()

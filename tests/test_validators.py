@@ -30,6 +30,8 @@ from covey.coordinator.verify.judge import Verdict
 from covey.coordinator.verify.validators import NoVerdict
 from covey.protocol import Generate, SamplingParams
 from covey.protocol.frames import ChatMessage
+from covey.protocol.openai import ChatCompletionRequest
+from covey.protocol.requests import chat_job
 from test_checks import bank  # noqa: F401 - the fixture: a bank on SQLite and PostgreSQL
 
 ACCUSED, FIRST = "a" * 64, "f" * 64
@@ -132,6 +134,10 @@ def test_canaries_are_greedy_shaped_like_the_user_job_and_drawn_at_the_rate():
     sent = [c for c in drawn if c is not None]
     assert 0.22 < len(sent) / len(drawn) < 0.28
     assert all(c.job.params.temperature == 0 and c.job.params.max_tokens == 40 for c in sent)
+    # The same job a user's greedy request of that size makes, prompt aside.
+    user = chat_job(ChatCompletionRequest(model="m", max_tokens=40, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}]))
+    assert sent[0].job.params == user.params and sent[0].job.stop_ids == user.stop_ids
     assert all(c.job.job_id.startswith("chatcmpl-") and c.job.model == "m" for c in sent)
     assert all(0 <= c.delay <= 30 for c in sent)
     assert len({c.job.messages[0].content for c in sent}) > 500  # not a handful of prompts
@@ -151,7 +157,15 @@ def test_the_built_in_grammar_and_an_operators_pool(tmp_path: Path):
     assert first[0].content == "Name a river." and len(second) == 2
     canaries = Canaries(1.0, _never, pool=[first, second], rng=rng)
     assert canaries.draw(_outcome(20)).job.messages in (first, second)
-    for bad in ("", '{"messages": 3}\n'):
+    # A canary must be a request a user could send: the API's own rules hold.
+    for bad, why in (("", "no prompt"), ('{"messages": 3}\n', "line 1: messages"),
+                     ('Hi\n{"messages": []}\n', "line 2: messages"),
+                     ('{"messages": [{"role": "bogus", "content": "x"}]}', "line 1: messages"),
+                     ('{"foo": 1}', "line 1: expected a JSON object with messages"),
+                     ("{not json", "line 1:")):
         pool.write_text(bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=why):
             load_pool(pool)
+    pool.write_bytes(b"\xfb\xfe")
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_pool(pool)

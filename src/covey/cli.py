@@ -126,7 +126,7 @@ def coordinator(
     """Run a coordinator: the OpenAI-compatible API, the miners' WebSocket and the web page."""
     import uvicorn
 
-    from covey.coordinator.app import CoordinatorConfig, create_app
+    from covey.coordinator.app import CoordinatorConfig, ReplicaKeyMismatch, create_app
     from covey.coordinator.failover import FailoverPolicy
     from covey.coordinator.quotas import KeyLimitPolicy
     from covey.coordinator.router import QueuePolicy
@@ -212,7 +212,12 @@ def coordinator(
                                max_audio_bytes=int(max_audio_mb * 2**20),
                                record_traffic=record_traffic, invite_only=invite_only,
                                proof_setups=setups)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
+    try:
+        coordinator_app = create_app(config)
+    except ReplicaKeyMismatch as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    uvicorn.run(coordinator_app, host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=3, log_config=None, access_log=access_log,
                 # miner frames are small JSON: compressing them costs CPU and saves little
                 ws_per_message_deflate=False)

@@ -143,12 +143,27 @@ class CoordinatorConfig:
     bundled scheme's keys are ~3.7 MB)."""
 
 
+class ReplicaKeyMismatch(Exception):
+    """A replica's identity key is not the one its shared ledger is signed with."""
+
+
 def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     """Build the coordinator's ASGI app."""
     config = config or CoordinatorConfig()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create(config.data_dir / "coordinator.key")
     ledger = Ledger(config.database_url or default_database_url(config.data_dir), key)
+    signer = str(ledger.head()["public_key"])
+    if signer != ledger.public_key:
+        if config.nats_url:
+            ledger.close()
+            raise ReplicaKeyMismatch(
+                f"this ledger is signed by coordinator key {signer[:16]}…, and this "
+                f"replica's key is {ledger.public_key[:16]}…: replicas of one network share "
+                f"one identity; copy the first replica's coordinator.key into "
+                f"{config.data_dir}")
+        log.warning("the ledger was signed by coordinator key %s; this coordinator signs "
+                    "with %s from now on", signer[:16], ledger.public_key[:16])
     billing = Billing(Bank(ledger, config.bank), config.prices)
 
     @asynccontextmanager

@@ -31,12 +31,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from covey.coordinator.ledger.bank import Bank, user
 from covey.coordinator.ledger.store import FAUCET, Transfer
 from covey.coordinator.outcome import Outcome
-from covey.protocol import Generate, SamplingParams
+from covey.protocol import Generate
 from covey.protocol.frames import ChatMessage
-from covey.protocol.requests import new_id
+from covey.protocol.openai import ChatCompletionRequest
+from covey.protocol.requests import chat_job
 
 log = logging.getLogger("covey.coordinator.verify")
 
@@ -90,27 +93,38 @@ def built_in_prompt(rng: random.Random) -> str:
 
 def load_pool(path: Path) -> list[tuple[ChatMessage, ...]]:
     """An operator's prompt pool: each non-empty line is a prompt, or a JSON object with
-    ``messages`` (OpenAI chat messages).
+    ``messages`` (OpenAI chat messages), held to the rules of a user's chat request (a
+    canary must be a request a user could send).
 
     Raises:
         OSError: the file cannot be read.
-        ValueError: a line is not valid, or the file holds no prompt.
+        ValueError: the file is not UTF-8 text, a line is not valid, or it holds no prompt.
     """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
     pool: list[tuple[ChatMessage, ...]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
-        if line.startswith("{"):
-            try:
-                messages = json.loads(line)["messages"]
-                pool.append(tuple(ChatMessage(role=m["role"], content=m["content"])
-                                  for m in messages))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"line {n}: not a JSON object with messages ({exc})") \
-                    from None
-        else:
-            pool.append((ChatMessage(role="user", content=line),))
+        if not line.startswith("{"):
+            line = json.dumps({"messages": [{"role": "user", "content": line}]})
+        try:
+            body = json.loads(line)
+            if not isinstance(body, dict) or "messages" not in body:
+                raise ValueError("expected a JSON object with messages")
+            request = ChatCompletionRequest.model_validate(
+                {"model": "canary", "messages": body["messages"]})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ValueError(f"line {n}: {where}: {first['msg']}") from None
+        except ValueError as exc:
+            raise ValueError(f"line {n}: {exc}") from None
+        pool.append(tuple(ChatMessage(role=m.role, content=m.text())
+                          for m in request.messages))
     if not pool:
         raise ValueError("no prompt in the file")
     return pool
@@ -177,8 +191,10 @@ class Canaries:
         max_tokens = min(MAX_TOKENS, max(MIN_TOKENS, wanted or MAX_TOKENS))
         messages = (self._rng.choice(self.pool) if self.pool else
                     (ChatMessage(role="user", content=built_in_prompt(self._rng)),))
-        job = Generate(job_id=new_id("chatcmpl"), model=outcome.model, messages=messages,
-                       params=SamplingParams(temperature=0, max_tokens=max_tokens))
+        # Made the way a user's greedy request is, so nothing in the job differs.
+        job = chat_job(ChatCompletionRequest(
+            model=outcome.model, max_tokens=max_tokens, temperature=0,
+            messages=[{"role": m.role, "content": m.content} for m in messages]))
         delay = min(DELAY_MAX_S, self._rng.expovariate(1 / DELAY_MEAN_S))
         return CanaryJob(job, delay)
 
