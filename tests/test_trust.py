@@ -57,9 +57,6 @@ def test_the_sleeper_passes_its_trial_and_is_caught_by_a_canary(tmp_path: Path,
         assert checks_of(net, honest) == []
         assert metric(net, 'covey_checks_total{kind="canary",result="failed"}') >= 1
         assert metric(net, 'covey_checks_total{kind="sampled"') == 0
-        # A canary is paid like any job: the miners earned from the canary account.
-        canary_jobs = metric(net, 'covey_checks_total{kind="canary"')
-        assert canary_jobs >= 1
     finally:
         net.close()
     verified = ledger_verify(tmp_path / "coordinator")

@@ -64,6 +64,14 @@ _LAST = (Done, Embedded, CheckReport, Tokens, Transcribed, Spoken, Painted, Scor
 """Replies that end a call (an ``error`` ends it too, raised as :class:`TaskRefused`)."""
 
 
+_ENDS = (*_LAST, JobError)
+
+
+def ends_call(reply: object) -> bool:
+    """Whether ``reply`` is a task's last (its answer, or an ``error``)."""
+    return isinstance(reply, _ENDS)
+
+
 class TaskRefused(Exception):
     """The miner answered the call with an ``error`` frame (``frame``)."""
 

@@ -37,9 +37,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from covey.coordinator.link import _LAST, close_mailbox, mailbox, open_mailbox, send_raw
+from covey.coordinator.link import (
+    Request,
+    close_mailbox,
+    ends_call,
+    mailbox,
+    open_mailbox,
+    send_raw,
+)
 from covey.coordinator.miners import CLOSE_REPLACED, MINER_GONE, MinerRegistry, MinerSession
-from covey.protocol import Cancel, Hello, JobError, MinerId, decode_frame, encode_frame
+from covey.protocol import Cancel, Hello, MinerId, decode_frame, encode_frame
 from covey.protocol.shard import Forwarded, decode_binary, encode_binary
 
 log = logging.getLogger("covey.coordinator.remote")
@@ -48,8 +55,6 @@ ANNOUNCE_S = 2.0
 """Seconds between a replica's announcements of its miners."""
 STALE_S = 6.0
 """A replica silent this long has lost its miners on the other replicas."""
-_TASKS = ("generate", "embed", "transcribe", "speak", "paint", "score", "check", "tokenize",
-          "forward")
 
 
 class BusUnavailable(Exception):
@@ -108,7 +113,7 @@ class Forwarder:
         else:
             self.bus.publish(f"covey.from.{self.origin}",
                              encode_frame(item).encode(), headers)  # type: ignore[arg-type]
-        if isinstance(item, (*_LAST, JobError)):
+        if ends_call(item):
             self.end()
 
     def end(self) -> None:
@@ -274,7 +279,7 @@ class ReplicaBus:
         job_id = getattr(frame, "job_id", None)
         session = self.registry.sessions.get(miner_id)
         if session is None or session.closed or isinstance(session, RemoteSession):
-            if job_id is not None and frame.type in _TASKS:
+            if job_id is not None and isinstance(frame, Request):
                 self.publish(f"covey.from.{origin}", b"",
                              {"miner": miner_id, "job": job_id, "gone": "1"})
             return
@@ -282,7 +287,7 @@ class ReplicaBus:
             box = mailbox(session, frame.job_id)
             if isinstance(box, Forwarder):
                 box.end()
-        elif job_id is not None and frame.type in _TASKS:
+        elif job_id is not None and isinstance(frame, Request):
             open_mailbox(session, job_id, Forwarder(self, session, origin, job_id))
         try:
             await send_raw(session, msg.data, binary)

@@ -264,10 +264,9 @@ class Ledger:
             InsufficientFunds: an account other than the faucet would go below zero.
             LedgerError: an amount is not a positive integer, or debit equals credit.
         """
-        _check(ops)
         if not ops:  # nothing moves, nothing to record (a free model)
             return True
-        return self._submit(_Pending(op_key, tuple(ops), also))
+        return self.run(Operation.of(op_key, ops, also))
 
     def post_computed(self, op_key: str, accounts: Sequence[str],
                       make: Callable[[Mapping[str, int]], Sequence[Transfer]],
@@ -277,7 +276,7 @@ class Ledger:
         for exactly what it holds). ``make`` runs only if ``op_key`` is new. List every
         account the transfers may touch: others cost a query each.
         """
-        return self._submit(_Pending(op_key, (), also, tuple(accounts), make))
+        return self.run(Operation.computed(op_key, accounts, make, also))
 
     def run(self, op: Operation[T]) -> T:
         """Submit ``op`` and wait for it (blocking: not from the event loop).

@@ -198,10 +198,12 @@ class Canaries:
         delay = min(DELAY_MAX_S, self._rng.expovariate(1 / DELAY_MEAN_S))
         return CanaryJob(job, delay)
 
-    def after_user_job(self, outcome: Outcome) -> None:
-        """Maybe send a canary after ``outcome`` (a user's finished text job)."""
+    def after_user_job(self, outcome: Outcome, checkable: Callable[[], bool]) -> None:
+        """Maybe send a canary after ``outcome`` (a user's finished text job);
+        ``checkable()`` says whether a validator could check it (asked only once one is
+        drawn: it scans the miners)."""
         canary = self.draw(outcome)
-        if canary is None:
+        if canary is None or not checkable():
             return
         if len(self._tasks) >= MAX_PENDING:
             self.skipped()

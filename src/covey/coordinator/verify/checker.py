@@ -19,6 +19,7 @@ penalties.
 - **Floor.** A miner whose reputation drops below ``CheckPolicy.reputation_floor`` is held
   until it passes a trial again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -204,9 +205,9 @@ class Verifier(TrialRuns, EmbeddingVerification, MediaVerification, ScoreVerific
             return
         canary = self.canaries is not None and self.canaries.is_canary(outcome.account)
         if not canary:
-            if self.canaries is not None and self.has_validator(job.model, job.model_sha256,
-                                                                 miner_id):
-                self.canaries.after_user_job(outcome)
+            if self.canaries is not None:
+                self.canaries.after_user_job(outcome, lambda: self.has_validator(
+                    job.model, job.model_sha256, miner_id))
             if self._rng.random() >= self.chat_rate:
                 return
         if self._pending >= MAX_PENDING_CHECKS:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from covey.coordinator.billing import Billing
 from covey.coordinator.ledger.bank import Bank, miner
@@ -60,7 +60,6 @@ class Ruling:
     confirmed: bool
     alone: bool = False
     reason: str = ""
-    extra: list[Verdict] = field(default_factory=list)
 
     @property
     def dissenters(self) -> list[str]:
@@ -83,19 +82,17 @@ async def rule(first_validator: str, accused: str, rejudge: Rejudge) -> Ruling:
     """Confirm a failed verdict from ``first_validator`` on ``accused``'s answer by
     majority of up to three validators (see the module docstring)."""
     votes: list[tuple[str, bool]] = [(first_validator, False)]
-    extra: list[Verdict] = []
     while True:
         fails = sum(not passed for _, passed in votes)
         if fails >= 2:
-            return Ruling(votes, True, extra=extra)
+            return Ruling(votes, True)
         if len(votes) - fails >= 2:
-            return Ruling(votes, False, extra=extra)
+            return Ruling(votes, False)
         try:
             verdict, validator_id = await rejudge([accused, *(v for v, _ in votes)])
         except NoVerdict as exc:
             alone = len(votes) == 1 and exc.nobody
-            return Ruling(votes, alone, alone=alone, reason=str(exc), extra=extra)
-        extra.append(verdict)
+            return Ruling(votes, alone, alone=alone, reason=str(exc))
         votes.append((validator_id or "", verdict.passed))
 
 

@@ -27,13 +27,13 @@ VALIDATOR_ACCOUNT = "covey:validator"
 @contextlib.asynccontextmanager
 async def validator(dispatcher: Dispatcher, model: str, sha256: str | None,
                     exclude: Sequence[str], timeout: float,
-                    unavailable: Callable[[str], Exception]) -> AsyncIterator[MinerSession]:
+                    unavailable: type[NoVerdict]) -> AsyncIterator[MinerSession]:
     """A slot on a miner of ``model`` (with weights ``sha256`` when given) not in
     ``exclude``, released on exit.
 
     Raises:
-        Exception: ``unavailable(reason)`` when none is free within ``timeout`` seconds
-            (or none serves the weights: its ``nobody`` attribute is then True).
+        NoVerdict: ``unavailable(reason)`` when none is free within ``timeout`` seconds
+            (or none serves the weights: its ``nobody`` is then True).
     """
     session = await borrow(dispatcher, model, sha256, exclude, timeout, unavailable)
     try:
@@ -44,12 +44,12 @@ async def validator(dispatcher: Dispatcher, model: str, sha256: str | None,
 
 async def borrow(dispatcher: Dispatcher, model: str, sha256: str | None,
                  exclude: Sequence[str], timeout: float,
-                 unavailable: Callable[[str], Exception]) -> MinerSession:
+                 unavailable: type[NoVerdict]) -> MinerSession:
     """A validator's slot, as :func:`validator` takes it (the caller releases it with
     ``dispatcher.release(session, VALIDATOR_ACCOUNT, model)``).
 
     Raises:
-        Exception: ``unavailable(reason)``, with ``nobody`` True when no live miner outside
+        NoVerdict: ``unavailable(reason)``, with ``nobody`` True when no live miner outside
             ``exclude`` serves the weights at all (rather than none being free in time).
     """
     try:
@@ -57,9 +57,9 @@ async def borrow(dispatcher: Dispatcher, model: str, sha256: str | None,
             return await dispatcher.acquire(model, VALIDATOR_ACCOUNT, sha256,
                                             frozenset(exclude), priority=True)
     except (ApiError, TimeoutError) as exc:
-        error = unavailable(getattr(exc, "message", "no validator was free"))
-        error.nobody = isinstance(exc, ApiError) and exc.code == "no_miner_available"  # type: ignore[attr-defined]
-        raise error from None
+        raise unavailable(getattr(exc, "message", "no validator was free"),
+                          nobody=isinstance(exc, ApiError)
+                          and exc.code == "no_miner_available") from None
 
 
 class NoVerdict(Exception):
