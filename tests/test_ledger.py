@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 from sqlalchemy import text
 
 from conftest import postgres_database
-from covey.coordinator.ledger import InsufficientFunds, Ledger
+from covey.coordinator.ledger import InsufficientFunds, Ledger, store
 from covey.coordinator.ledger.bank import Bank, BankPolicy, escrow, miner, user
 from covey.coordinator.ledger.schema import metadata
 
@@ -137,6 +140,36 @@ def test_settle_splits_exactly_and_only_once(ledger: Ledger):
     assert ledger.balance(escrow("j1")) == 0
     with pytest.raises(InsufficientFunds):
         bank.hold("j2", account, 900_001)
+    assert ledger.verify().ok
+
+
+def test_a_closed_escrow_leaves_no_balance_row(ledger: Ledger):
+    """The balance table keeps open escrows only, however many jobs ran: closed in a later
+    commit, in the same commit as the hold, or by a refund."""
+    _reset(ledger)
+    bank = Bank(ledger, BankPolicy(grant=1_000_000, fee_bps=500))
+    account, _ = bank.sign_up()
+    bank.hold("open", account, 1_000)
+    bank.hold("later", account, 1_000)
+    assert set(ledger.balances_like("escrow:")) == {escrow("open"), escrow("later")}
+    bank.settle("later", account, MINER, 10)
+    hold, close = bank.hold_op("together", account, 500), bank.refund_op("together", account)
+    ledger._commit([hold.pending, close.pending])  # one transaction: the row never appears
+    assert close.finish(close.pending.applied) == 500
+    assert ledger.balances_like("escrow:") == {escrow("open"): 1_000}
+    assert ledger.balance(escrow("later")) == 0
+    assert ledger.balance(user(account)) == 1_000_000 - 1_000 - 10
+    assert ledger.verify().ok
+    # The migration drops the empty rows earlier versions left.
+    with ledger.engine.begin() as conn:
+        conn.execute(text("INSERT INTO balances (account, balance) VALUES ('escrow:old', 0)"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store.__file__).parent / "migrations"))
+    with ledger.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    store.migrate(ledger.engine)
+    assert set(ledger.balances_like("escrow:")) == {escrow("open")}
     assert ledger.verify().ok
 
 

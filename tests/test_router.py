@@ -1,5 +1,7 @@
 """Routing decisions as a pure function."""
 
+import pytest
+
 from covey.coordinator.router import Candidate, choose_miner
 
 
@@ -59,14 +61,14 @@ def test_reputation_rule():
     assert next_reputation(0.1, True) == 0.1 and next_reputation(10.0, False) == 10.0
 
 
-def _session(registry, name: str, slots: int = 1):
+def _session(registry, name: str, slots: int = 1, kind: type | None = None):
     from covey.coordinator.miners import MinerSession
     from covey.protocol import Hardware, Hello, ModelOffer
 
     offer = ModelOffer(name="m", sha256="a" * 64, context_length=1024, backend="test")
     hello = Hello.model_construct(public_key=name * 64, models=(offer,), slots=slots,
                                   hardware=Hardware(cpu_count=1, ram_bytes=0))
-    s = MinerSession(miner_id=name * 64, hello=hello, websocket=None)  # type: ignore[arg-type]
+    s = (kind or MinerSession)(miner_id=name * 64, hello=hello, websocket=None)  # type: ignore[arg-type]
     registry.add(s)
     return s
 
@@ -120,5 +122,90 @@ def test_a_freed_slot_goes_to_the_account_with_fewer_jobs_running():
         assert not any(f.done() for f in floods)
         for f in floods:
             f.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_registry_answers_from_its_index_until_told_of_a_change():
+    """``serving`` and ``offers`` are kept per model between changes (requests ask several
+    times each); joining, leaving and a hold for a trial, once notified, show at once."""
+    from covey.coordinator.miners import MinerRegistry
+
+    registry = MinerRegistry()
+    a = _session(registry, "a")
+    assert registry.serving("m") == (a,) and registry.serving("m") is registry.serving("m")
+    b = _session(registry, "b")
+    assert registry.serving("m") == (a, b)
+    assert [o.name for o in registry.offers("m")] == ["m", "m"]
+    b.held.add("m")  # on trial: what the trial code does, then it notifies
+    registry.notify()
+    assert registry.serving("m") == (a,) and len(registry.offers("m")) == 1
+    registry.remove(a)
+    assert registry.serving("m") == () and registry.offers("m") == ()
+    assert registry.serving("other") == ()
+
+
+def test_unless_client_leaves_cancels_the_work_and_leaves_the_caller_usable():
+    import asyncio
+
+    from covey.protocol.openai_stream import unless_client_leaves
+
+    async def main() -> None:
+        hang_up = asyncio.Event()
+
+        async def receive() -> dict:
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def answer() -> str:
+            await asyncio.sleep(0)
+            return "done"
+
+        assert await unless_client_leaves(receive, answer()) == (True, "done")
+        stopped = asyncio.Event()
+
+        async def forever() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                stopped.set()
+
+        asyncio.get_running_loop().call_later(0.01, hang_up.set)
+        assert await unless_client_leaves(receive, forever()) == (False, None)
+        assert stopped.is_set()
+        await asyncio.sleep(0)  # the caller's task is not left cancelled
+        # A cancellation from outside still goes through.
+        stays = asyncio.Event()
+
+        async def client_stays() -> dict:
+            await stays.wait()
+            return {"type": "http.disconnect"}
+
+        stopped.clear()
+        outer = asyncio.ensure_future(unless_client_leaves(client_stays, forever()))
+        await asyncio.sleep(0.01)
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+        assert stopped.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_replica_uses_its_own_miners_before_another_replicas():
+    """Another replica's miner looks idle from here (its jobs from there are not counted)
+    and costs a relay: it gets a job only when no miner of this replica has a slot free."""
+    import asyncio
+
+    from covey.coordinator.miners import MinerRegistry
+    from covey.coordinator.remote import RemoteSession
+    from covey.coordinator.router import Dispatcher, QueuePolicy
+
+    async def scenario() -> None:
+        registry = MinerRegistry()
+        d = Dispatcher(registry, QueuePolicy(timeout=5))
+        far = _session(registry, "f", slots=4, kind=RemoteSession)
+        near = _session(registry, "n", slots=2)
+        assert [await d.acquire("m", "u") for _ in range(3)] == [near, near, far]
 
     asyncio.run(scenario())

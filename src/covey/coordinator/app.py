@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -65,6 +66,15 @@ from covey.protocol.identity import load_or_create
 from covey.protocol.watermark import derive_key
 
 log = logging.getLogger("covey.coordinator")
+
+
+_NO_OTEL: dict[str, object] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                   "operation_spans": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters else {})
+"""FastAPI's own OpenTelemetry hooks off, in the versions that have them: they look up
+the global providers on every request, and the coordinator's metrics are Prometheus'
+(``/metrics``)."""
 
 
 def default_database_url(data_dir: Path) -> str:
@@ -199,7 +209,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         await asyncio.to_thread(lease.end)
         ledger.close()
 
-    app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan,
+                  **_NO_OTEL)
     registry = MinerRegistry(config.catalog)
     dispatcher = Dispatcher(registry, config.queue, config.bank.min_stake)
     app.state.config = config

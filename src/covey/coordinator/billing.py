@@ -99,11 +99,11 @@ class Billing:
         return Price(max([floor.prompt, *(o.ask_prompt for o in offers)]),
                      max([floor.completion, *(o.ask_completion for o in offers)]))
 
-    def quote(self, job: Generate, context_length: int, offers: Sequence[ModelOffer] = ()
-              ) -> tuple[int, int, int]:
+    def quote(self, job: Generate, context_length: int, offers: Sequence[ModelOffer] = (),
+              price: Price | None = None) -> tuple[int, int, int]:
         """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``, at
-        the highest price any of ``offers`` may charge."""
-        price = self.price(job.model, offers)
+        ``price``, by default the highest any of ``offers`` may charge (:meth:`price`)."""
+        price = price or self.price(job.model, offers)
         prompt = min(prompt_token_bound(job), context_length)
         completion = min(job.params.max_tokens or context_length, context_length)
         # The miner stops at the context's end, so prompt + completion ≤ context length:

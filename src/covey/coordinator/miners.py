@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -72,6 +73,9 @@ class MinerSession:
     """Models this miner failed its trial for: never routed to this session."""
     welcomed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the ``welcome`` went out: jobs may be sent from then on."""
+    local: ClassVar[bool] = True
+    """Whether this coordinator holds the miner's socket (a replica's mirror of another
+    replica's miner does not)."""
 
     @property
     def slots(self) -> int:
@@ -146,6 +150,8 @@ class MinerRegistry:
 
     def __init__(self, catalog: dict[str, int] | None = None) -> None:
         self.sessions: dict[str, MinerSession] = {}
+        self._serving: dict[str, tuple[MinerSession, ...]] = {}
+        self._offers: dict[str, tuple[ModelOffer, ...]] = {}
         self.catalog: dict[str, int] = dict(catalog or {})
         self.stakes: dict[str, int] = {}
         """µcr staked by each miner id, kept in step with the ledger by the coordinator."""
@@ -162,9 +168,26 @@ class MinerRegistry:
         self.stakes[miner_id] = staked
         self.notify()
 
-    def serving(self, model: str) -> list[MinerSession]:
-        """Live sessions that serve ``model``."""
-        return [s for s in self.sessions.values() if not s.closed and s.offer(model)]
+    def serving(self, model: str) -> tuple[MinerSession, ...]:
+        """Live sessions that serve ``model``, in the order they joined.
+
+        Kept per model until the next :meth:`notify`: every request asks several times, and
+        a scan costs O(miners), 0.4 ms per request at 1,000 miners. Whoever changes what a
+        session serves (``held``, ``refused``) must call :meth:`notify`.
+        """
+        hit = self._serving.get(model)
+        if hit is None:
+            hit = self._serving[model] = tuple(
+                s for s in self.sessions.values() if not s.closed and s.offer(model))
+        return hit
+
+    def offers(self, model: str) -> tuple[ModelOffer, ...]:
+        """The offers of :meth:`serving`'s sessions for ``model`` (kept likewise)."""
+        hit = self._offers.get(model)
+        if hit is None:
+            hit = self._offers[model] = tuple(
+                o for s in self.serving(model) if (o := s.offer(model)) is not None)
+        return hit
 
     def is_known(self, model: str) -> bool:
         """In the catalog, or offered by a live miner (even one still on trial)."""
@@ -211,6 +234,8 @@ class MinerRegistry:
 
     def notify(self) -> None:
         """Tell every :attr:`on_change` callback that the set of miners changed."""
+        self._serving.clear()
+        self._offers.clear()
         for callback in self.on_change:
             callback()
 

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from covey.coordinator.link import (
     Request,
@@ -91,6 +91,7 @@ class RemoteSession(MinerSession):
 
     owner: str = ""
     seen: float = field(default_factory=time.monotonic)
+    local: ClassVar[bool] = False
 
 
 class Forwarder:
@@ -236,7 +237,10 @@ class ReplicaBus:
             if isinstance(current, RemoteSession) and current.owner == owner \
                     and current.hello == hello:
                 current.seen = now
-                current.held, current.refused = set(entry["held"]), set(entry["refused"])
+                held, refused = set(entry["held"]), set(entry["refused"])
+                if (held, refused) != (current.held, current.refused):
+                    current.held, current.refused = held, refused
+                    self.registry.notify()  # what it may serve changed
                 continue
             if current is not None:
                 self.registry.remove(current)

@@ -208,6 +208,11 @@ class Dispatcher:
         ok = [s for s in pool if usable(s)]
         if not ok and len(pool) < len(free):  # the sample missed: look at them all
             ok = [s for s in free if usable(s)]
+        # Another replica's miner costs a relay per frame, and this replica sees only its
+        # own jobs there: its own miners go first while one has a free slot.
+        near = [s for s in ok if s.local]
+        if near:
+            ok = near
         i = choose_miner([self._candidate(s, model) for s in ok])
         if i is None:
             return None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from covey.coordinator.billing import Billing
@@ -37,6 +38,16 @@ from covey.protocol.openai_stream import (
     Meta,
     sse,
 )
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """The largest context (tokens) and highest price (µcr per 1M) among a model's offers,
+    and whether every one is a private model's."""
+
+    context: int
+    price: Price
+    private: bool
 
 
 class _Ran(Protocol):
@@ -87,8 +98,9 @@ class Serving:
         keys this coordinator was given)."""
         self.on_false_proof: Callable[..., None] | None = None
         """Told of a miner whose proof did not verify (the verifier's slash)."""
+        self._memo: dict[str, tuple[tuple[ModelOffer, ...], _Terms]] = {}
 
-    def quote(self, job: Generate, offers: list[ModelOffer] | None = None
+    def quote(self, job: Generate, offers: Sequence[ModelOffer] | None = None
               ) -> tuple[int, int, int, Price]:
         """(prompt token bound, completion token cap, maximum cost in µcr, price) of
         ``job`` among the live miners serving its model (``offers``, when the caller has
@@ -104,9 +116,23 @@ class Serving:
                 self.dispatcher.check(job.model)
                 offers = self.offers(job.model)
             self._refuse_kind(job, offers)
-        context = max(o.context_length for o in offers)
-        prompt, completion, max_cost = self.billing.quote(job, context, offers)
-        return prompt, completion, max_cost, self.billing.price(job.model, offers)
+        terms = self._terms(job.model, offers)
+        prompt, completion, max_cost = self.billing.quote(job, terms.context, offers,
+                                                          terms.price)
+        return prompt, completion, max_cost, terms.price
+
+    def _terms(self, model: str, offers: Sequence[ModelOffer]) -> _Terms:
+        """What ``offers`` agree to serve ``model`` on, computed once per set of offers:
+        every request would otherwise walk all of them (O(miners)) several times."""
+        memo = self._memo.get(model)
+        if memo is not None and memo[0] is offers:  # the registry keeps one tuple per change
+            return memo[1]
+        terms = _Terms(max(o.context_length for o in offers),
+                       self.billing.price(model, offers),
+                       bool(offers) and all(o.private for o in offers))
+        if isinstance(offers, tuple):
+            self._memo[model] = (offers, terms)
+        return terms
 
     def _sharded_offers(self, model: str) -> list[ModelOffer] | None:
         """The shard offers of ``model`` when a chain of shards serves it (no live miner
@@ -125,20 +151,19 @@ class Serving:
             raise incomplete(model, status)
         return [o for _, o in shard_sessions(registry, model)]
 
-    def offers(self, model: str) -> list[ModelOffer]:
+    def offers(self, model: str) -> tuple[ModelOffer, ...]:
         """The offers of the live miners serving ``model``."""
-        return [o for s in self.dispatcher.registry.serving(model)
-                if (o := s.offer(model)) is not None]
+        return self.dispatcher.registry.offers(model)
 
     @staticmethod
-    def _refuse_kind(job: Generate, offers: list[ModelOffer]) -> None:
+    def _refuse_kind(job: Generate, offers: Sequence[ModelOffer]) -> None:
         if offers and offers[0].kind != "chat":
             raise ApiError(400, f"'{job.model}' is an {offers[0].kind} model: send it to "
                            f"POST /v1/embeddings. GET /v1/models lists each model's kind.",
                            code="invalid_value", param="model")
 
-    @staticmethod
-    def refuse_unservable(job: Generate, offers: list[ModelOffer], text: bool) -> None:
+    def refuse_unservable(self, job: Generate, offers: Sequence[ModelOffer], text: bool
+                          ) -> None:
         """Refuse, before any miner sees it, what a model's miners (``offers``) cannot
         serve: a generation on a model of another kind (embeddings), text (``text``) or a
         watermark for a private model, whose miners take token ids made with its key and
@@ -148,7 +173,7 @@ class Serving:
             ApiError: 400 ``invalid_value`` naming ``model`` or ``watermark``.
         """
         Serving._refuse_kind(job, offers)
-        if not offers or not all(o.private for o in offers):
+        if not offers or not self._terms(job.model, offers).private:
             return
         if text:
             raise ApiError(400, f"'{job.model}' is a private model: its miners take token "

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     create_engine,
+    delete,
     event,
     insert,
     select,
@@ -44,6 +45,8 @@ from covey.coordinator.ledger.schema import balances, chain_head, transfers
 FAUCET = "faucet"
 """The mint: the only account whose balance may go below zero (−minted)."""
 TREASURY = "treasury"
+TRANSIENT = "escrow:"
+"""Accounts of this prefix are one job's each: their balance row goes once they are empty."""
 
 
 class LedgerError(Exception):
@@ -442,11 +445,18 @@ class Ledger:
         """Insert a batch's transfer rows, update the balance cache and sign the new head."""
         conn.execute(insert(transfers), rows)
         changed = [a for a in current if current[a] != known.get(a)]
-        updates = [{"a": a, "b": current[a]} for a in changed if a in known]
+        # A closed escrow leaves no row behind (a missing row reads as 0): the table keeps
+        # only open ones, however many jobs ran, so scanning them stays cheap.
+        gone = {a for a in changed if current[a] == 0 and a.startswith(TRANSIENT)}
+        emptied = [{"a": a} for a in gone if a in known]
+        if emptied:
+            conn.execute(delete(balances).where(balances.c.account == bindparam("a")), emptied)
+        updates = [{"a": a, "b": current[a]} for a in changed if a in known and a not in gone]
         if updates:
             conn.execute(update(balances).where(balances.c.account == bindparam("a"))
                          .values(balance=bindparam("b")), updates)
-        inserts = [{"account": a, "balance": current[a]} for a in changed if a not in known]
+        inserts = [{"account": a, "balance": current[a]} for a in changed
+                   if a not in known and a not in gone]
         if inserts:
             conn.execute(insert(balances), inserts)
         conn.execute(update(chain_head).where(chain_head.c.id == 1).values(

@@ -95,7 +95,9 @@ class Verifier(TrialRuns, EmbeddingVerification, MediaVerification, ScoreVerific
         self.policy = policy
         self.trials = trials
         self.metrics = metrics
-        self._rng = random.SystemRandom()
+        # Seeded once from the OS: which job is re-checked stays unpredictable to miners
+        # (they never see a draw), without a system call per job.
+        self._rng = random.Random(random.SystemRandom().getrandbits(128))
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0
         self.score_keys: KeyStore | None = None

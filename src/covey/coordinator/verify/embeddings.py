@@ -163,7 +163,7 @@ class EmbeddingVerification(SampledChecks):
     metrics: Metrics
     embedding_references: dict[str, EmbeddingReference]
     _pending: int
-    _rng: random.SystemRandom
+    _rng: random.Random
 
     _spawn: Callable[[Awaitable[None]], None]
     punish: Callable[[Evidence], Awaitable[object]]

@@ -209,7 +209,7 @@ class MediaVerification(SampledChecks):
     policy: CheckPolicy
     metrics: Metrics
     _pending: int
-    _rng: random.SystemRandom
+    _rng: random.Random
     _spawn: Callable[[Awaitable[None]], None]
     punish: Callable[[Evidence], Awaitable[object]]
 

@@ -98,7 +98,7 @@ class ScoreVerification(SampledChecks):
     metrics: Metrics
     score_keys: KeyStore | None
     _pending: int
-    _rng: random.SystemRandom
+    _rng: random.Random
     _spawn: Callable[[Awaitable[None]], None]
     punish: Callable[[Evidence], Awaitable[object]]
 
