@@ -83,6 +83,8 @@ class QueryKeyGuard:
 
     @staticmethod
     def _carries_key(query: bytes) -> bool:
+        if not query:  # the common case: no parsing
+            return False
         for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
             if name.lower() in QUERY_KEY_NAMES or "sk-covey-" in value or "sk-covey-" in name:
                 return True
