@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -30,17 +30,15 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
-    bindparam,
     create_engine,
-    delete,
     event,
     insert,
     select,
-    update,
 )
 
 from covey.coordinator.ledger.chain import GENESIS, entry_hash, sign_head, verify_head
 from covey.coordinator.ledger.schema import balances, chain_head, transfers
+from covey.coordinator.ledger.statements import Statements, cursor, run, run_many
 
 FAUCET = "faucet"
 """The mint: the only account whose balance may go below zero (−minted)."""
@@ -134,6 +132,8 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+_TRANSFER_COLUMNS = ("seq", "key", "debit", "credit", "amount", "kind", "created_us",
+                     "prev_hash", "hash")
 _MAX_BATCH = 256
 """Operations committed together at most; bounds a transaction's size and lock time."""
 
@@ -223,6 +223,7 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.engine = make_engine(url)
+        self._sql = Statements(self.engine.dialect.name)
         self.key = key
         self.public_key = key.verify_key.encode().hex()
         migrate(self.engine)
@@ -359,13 +360,12 @@ class Ledger:
     def _commit_batch(self, batch: list[_Pending]) -> None:
         """Apply ``batch`` in order in one transaction: each operation succeeds, is a repeat
         (``applied`` False) or lacks funds (``error``), independently of the others."""
+        sql = self._sql
         with self._tx() as conn:
-            head = conn.execute(
-                select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1)
-                .with_for_update()).one()
+            cur = cursor(conn)
+            head_seq, head_hash = run(cur, sql.head, {})[0]
             firsts = [f"{p.op_key}:0" for p in batch]
-            seen = set(conn.execute(select(transfers.c.key)
-                                    .where(transfers.c.key.in_(firsts))).scalars())
+            seen = {key for key, in run(cur, sql.seen, {"keys": sql.values(firsts)})}
             known: dict[str, int] = {}
             current: dict[str, int] = {}
             queried: set[str] = set()
@@ -373,9 +373,8 @@ class Ledger:
             def load(names: set[str]) -> None:
                 missing = names - queried
                 if missing:
-                    found = dict(conn.execute(
-                        select(balances.c.account, balances.c.balance)
-                        .where(balances.c.account.in_(missing))).tuples().all())
+                    found = {a: int(b) for a, b in run(
+                        cur, sql.balances, {"accounts": sql.values(missing)})}
                     known.update(found)
                     for a, b in found.items():
                         current.setdefault(a, b)
@@ -383,7 +382,7 @@ class Ledger:
 
             load({a for p in batch for t in p.ops for a in (t.debit, t.credit)}
                  | {a for p in batch for a in p.accounts})
-            seq, prev = head.seq, head.hash
+            seq, prev = int(head_seq), str(head_hash)
             now = _now_us()
             rows: list[dict[str, object]] = []
             for p in batch:
@@ -424,44 +423,40 @@ class Ledger:
                 p.applied = True
             # Rows written with an operation (usage, receipts, evidence) go in even when it
             # moved no credits.
-            extra: dict[Table, list[dict[str, object]]] = defaultdict(list)
+            extra: dict[tuple[Table, tuple[str, ...]], list[dict[str, object]]] = \
+                defaultdict(list)
             for p in batch:
                 rows_also = p.also() if p.applied and p.also is not None else None
                 if isinstance(rows_also, tuple):
                     rows_also = [rows_also]
                 for table, row in rows_also or ():
-                    extra[table].append(row)
+                    extra[table, tuple(row)].append(row)
             if not rows and not extra:
                 return
             with self._pipeline(conn):  # the writes need no answers: one round trip
                 if rows:
-                    self._write_transfers(conn, rows, current, known, seq, prev)
-                for table, table_rows in extra.items():
-                    conn.execute(insert(table), table_rows)
+                    self._write_transfers(cur, rows, current, known, seq, prev)
+                for (table, columns), table_rows in extra.items():
+                    run_many(cur, sql.insert(table, columns), table_rows)
 
-    def _write_transfers(self, conn: Connection, rows: list[dict[str, object]],
+    def _write_transfers(self, cur: Any, rows: list[dict[str, object]],
                          current: dict[str, int], known: dict[str, int], seq: int, prev: str
                          ) -> None:
         """Insert a batch's transfer rows, update the balance cache and sign the new head."""
-        conn.execute(insert(transfers), rows)
+        sql = self._sql
+        run_many(cur, sql.insert(transfers, _TRANSFER_COLUMNS), rows)
         changed = [a for a in current if current[a] != known.get(a)]
         # A closed escrow leaves no row behind (a missing row reads as 0): the table keeps
         # only open ones, however many jobs ran, so scanning them stays cheap.
         gone = {a for a in changed if current[a] == 0 and a.startswith(TRANSIENT)}
-        emptied = [{"a": a} for a in gone if a in known]
+        emptied = [a for a in gone if a in known]
         if emptied:
-            conn.execute(delete(balances).where(balances.c.account == bindparam("a")), emptied)
-        updates = [{"a": a, "b": current[a]} for a in changed if a in known and a not in gone]
-        if updates:
-            conn.execute(update(balances).where(balances.c.account == bindparam("a"))
-                         .values(balance=bindparam("b")), updates)
-        inserts = [{"account": a, "balance": current[a]} for a in changed
-                   if a not in known and a not in gone]
-        if inserts:
-            conn.execute(insert(balances), inserts)
-        conn.execute(update(chain_head).where(chain_head.c.id == 1).values(
-            seq=seq, hash=prev, signature=sign_head(self.key, seq, prev),
-            public_key=self.public_key))
+            run(cur, sql.drop, {"accounts": sql.values(emptied)})
+        run_many(cur, sql.upsert, [{"a": a, "b": current[a]} for a in changed
+                                   if a not in gone])
+        run(cur, sql.set_head, {"seq": seq, "hash": prev,
+                                "signature": sign_head(self.key, seq, prev),
+                                "public_key": self.public_key})
 
     # --- reading -------------------------------------------------------------------------
 
