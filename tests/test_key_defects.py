@@ -65,6 +65,17 @@ def test_an_exact_retry_is_never_a_conflict(net: Network, first: str, second: st
     assert balance == 10_000_000 - 3  # each distinct key moved its money once
 
 
+@pytest.mark.parametrize("key", ["x\u0000y", "line\nbreak", "tab\there"])
+def test_a_key_with_control_characters_is_refused(net: Network, key: str):
+    """PostgreSQL's text holds no NUL and keys are shown back in histories: a clear 400,
+    no money moved; a printable key of any script still works."""
+    _, headers = _account(net)
+    to, _ = _account(net)
+    assert_openai_error(_send(net, headers, to, 1, key), 400, param="idempotency_key")
+    assert httpx.get(f"{net.url}/v1/account", headers=headers).json()["balance"] == 10_000_000
+    assert _send(net, headers, to, 1, "clé-ключ-鍵 1").json()["applied"] is True
+
+
 def test_the_ledger_still_verifies(net: Network):
     url = getattr(net, "database_url", None)
     done = ledger_verify(net.tmp / "coordinator", url)

@@ -173,6 +173,24 @@ def test_a_closed_escrow_leaves_no_balance_row(ledger: Ledger):
     assert ledger.verify().ok
 
 
+def test_a_repeat_is_found_by_its_exact_key(ledger: Ledger):
+    """Keys are matched whole, whatever they hold: the writer's one-statement lookups must
+    not cut, fold or widen them (a NUL only where the database can store one)."""
+    _reset(ledger)
+    bank = Bank(ledger, BankPolicy(grant=1_000))
+    a, _ = bank.sign_up()
+    b, _ = bank.sign_up()
+    keys = ["k", "K", "k_", "k%", "ключ", "k\\"]
+    if ledger.engine.dialect.name == "sqlite":
+        keys += ["k\x00x"]
+    for key in keys:
+        assert bank.transfer(a, b, 1, key) is True
+    for key in keys:
+        assert bank.transfer(a, b, 1, key) is False  # a repeat, not an error
+    assert ledger.balance(user(b)) == 1_000 + len(keys)
+    assert ledger.verify().ok
+
+
 def test_tampering_with_one_row_is_caught(ledger: Ledger):
     _reset(ledger)
     bank = Bank(ledger, BankPolicy(grant=1_000_000))

@@ -207,5 +207,12 @@ def test_a_replica_uses_its_own_miners_before_another_replicas():
         far = _session(registry, "f", slots=4, kind=RemoteSession)
         near = _session(registry, "n", slots=2)
         assert [await d.acquire("m", "u") for _ in range(3)] == [near, near, far]
+        # Among many free miners (routing samples them), the one of its own still wins.
+        crowd = MinerRegistry()
+        d = Dispatcher(crowd, QueuePolicy(timeout=5))
+        for i in range(40):
+            _session(crowd, f"r{i:02d}", slots=4, kind=RemoteSession)
+        mine = _session(crowd, "z", slots=20)
+        assert [await d.acquire("m", "u") for _ in range(20)] == [mine] * 20
 
     asyncio.run(scenario())

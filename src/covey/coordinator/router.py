@@ -211,6 +211,8 @@ class Dispatcher:
         # Another replica's miner costs a relay per frame, and this replica sees only its
         # own jobs there: its own miners go first while one has a free slot.
         near = [s for s in ok if s.local]
+        if not near and len(pool) < len(free) and any(not s.local for s in ok):
+            near = [s for s in free if s.local and usable(s)]  # the sample missed them
         if near:
             ok = near
         i = choose_miner([self._candidate(s, model) for s in ok])

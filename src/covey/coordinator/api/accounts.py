@@ -119,6 +119,11 @@ async def transactions(request: Request, account_id: Account,
     return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
 
+OP_KEY = r"^[^\x00-\x1f\x7f]+$"
+"""An idempotency key a client chooses: no control characters (PostgreSQL's text holds no
+NUL, and a key is shown back in histories and logs)."""
+
+
 class TransferBody(BaseModel):
     """Send ``amount`` µcr to account ``to`` (a user's account id, or ``miner:<id>`` to fund
     a miner's stake); ``idempotency_key`` makes retries safe."""
@@ -126,7 +131,7 @@ class TransferBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     to: str = Field(min_length=1, max_length=100)
     amount: int = Field(ge=1, le=2**62)
-    idempotency_key: str = Field(min_length=1, max_length=100)
+    idempotency_key: str = Field(min_length=1, max_length=100, pattern=OP_KEY)
 
 
 @router.post("/v1/account/transfers")
@@ -212,7 +217,7 @@ class MinerAction(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     action: Literal["stake", "unstake"]
     amount: int = Field(ge=1, le=2**62)
-    op: str = Field(min_length=1, max_length=100)
+    op: str = Field(min_length=1, max_length=100, pattern=OP_KEY)
     ts: int = Field(ge=0, le=2**40)
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 

@@ -4,15 +4,14 @@ driver's own cursor.
 Each commit runs up to eleven statements. Built by SQLAlchemy's expression language, each
 cost its compilation-cache lookup and parameter processing (about 0.1 ms of CPU apiece
 here) and an ``IN`` list of a new length made new SQL text, which PostgreSQL could not
-reuse as a prepared statement. Written once as text, with lists passed as one parameter
-(a PostgreSQL array, a JSON array on SQLite), every commit sends the same few statements,
-which psycopg prepares on the server after their fifth use.
+reuse as a prepared statement. Written once as text, with a list passed as one array
+parameter on PostgreSQL, every commit sends the same few statements, which psycopg
+prepares on the server after their fifth use (SQLite gets one placeholder per item).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table
@@ -25,29 +24,40 @@ class Statements:
         self.pg = dialect == "postgresql"
         lock = " FOR UPDATE" if self.pg else ""  # SQLite: BEGIN IMMEDIATE already locks
         self.head = f"SELECT seq, hash FROM chain_head WHERE id = 1{lock}"
-        self.seen = f"SELECT key FROM transfers WHERE key {self._in('keys')}"
-        self.balances = (f"SELECT account, balance FROM balances WHERE account "
-                         f"{self._in('accounts')}")
         self.upsert = (f"INSERT INTO balances (account, balance) VALUES ({self._p('a')}, "
                        f"{self._p('b')}) ON CONFLICT (account) DO UPDATE SET balance = "
                        "excluded.balance")
-        self.drop = f"DELETE FROM balances WHERE account {self._in('accounts')}"
         self.set_head = (f"UPDATE chain_head SET seq = {self._p('seq')}, hash = "
                          f"{self._p('hash')}, signature = {self._p('signature')}, "
                          f"public_key = {self._p('public_key')} WHERE id = 1")
         self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._lists: dict[tuple[str, int], str] = {}
 
     def _p(self, name: str) -> str:
         return f"%({name})s" if self.pg else f":{name}"
 
-    def _in(self, name: str) -> str:
-        # One parameter whatever the list's length: the SQL text never changes.
-        return (f"= ANY({self._p(name)})" if self.pg
-                else f"IN (SELECT value FROM json_each({self._p(name)}))")
+    def seen(self, keys: Collection[str]) -> tuple[str, dict[str, object]]:
+        """The idempotency keys among ``keys`` already used: SQL and parameters."""
+        return self._in("SELECT key FROM transfers WHERE key", keys)
 
-    def values(self, items: Iterable[str]) -> object:
-        """A list as the one parameter :meth:`_in` takes."""
-        return list(items) if self.pg else json.dumps(list(items))
+    def balances(self, accounts: Collection[str]) -> tuple[str, dict[str, object]]:
+        """(account, balance) of those of ``accounts`` with a row: SQL and parameters."""
+        return self._in("SELECT account, balance FROM balances WHERE account", accounts)
+
+    def drop(self, accounts: Collection[str]) -> tuple[str, dict[str, object]]:
+        """Delete the balance rows of ``accounts``: SQL and parameters."""
+        return self._in("DELETE FROM balances WHERE account", accounts)
+
+    def _in(self, head: str, items: Collection[str]) -> tuple[str, dict[str, object]]:
+        if self.pg:  # one array parameter whatever the length: the SQL text never changes
+            return f"{head} = ANY(%(v)s)", {"v": list(items)}
+        # SQLite has no arrays, and its JSON functions cut a string at NUL: one
+        # placeholder per item (sqlite3 keeps each length's statement compiled).
+        n = len(items)
+        sql = self._lists.get((head, n))
+        if sql is None:
+            sql = self._lists[head, n] = f"{head} IN ({', '.join(f':v{i}' for i in range(n))})"
+        return sql, {f"v{i}": v for i, v in enumerate(items)}
 
     def insert(self, table: Table, columns: Sequence[str]) -> str:
         """``INSERT INTO table (columns) VALUES (…)``, made once per table and columns."""

@@ -365,7 +365,7 @@ class Ledger:
             cur = cursor(conn)
             head_seq, head_hash = run(cur, sql.head, {})[0]
             firsts = [f"{p.op_key}:0" for p in batch]
-            seen = {key for key, in run(cur, sql.seen, {"keys": sql.values(firsts)})}
+            seen = {key for key, in run(cur, *sql.seen(firsts))}
             known: dict[str, int] = {}
             current: dict[str, int] = {}
             queried: set[str] = set()
@@ -373,8 +373,7 @@ class Ledger:
             def load(names: set[str]) -> None:
                 missing = names - queried
                 if missing:
-                    found = {a: int(b) for a, b in run(
-                        cur, sql.balances, {"accounts": sql.values(missing)})}
+                    found = {a: int(b) for a, b in run(cur, *sql.balances(missing))}
                     known.update(found)
                     for a, b in found.items():
                         current.setdefault(a, b)
@@ -451,7 +450,7 @@ class Ledger:
         gone = {a for a in changed if current[a] == 0 and a.startswith(TRANSIENT)}
         emptied = [a for a in gone if a in known]
         if emptied:
-            run(cur, sql.drop, {"accounts": sql.values(emptied)})
+            run(cur, *sql.drop(emptied))
         run_many(cur, sql.upsert, [{"a": a, "b": current[a]} for a in changed
                                    if a not in gone])
         run(cur, sql.set_head, {"seq": seq, "hash": prev,
