@@ -189,6 +189,13 @@ def test_unless_client_leaves_cancels_the_work_and_leaves_the_caller_usable():
             await outer
         assert stopped.is_set()
 
+        async def broken() -> dict:
+            raise RuntimeError("the channel failed")
+
+        stopped.clear()  # a receive channel that fails counts as the client gone
+        assert await unless_client_leaves(broken, forever()) == (False, None)
+        assert stopped.is_set()
+
     asyncio.run(main())
 
 
