@@ -103,7 +103,8 @@ class Billing:
               price: Price | None = None) -> tuple[int, int, int]:
         """(prompt token bound, completion token cap, maximum cost in µcr) for ``job``, at
         ``price``, by default the highest any of ``offers`` may charge (:meth:`price`)."""
-        price = price or self.price(job.model, offers)
+        if price is None:
+            price = self.price(job.model, offers)
         prompt = min(prompt_token_bound(job), context_length)
         completion = min(job.params.max_tokens or context_length, context_length)
         # The miner stops at the context's end, so prompt + completion ≤ context length:

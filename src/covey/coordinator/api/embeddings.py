@@ -96,9 +96,9 @@ def _quote(serving: Serving, task: Embed, dimensions: int | None) -> tuple[int, 
     serving.dispatcher.check(task.model)
     offers = serving.offers(task.model)
     _servable(task.model, offers, dimensions)
-    bound = input_token_bound(task, max(o.context_length for o in offers))
-    price = serving.billing.price(task.model, offers)
-    return bound, cost(price, bound, 0), price
+    terms = serving.terms(task.model, offers)
+    bound = input_token_bound(task, terms.context)
+    return bound, cost(terms.price, bound, 0), terms.price
 
 
 def _task(body: EmbeddingRequest) -> Embed:

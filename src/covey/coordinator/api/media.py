@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import Request, Response
@@ -59,11 +59,11 @@ def offers_of(serving: Serving, model: str, kind: ModelKind) -> list[ModelOffer]
     return offers
 
 
-def quote(serving: Serving, model: str, offers: list[ModelOffer], bound: int, work: int = 0
+def quote(serving: Serving, model: str, offers: Sequence[ModelOffer], bound: int, work: int = 0
           ) -> tuple[int, Price]:
     """(maximum cost in µcr, price) of ``bound`` input units of ``model`` and ``work``
     output units (a score's milliseconds of work)."""
-    price = serving.billing.price(model, offers)
+    price = serving.terms(model, offers).price
     return cost(price, bound, work), price
 
 

@@ -41,7 +41,7 @@ from covey.protocol.openai_stream import (
 
 
 @dataclass(frozen=True)
-class _Terms:
+class Terms:
     """The largest context (tokens) and highest price (µcr per 1M) among a model's offers,
     and whether every one is a private model's."""
 
@@ -98,7 +98,7 @@ class Serving:
         keys this coordinator was given)."""
         self.on_false_proof: Callable[..., None] | None = None
         """Told of a miner whose proof did not verify (the verifier's slash)."""
-        self._memo: dict[str, tuple[tuple[ModelOffer, ...], _Terms]] = {}
+        self._memo: dict[str, tuple[tuple[ModelOffer, ...], Terms]] = {}
 
     def quote(self, job: Generate, offers: Sequence[ModelOffer] | None = None
               ) -> tuple[int, int, int, Price]:
@@ -116,18 +116,19 @@ class Serving:
                 self.dispatcher.check(job.model)
                 offers = self.offers(job.model)
             self._refuse_kind(job, offers)
-        terms = self._terms(job.model, offers)
+        terms = self.terms(job.model, offers)
         prompt, completion, max_cost = self.billing.quote(job, terms.context, offers,
                                                           terms.price)
         return prompt, completion, max_cost, terms.price
 
-    def _terms(self, model: str, offers: Sequence[ModelOffer]) -> _Terms:
-        """What ``offers`` agree to serve ``model`` on, computed once per set of offers:
-        every request would otherwise walk all of them (O(miners)) several times."""
+    def terms(self, model: str, offers: Sequence[ModelOffer]) -> Terms:
+        """What ``offers`` (:meth:`offers`, or a sharded model's) agree to serve ``model``
+        on, computed once per set of the registry's offers: every request would otherwise
+        walk all of them (O(miners)) several times."""
         memo = self._memo.get(model)
         if memo is not None and memo[0] is offers:  # the registry keeps one tuple per change
             return memo[1]
-        terms = _Terms(max(o.context_length for o in offers),
+        terms = Terms(max((o.context_length for o in offers), default=0),
                        self.billing.price(model, offers),
                        bool(offers) and all(o.private for o in offers))
         if isinstance(offers, tuple):
@@ -173,7 +174,7 @@ class Serving:
             ApiError: 400 ``invalid_value`` naming ``model`` or ``watermark``.
         """
         Serving._refuse_kind(job, offers)
-        if not offers or not self._terms(job.model, offers).private:
+        if not offers or not self.terms(job.model, offers).private:
             return
         if text:
             raise ApiError(400, f"'{job.model}' is a private model: its miners take token "
