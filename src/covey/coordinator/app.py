@@ -34,6 +34,7 @@ from covey.coordinator.api import (
     watermark,
 )
 from covey.coordinator.api import ledger as ledger_api  # `ledger` names the Ledger below
+from covey.coordinator.api.fast import FastInference
 from covey.coordinator.api.scores import SCORE_KEYS, load_verifiers
 from covey.coordinator.api.serving import Serving
 from covey.coordinator.api.transcriptions import TRANSCRIPTIONS
@@ -249,6 +250,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     # Room for the multipart envelope and the form's other fields around the file.
     app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16,
                                          SCORE_KEYS: config.max_keys_bytes})
+    # Outside FastAPI's stack: the completion endpoints' common case skips it (api/fast.py).
+    app.add_middleware(FastInference, state=app.state)
     if config.record_traffic is not None:
         app.add_middleware(TrafficRecorder, path=config.record_traffic)
     app.add_middleware(QueryKeyGuard)  # outermost: a key in a URL goes no further

@@ -1,8 +1,15 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``: parse, serve, respond."""
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: parse, serve, respond.
+
+The FastAPI routes here define the endpoints (their OpenAPI schema, and every refusal's
+shape); :mod:`covey.coordinator.api.fast` serves their common case without FastAPI's
+per-request machinery, through the same :func:`respond`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -20,46 +27,89 @@ router = APIRouter()
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work``; if the client hangs up first, cancel it (see
-    :func:`~covey.protocol.openai_stream.unless_client_leaves`)."""
-    stayed, response = await unless_client_leaves(request.receive, work)
-    return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
+@dataclass(frozen=True)
+class Asked:
+    """What a validated chat or completion request asks for: the miner ``job``, whether
+    it is a chat (``chat``), streamed (``stream``) with a usage chunk (``include_usage``),
+    and whether validators may re-check it (``checkable``)."""
+
+    job: Generate
+    chat: bool
+    stream: bool
+    include_usage: bool
+    checkable: bool
 
 
-async def _respond(request: Request, account: str, job: Generate, chat: bool, stream: bool,
-                   include_usage: bool, checkable: bool) -> Response:
-    serving: Serving = request.app.state.serving
-    job = watermarked(job, request.app.state.config.watermark_models)
+def chat_asked(body: ChatCompletionRequest) -> Asked:
+    """What a chat request asks for.
+
+    Raises:
+        ApiError: 400 for what the network does not serve (see
+            :func:`~covey.protocol.requests.chat_job`).
+    """
+    return Asked(chat_job(body), True, body.stream,
+                 bool(body.stream_options and body.stream_options.include_usage), body.check)
+
+
+def completion_asked(body: CompletionRequest) -> Asked:
+    """What a (legacy) completion request asks for.
+
+    Raises:
+        ApiError: 400 for what the network does not serve (see
+            :func:`~covey.protocol.requests.completion_job`).
+    """
+    return Asked(completion_job(body), False, body.stream,
+                 bool(body.stream_options and body.stream_options.include_usage), body.check)
+
+
+async def respond(state: Any, receive: Callable[[], Awaitable[dict[str, Any]]], account: str,
+                  asked: Asked, admitted: Callable[[], None]) -> Response:
+    """Serve ``asked`` for ``account`` with the app's ``state``; ``receive`` is the
+    request's ASGI channel, watched for the client hanging up (the job is then cancelled
+    and the response is a bare 499). ``admitted()`` is called once the request's own
+    record logs and counts it (refusals before that are the error handler's to count).
+
+    Raises:
+        ApiError: 429 over a per-key limit, 404/503 no model or miner, 402 too few
+            credits, a miner's 400, … before any byte is sent.
+    """
+    serving: Serving = state.serving
+    job = watermarked(asked.job, state.config.watermark_models)
+    stream = asked.stream
     record = RequestRecord(job.job_id, job.model, account, stream)
-    request.state.logged = True  # from here on the record logs and counts the request
+    admitted()
     serving.admit(record)
 
     async def work() -> Response:
-        running, fmt = await serving.start(job, chat, record, checkable=checkable)
+        running, fmt = await serving.start(job, asked.chat, record, checkable=asked.checkable)
         if stream:
-            return StreamingResponse(serving.stream(running, fmt, include_usage),
+            return StreamingResponse(serving.stream(running, fmt, asked.include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         body = await serving.complete(running, fmt)
         # pydantic writes the JSON itself (one pass, in Rust), not a dict for json.dumps
         return Response(body.model_dump_json(), media_type="application/json")
 
-    return await _unless_client_leaves(request, work())
+    stayed, response = await unless_client_leaves(receive, work())
+    return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
+
+
+def _logged(request: Request) -> Callable[[], None]:
+    def mark() -> None:
+        request.state.logged = True  # from here on the record logs and counts the request
+    return mark
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, account: Account
                            ) -> Response:
     """OpenAI Chat Completions."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, account, chat_job(body), True, body.stream, include_usage,
-                          body.check)
+    return await respond(request.app.state, request.receive, account, chat_asked(body),
+                         _logged(request))
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, account: Account
                       ) -> Response:
     """OpenAI (legacy) Completions."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, account, completion_job(body), False, body.stream,
-                          include_usage, body.check)
+    return await respond(request.app.state, request.receive, account,
+                         completion_asked(body), _logged(request))
