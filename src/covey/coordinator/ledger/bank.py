@@ -221,7 +221,8 @@ class Bank:
                shard_receipts: Sequence[tuple[Receipt, str]] = ()) -> Settlement | None:
         """Close a job's escrow once: pay the miner ``charge`` less the fee, refund the rest,
         and store ``record`` and the miner's ``receipt`` (with its signature; the
-        coordinator countersigns it here) in the same transaction. ``shares`` (miner id,
+        coordinator countersigns it when it is read: :meth:`countersignature`) in the same
+        transaction. ``shares`` (miner id,
         blocks) splits the miners' pay among a sharded model's chain instead, in
         proportion (:func:`~covey.coordinator.ledger.pricing.split`), and stores their
         ``shard_receipts`` (each under its chain session's id). Returns the split,
@@ -268,7 +269,10 @@ class Bank:
                     "job_id": key, "account": account_id, "miner": signed.miner,
                     "receipt": canonical_json(signed.model_dump()).decode(),
                     "miner_signature": signature,
-                    "coordinator_signature": countersign(self.ledger.key, signed, signature),
+                    # Countersigned when read (countersignature()): Ed25519 is
+                    # deterministic, so that is the very signature made now, and a job's
+                    # commit does not pay for one few receipts are ever asked for.
+                    "coordinator_signature": "",
                     "created_us": now}))
             return rows
 
@@ -304,7 +308,18 @@ class Bank:
         return {"object": "receipt", "receipt": json.loads(row["receipt"]),
                 "miner_signature": row["miner_signature"],
                 "coordinator": self.ledger.public_key,
-                "coordinator_signature": row["coordinator_signature"]}
+                "coordinator_signature": self.countersignature(row)}
+
+    def countersignature(self, row: Mapping[str, Any]) -> str:
+        """The coordinator's countersignature (hex) of a stored receipt ``row``: made
+        with this coordinator's key when the row has none yet (rows are stored without
+        one, see :meth:`settle_op`); rows of earlier versions keep the one they were
+        stored with."""
+        stored = row["coordinator_signature"]
+        if stored:
+            return str(stored)
+        return countersign(self.ledger.key, Receipt.model_validate(json.loads(row["receipt"])),
+                           row["miner_signature"])
 
     def usage_by_model(self, account_id: str) -> dict[str, dict[str, int]]:
         """Requests, tokens and µcr spent per model by ``account_id``."""

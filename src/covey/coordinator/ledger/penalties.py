@@ -126,7 +126,7 @@ def _receipt(bank: Bank, job_id: str) -> str | None:
         return None
     return json.dumps({"receipt": json.loads(row["receipt"]),
                        "miner_signature": row["miner_signature"],
-                       "coordinator_signature": row["coordinator_signature"]},
+                       "coordinator_signature": bank.countersignature(row)},
                       sort_keys=True)
 
 

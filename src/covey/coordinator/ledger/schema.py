@@ -98,7 +98,9 @@ receipts = Table(
     Column("coordinator_signature", String(128), nullable=False),
     Column("created_us", BigInteger, nullable=False),
 )
-"""The miner's signed receipt of each settled request (canonical JSON), countersigned."""
+"""The miner's signed receipt of each settled request (canonical JSON). An empty
+``coordinator_signature`` is made when the row is read
+(:meth:`~covey.coordinator.ledger.bank.Bank.countersignature`)."""
 
 checks = Table(
     "checks", metadata,
