@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import HTMLResponse, Response
@@ -154,6 +155,24 @@ class CoordinatorConfig:
     bundled scheme's keys are ~3.7 MB)."""
 
 
+class CoordinatorApp(FastAPI):
+    """FastAPI with plain ASGI layers in front of its own stack (``front``, outermost
+    first: each a class and its keyword arguments). The completion endpoints' common case
+    is served there (:mod:`covey.coordinator.api.fast`), so it skips Starlette's and
+    FastAPI's layers as well as the routing."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.front: list[tuple[type, dict[str, object]]] = []
+
+    def build_middleware_stack(self) -> Any:
+        """Starlette's stack (error handling, user middleware, routes) behind ``front``."""
+        app = super().build_middleware_stack()
+        for layer, options in reversed(self.front):
+            app = layer(app, **options)
+        return app
+
+
 class ReplicaKeyMismatch(Exception):
     """A replica's identity key is not the one its shared ledger is signed with."""
 
@@ -210,8 +229,12 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
         await asyncio.to_thread(lease.end)
         ledger.close()
 
-    app = FastAPI(title="Covey coordinator", version=__version__, lifespan=lifespan,
-                  **_NO_OTEL)
+    app = CoordinatorApp(title="Covey coordinator", version=__version__, lifespan=lifespan,
+                         **_NO_OTEL)
+    app.front = [(QueryKeyGuard, {})]  # outermost: a key in a URL goes no further
+    if config.record_traffic is not None:
+        app.front.append((TrafficRecorder, {"path": config.record_traffic}))
+    app.front.append((FastInference, {"state": app.state}))
     registry = MinerRegistry(config.catalog)
     dispatcher = Dispatcher(registry, config.queue, config.bank.min_stake)
     app.state.config = config
@@ -250,11 +273,6 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
     # Room for the multipart envelope and the form's other fields around the file.
     app.add_middleware(BodyLimit, paths={TRANSCRIPTIONS: config.max_audio_bytes + 2**16,
                                          SCORE_KEYS: config.max_keys_bytes})
-    # Outside FastAPI's stack: the completion endpoints' common case skips it (api/fast.py).
-    app.add_middleware(FastInference, state=app.state)
-    if config.record_traffic is not None:
-        app.add_middleware(TrafficRecorder, path=config.record_traffic)
-    app.add_middleware(QueryKeyGuard)  # outermost: a key in a URL goes no further
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(embeddings.router)

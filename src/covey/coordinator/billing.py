@@ -1,8 +1,10 @@
 """Billing around each request: API-key auth, quotes, escrow holds and settlement.
 
-Ledger calls are blocking database I/O, so they run in worker threads; a settlement that
-must happen after its request was cancelled runs as a task of its own (held in ``_tasks``)
-so that the client leaving can never skip it.
+Holds and settlements go to the ledger's writer thread as futures
+(:meth:`~covey.coordinator.ledger.store.Ledger.submit`), with no task or thread per call:
+a settlement is written whether or not its request is still there (the futures still
+pending are kept in ``_tasks`` for the shutdown's drain), so a client leaving can never
+skip it. Other ledger calls are blocking database I/O and run in worker threads.
 """
 
 from __future__ import annotations
@@ -140,38 +142,40 @@ class Billing:
             raise _unauthorized("Incorrect API key provided.")
         return account
 
-    async def hold(self, job_id: str, account: str, amount: int) -> None:
-        """Escrow ``amount`` µcr for ``job_id``.
+    def hold(self, job_id: str, account: str, amount: int) -> asyncio.Future[None]:
+        """Escrow ``amount`` µcr for ``job_id``: a future, done once the hold is written
+        (from the event loop; no task of its own).
 
-        Raises:
+        Raises (from the future):
             ApiError: 402 ``insufficient_quota`` when the balance cannot cover it.
         """
         op = self.bank.hold_op(job_id, account, amount)
-        try:
-            if op is not None:
-                await self.bank.ledger.run_async(op)
-        except InsufficientFunds as exc:
-            raise ApiError(
-                402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
-                f"cost ({exc.needed} µcr). Ask for less (max_tokens, a shorter input, fewer or "
-                "smaller images) or add credits.",
-                code="insufficient_quota", type="insufficient_quota") from None
+        if op is None:  # nothing to hold (a free model)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self.bank.ledger.submit(op, _too_poor)  # type: ignore[arg-type]
 
     def apply(self, op: LedgerOp) -> asyncio.Future[object]:
         """Carry out a settlement (:func:`~covey.coordinator.outcome.settle`): a charge
-        pays the miner, takes the fee and refunds the rest, storing the miner's receipt
-        countersigned; a refund returns the whole escrow. Runs on its own; await to wait
-        for it."""
+        pays the miner, takes the fee and refunds the rest, storing the miner's receipt;
+        a refund returns the whole escrow. Runs on its own; await to wait for it (its
+        result is None when it failed: logged, and the escrow stays open for start-up
+        recovery to refund)."""
         ledger_op: Operation[object] = (
             self.bank.refund_op(op.job_id, op.account) if isinstance(op, Refund) else  # type: ignore[assignment]
             self.bank.settle_op(op.job_id, op.account, op.miner_id, op.amount, op.usage,
                                 op.receipt, op.shares, op.shard_receipts))
-        future = asyncio.ensure_future(self._logged(self.bank.ledger.run_async(ledger_op),
-                                                    op.job_id))
+        job_id = op.job_id
+
+        def failed(exc: BaseException) -> None:
+            log.error("settling %s failed", job_id, exc_info=exc)
+
+        future = self.bank.ledger.submit(ledger_op, failed)
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         # Shielded: a caller cancelled while awaiting (the client left) must not cancel the
-        # settlement, or the escrow would stay open.
+        # settlement's future, which others (the verifier) await too.
         return asyncio.shield(future)
 
     def settle(self, outcome: Outcome) -> asyncio.Future[object]:
@@ -195,15 +199,23 @@ class Billing:
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
 
-    async def _logged(self, work: Awaitable[object], job_id: str) -> object:
-        try:
-            return await work
-        except Exception:  # the escrow stays open; start-up recovery refunds it
-            log.exception("settling %s failed", job_id)
-            return None
-
     async def drain(self) -> None:
         """Wait for settlements still running (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
+
+
+def _too_poor(exc: BaseException) -> None:
+    """A hold's error as the client gets it: 402 for a balance that cannot cover it.
+
+    Raises:
+        ApiError: 402 ``insufficient_quota``; any other error as it is.
+    """
+    if isinstance(exc, InsufficientFunds):
+        raise ApiError(
+            402, f"Your balance ({exc.balance} µcr) cannot cover this request's maximum "
+            f"cost ({exc.needed} µcr). Ask for less (max_tokens, a shorter input, fewer or "
+            "smaller images) or add credits.",
+            code="insufficient_quota", type="insufficient_quota") from None
+    raise exc

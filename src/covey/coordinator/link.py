@@ -168,12 +168,18 @@ class Call:
 
     async def next(self) -> Reply | Forwarded:
         """The next reply that matters (see the class docstring for what it raises)."""
+        queue = self._queue
         while True:
+            if not queue.empty():  # frames that came together: no timer to arm for them
+                item = queue.get_nowait()
+                if not isinstance(item, Progress):
+                    break
+                continue
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that races with a frame, and the task would outlive its departed client.
                 async with asyncio.timeout(self.stall_timeout):
-                    item = await self._queue.get()
+                    item = await queue.get()
             except TimeoutError:
                 raise MinerFault("stalled", ApiError(
                     504, f"The miner sent nothing for {self.stall_timeout:.0f} s.",

@@ -198,7 +198,7 @@ class Serving:
             ApiError: 402 too few credits, or whatever ``run`` raises.
         """
         billing = self.billing
-        hold = asyncio.ensure_future(billing.hold(job_id, account, max_cost))
+        hold = billing.hold(job_id, account, max_cost)
         try:
             await asyncio.shield(hold)
         except asyncio.CancelledError:
@@ -310,7 +310,7 @@ class Serving:
             ApiError: 402, or whatever ``start`` raises.
         """
         account = record.account
-        hold = asyncio.ensure_future(self.billing.hold(job.job_id, account, max_cost))
+        hold = self.billing.hold(job.job_id, account, max_cost)
         try:
             await asyncio.shield(hold)
         except asyncio.CancelledError:

@@ -299,20 +299,42 @@ class Ledger:
         Raises:
             InsufficientFunds, LedgerError: as :meth:`post` does.
         """
+        return await asyncio.shield(self.submit(op))
+
+    def submit(self, op: Operation[T],
+               on_error: Callable[[BaseException], T] | None = None) -> asyncio.Future[T]:
+        """Submit ``op`` from the event loop: a future of its result, set on the loop
+        once the writer decided it (no task and no thread per operation). ``on_error``
+        turns the operation's error into its result, or raises another in its place;
+        without it the future holds the error (InsufficientFunds, LedgerError, as
+        :meth:`post` raises them). Cancelling the future does not withdraw the operation.
+        """
         loop = asyncio.get_running_loop()
-        decided = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
         pending = op.pending
 
-        def wake() -> None:
+        def decided() -> None:  # on the loop
+            if future.cancelled():
+                return
+            try:
+                if pending.error is None:
+                    result = op.finish(pending.applied)
+                elif on_error is None:
+                    raise pending.error
+                else:
+                    result = on_error(pending.error)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits it
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        def wake() -> None:  # on the writer thread
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_resolve, decided)
+                loop.call_soon_threadsafe(decided)
 
         pending.done = wake
         self._enqueue(pending)
-        await asyncio.shield(decided)
-        if pending.error is not None:
-            raise pending.error
-        return op.finish(pending.applied)
+        return future
 
     def _submit(self, pending: _Pending) -> bool:
         pending.event = event = threading.Event()
@@ -552,8 +574,3 @@ class Ledger:
         if report.total != report.minted:
             report.problems.append(f"balances sum to {report.total}, minted {report.minted}")
         return report
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
