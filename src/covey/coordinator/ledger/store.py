@@ -108,6 +108,11 @@ def make_engine(url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Reads through a memory map, not a system call per page, and 64 MiB of page
+        # cache: a commit's index inserts (idempotency keys, accounts) land on scattered
+        # pages of a table that only grows.
+        cur.execute("PRAGMA mmap_size=268435456")
+        cur.execute("PRAGMA cache_size=-65536")
         cur.close()
 
     @event.listens_for(engine, "begin")
