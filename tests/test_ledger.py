@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,6 +141,34 @@ def test_settle_splits_exactly_and_only_once(ledger: Ledger):
     assert ledger.balance(escrow("j1")) == 0
     with pytest.raises(InsufficientFunds):
         bank.hold("j2", account, 900_001)
+    assert ledger.verify().ok
+
+
+def test_submitted_operations_resolve_on_the_loop(ledger: Ledger):
+    """``Ledger.submit``: a future of the operation's result; its error, or what
+    ``on_error`` makes of it; and a cancelled future does not withdraw the operation."""
+    _reset(ledger)
+    bank = Bank(ledger, BankPolicy(grant=1_000_000, fee_bps=500))
+    account, _ = bank.sign_up()
+
+    async def scenario() -> None:
+        assert await ledger.submit(bank.hold_op("s1", account, 300_000)) is True
+        assert await ledger.submit(bank.hold_op("s1", account, 300_000)) is False  # a repeat
+        with pytest.raises(InsufficientFunds):
+            await ledger.submit(bank.hold_op("s2", account, 700_001))
+
+        def refused(exc: BaseException) -> str:
+            return f"refused: {type(exc).__name__}"
+        assert await ledger.submit(bank.hold_op("s2", account, 700_001),
+                                   refused) == "refused: InsufficientFunds"
+        gone = ledger.submit(bank.hold_op("s3", account, 100_000))
+        gone.cancel()
+        # Written all the same: the next operation commits after it.
+        await ledger.submit(bank.refund_op("s1", account))
+
+    asyncio.run(scenario())
+    assert ledger.balance(escrow("s3")) == 100_000
+    assert ledger.balance(user(account)) == 900_000
     assert ledger.verify().ok
 
 

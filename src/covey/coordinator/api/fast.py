@@ -1,8 +1,8 @@
 """The two completion endpoints' common case, served without FastAPI's per-request work.
 
-A short billed completion costs the coordinator about a millisecond of CPU, and a fifth of
-it was FastAPI's and Starlette's own: a dozen middleware layers, routing, a ``Request``
-object, dependency solving, body reading through two wrappers. :class:`FastInference`
+A fifth of the coordinator's CPU for a short billed completion was FastAPI's and
+Starlette's own: a dozen middleware layers, routing, a ``Request`` object, dependency
+solving, body reading through two wrappers. :class:`FastInference`
 answers the common case of ``POST /v1/chat/completions`` and ``POST /v1/completions`` (a
 JSON body that validates, a key the coordinator saw in the last minute) with the same
 models and the same :func:`~covey.coordinator.api.chat.respond`, as one plain ASGI layer.

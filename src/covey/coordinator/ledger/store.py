@@ -193,7 +193,7 @@ class Operation(Generic[T]):
     """One ledger operation, prepared: what :meth:`Ledger.post` or
     :meth:`Ledger.post_computed` would submit, and ``finish(applied)``, which turns the
     outcome into the caller's result. Run it with :meth:`Ledger.run` (blocking) or
-    :meth:`Ledger.run_async` (from the event loop, with no thread of its own)."""
+    :meth:`Ledger.submit` (from the event loop, as a future: no thread of its own)."""
 
     pending: _Pending
     finish: Callable[[bool], T]
@@ -296,15 +296,6 @@ class Ledger:
             InsufficientFunds, LedgerError: as :meth:`post` does.
         """
         return op.finish(self._submit(op.pending))
-
-    async def run_async(self, op: Operation[T]) -> T:
-        """Submit ``op`` from the event loop and await it: the writer thread wakes this
-        task when the operation is decided, so no thread waits for it.
-
-        Raises:
-            InsufficientFunds, LedgerError: as :meth:`post` does.
-        """
-        return await asyncio.shield(self.submit(op))
 
     def submit(self, op: Operation[T],
                on_error: Callable[[BaseException], T] | None = None) -> asyncio.Future[T]:
