@@ -100,6 +100,21 @@ def test_the_fast_path_serves_the_common_case_and_hands_on_the_rest(tmp_path: Pa
                         headers={**auth, "Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"]
         assert len(handed) == 7
+        # JSON nested deeper than the parser goes: the route's 400, never a 500.
+        deep = b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        r = client.post("/v1/chat/completions", content=deep,
+                        headers={**auth, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        # Repeated headers: the route decides which counts (the first: a 401 here).
+        r = client.post("/v1/chat/completions", content=json.dumps(body), headers=[
+            ("Authorization", "Bearer sk-covey-wrong"), ("Authorization", auth["Authorization"]),
+            ("Content-Type", "application/json")])
+        assert r.status_code == 401
+        r = client.post("/v1/chat/completions", content=json.dumps(body), headers=[
+            ("Authorization", auth["Authorization"]), ("Content-Type", "text/plain"),
+            ("Content-Type", "application/json")])
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
+        assert len(handed) == 10
         r = client.get("/v1/completions", headers=auth)
         assert r.status_code == 405
 

@@ -83,7 +83,8 @@ def test_the_ledger_still_verifies(net: Network):
 
 
 @pytest.mark.parametrize("query", ["api_key={key}", "key={key}", "access_token={key}",
-                                   "anything={key}", "token=whatever"])
+                                   "anything={key}", "token=whatever",
+                                   "limit=2;api_key=whatever"])
 def test_a_key_in_the_url_is_refused_and_never_logged(net: Network, query: str):
     _, headers = _account(net)
     key = headers["Authorization"].removeprefix("Bearer ")

@@ -85,7 +85,9 @@ class QueryKeyGuard:
     def _carries_key(query: bytes) -> bool:
         if not query:  # the common case: no parsing
             return False
-        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        # ';' separates parameters too for some servers and proxies: a key after one counts.
+        text = query.decode("latin-1").replace(";", "&")
+        for name, value in parse_qsl(text, keep_blank_values=True):
             if name.lower() in QUERY_KEY_NAMES or "sk-covey-" in value or "sk-covey-" in name:
                 return True
         return False

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from covey.coordinator.api.chat import Asked, chat_asked, completion_asked, respond
 from covey.coordinator.errors import ApiError, error_response
@@ -89,20 +89,24 @@ class FastInference:
         model, asked = route
         try:  # as FastAPI does it: json.loads, then the model in Python mode
             body = model.model_validate(json.loads(b"".join(chunks)))
-        except (ValueError, ValidationError):  # its refusal is the route's to word
+        except Exception:  # noqa: BLE001 - any refusal (even a RecursionError) is the route's
             await self.app(scope, _replay(chunks, False, receive), send)
             return
         await self._serve(scope, receive, send, account, lambda: asked(body))
 
     def _account(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """The account of a JSON request's bearer key, when the coordinator knows the key
-        without asking the database; None sends the request the long way (so does a body
-        declared over the cap)."""
+        without asking the database; None sends the request the long way (so do a repeated
+        ``Authorization`` or ``Content-Type`` header and a body declared over the cap)."""
         auth = content_type = None
         for name, value in headers:
             if name == b"authorization":
+                if auth is not None:  # which one counts is the route's to say
+                    return None
                 auth = value
             elif name == b"content-type":
+                if content_type is not None:
+                    return None
                 content_type = value
             elif name == b"content-length" and (not value.isdigit()
                                                 or int(value) > self.max_bytes):
