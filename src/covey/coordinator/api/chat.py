@@ -47,8 +47,7 @@ def chat_asked(body: ChatCompletionRequest) -> Asked:
         ApiError: 400 for what the network does not serve (see
             :func:`~covey.protocol.requests.chat_job`).
     """
-    return Asked(chat_job(body), True, body.stream,
-                 bool(body.stream_options and body.stream_options.include_usage), body.check)
+    return _asked(chat_job(body), True, body)
 
 
 def completion_asked(body: CompletionRequest) -> Asked:
@@ -58,7 +57,12 @@ def completion_asked(body: CompletionRequest) -> Asked:
         ApiError: 400 for what the network does not serve (see
             :func:`~covey.protocol.requests.completion_job`).
     """
-    return Asked(completion_job(body), False, body.stream,
+    return _asked(completion_job(body), False, body)
+
+
+def _asked(job: Generate, chat: bool, body: ChatCompletionRequest | CompletionRequest
+           ) -> Asked:
+    return Asked(job, chat, body.stream,
                  bool(body.stream_options and body.stream_options.include_usage), body.check)
 
 
