@@ -172,18 +172,17 @@ class Call:
         while True:
             if not queue.empty():  # frames that came together: no timer to arm for them
                 item = queue.get_nowait()
-                if not isinstance(item, Progress):
-                    break
-                continue
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                # that races with a frame, and the task would outlive its departed client.
-                async with asyncio.timeout(self.stall_timeout):
-                    item = await queue.get()
-            except TimeoutError:
-                raise MinerFault("stalled", ApiError(
-                    504, f"The miner sent nothing for {self.stall_timeout:.0f} s.",
-                    code="miner_timeout", type="server_error")) from None
+            else:
+                try:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that races with a frame, and the task would outlive its
+                    # departed client.
+                    async with asyncio.timeout(self.stall_timeout):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise MinerFault("stalled", ApiError(
+                        504, f"The miner sent nothing for {self.stall_timeout:.0f} s.",
+                        code="miner_timeout", type="server_error")) from None
             if not isinstance(item, Progress):
                 break
         if item is MINER_GONE:
