@@ -55,6 +55,7 @@ from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.rebalance import Rebalancer
 from covey.coordinator.remote import ReplicaBus
 from covey.coordinator.router import Dispatcher, QueuePolicy
+from covey.coordinator.shared import SharedUsage
 from covey.coordinator.traffic import TrafficRecorder
 from covey.coordinator.verify.canaries import CANARY_ACCOUNT, Canaries
 from covey.coordinator.verify.canaries import fund as fund_canary
@@ -212,15 +213,19 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
             log.warning("refunded %d escrows left open by a previous run or a dead replica",
                         refunded)
         duties = asyncio.create_task(run_duties(lease, billing))
-        bus = None
+        bus = shared = None
         if config.nats_url:
             bus = ReplicaBus(registry, billing.bank.replica, config.nats_url)
             await bus.start()
+            shared = SharedUsage(bus, serving.limits, dispatcher)
+            await shared.start()
             log.info("replica %s on the bus at %s", billing.bank.replica, config.nats_url)
         stakes = await asyncio.to_thread(ledger.balances_like, "stake:")
         for account, staked in stakes.items():
             registry.set_stake(account.removeprefix("stake:"), staked)
         yield
+        if shared is not None:
+            shared.close()
         if bus is not None:
             await bus.close()
         duties.cancel()

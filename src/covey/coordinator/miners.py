@@ -65,6 +65,9 @@ class MinerSession:
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: float = 0.0
     busy: dict[str, int] = field(default_factory=dict)
+    elsewhere: dict[str, int] = field(default_factory=dict)
+    """Slots of each model that other replicas' jobs hold (their last reports:
+    :mod:`covey.coordinator.shared`)."""
     jobs: dict[str, asyncio.Queue[Reply | object]] = field(default_factory=dict)
     closed: bool = False
     held: set[str] = field(default_factory=set)
@@ -89,7 +92,8 @@ class MinerSession:
 
     def free_for(self, model: str) -> bool:
         """Whether a slot of ``model`` is free (the session still open)."""
-        return not self.closed and self.busy.get(model, 0) < self.slots_for(model)
+        return not self.closed and (self.busy.get(model, 0) + self.elsewhere.get(model, 0)
+                                    < self.slots_for(model))
 
     def offer(self, model: str) -> ModelOffer | None:
         """The miner's offer for ``model``, or None when it does not serve it whole (or

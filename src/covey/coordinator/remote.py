@@ -179,6 +179,19 @@ class ReplicaBus:
                     {"replica": self.replica, "miners": []}).encode())
                 await self._nc.drain()
 
+    async def subscribe(self, subject: str, cb: Any) -> None:
+        """Call ``cb(msg)`` (a coroutine function) for each message on ``subject``; the
+        message's ``respond(data)`` answers an :meth:`ask`."""
+        await self._nc.subscribe(subject, cb=cb)
+
+    async def ask(self, subject: str, data: bytes, timeout: float) -> bytes | None:
+        """The first answer to ``data`` on ``subject`` (None: nobody answered within
+        ``timeout`` seconds, or nobody listens)."""
+        try:
+            return (await self._nc.request(subject, data, timeout=timeout)).data
+        except Exception:  # noqa: BLE001 - nats-py's timeout and no-responders errors alike
+            return None
+
     def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
         """Queue a message; one sender keeps the order messages were queued in."""
         self._outbox.put_nowait((subject, data, headers))

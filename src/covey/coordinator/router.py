@@ -180,6 +180,12 @@ class Dispatcher:
                         w.future.set_exception(exc)
         self._drain()
 
+    def refresh(self) -> None:
+        """Slots changed outside this replica's own grants (another replica's report):
+        count the free ones again and hand them to those waiting."""
+        self._free_dirty = True
+        self._drain()
+
     def _free_set(self, model: str) -> dict[MinerSession, None]:
         if self._free_dirty:
             self._free = {}
@@ -193,7 +199,8 @@ class Dispatcher:
     def _candidate(self, s: MinerSession, model: str) -> Candidate:
         offer = s.offer(model)
         score = self.scores.get(s.miner_id)
-        return Candidate(s.busy.get(model, 0), s.slots_for(model), s.last_dispatch,
+        active = s.busy.get(model, 0) + s.elsewhere.get(model, 0)  # on every replica
+        return Candidate(active, s.slots_for(model), s.last_dispatch,
                          (offer.ask_completion, offer.ask_prompt) if offer else (0, 0),
                          score.reputation, score.expected_seconds())
 

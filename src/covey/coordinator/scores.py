@@ -1,13 +1,17 @@
 """What the coordinator has measured of each miner: reputation, decode speed, latency.
 
 Kept by miner id (the public key), so a miner that reconnects keeps its record for the life
-of the coordinator process. Routing reads it; jobs write it when they end.
+of the coordinator process. Routing reads it; jobs write it when they end. Replicas share
+every change, and a replica that starts takes a running one's records
+(:mod:`covey.coordinator.shared`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 REPUTATION_START = 1.0
 REPUTATION_MIN = 0.1
@@ -51,13 +55,21 @@ class MinerScore:
 
 
 class Scoreboard:
-    """:class:`MinerScore` by miner id."""
+    """:class:`MinerScore` by miner id.
+
+    Each change is also handed to ``listener`` (the replicas' shared reputation,
+    :mod:`covey.coordinator.shared`), as an event another replica's scoreboard can
+    :meth:`apply`: ``("ok", miner, ttft, decode_tps)``, ``("fail", miner)`` or ``("lift",
+    miner, floor)``.
+    """
 
     def __init__(self) -> None:
         self._scores: dict[str, MinerScore] = {}
         self.on_floor: tuple[float, Callable[[str], None]] | None = None
         """(floor, callback): the callback gets a miner id when a failure takes that
         miner's reputation from at or above the floor to below it."""
+        self.listener: Callable[[tuple[Any, ...]], None] | None = None
+        """Told of every change made here (not of those applied from elsewhere)."""
 
     def get(self, miner_id: str) -> MinerScore:
         """The record of ``miner_id`` (a fresh one if never seen)."""
@@ -69,6 +81,11 @@ class Scoreboard:
     def success(self, miner_id: str, ttft: float | None, decode_tps: float | None) -> None:
         """A job finished well; ``ttft`` in seconds, ``decode_tps`` in tokens/s (None when
         not measurable, e.g. a one-token answer)."""
+        self._success(miner_id, ttft, decode_tps)
+        if self.listener is not None:
+            self.listener(("ok", miner_id, ttft, decode_tps))
+
+    def _success(self, miner_id: str, ttft: float | None, decode_tps: float | None) -> None:
         s = self.get(miner_id)
         s.reputation = next_reputation(s.reputation, False)
         s.succeeded += 1
@@ -79,9 +96,69 @@ class Scoreboard:
 
     def failure(self, miner_id: str) -> None:
         """A job failed on the miner (disconnect, stall, error) or a check failed."""
+        self._failure(miner_id)
+        if self.listener is not None:
+            self.listener(("fail", miner_id))
+
+    def _failure(self, miner_id: str) -> None:
         s = self.get(miner_id)
         before = s.reputation
         s.reputation = next_reputation(s.reputation, True)
         s.failed += 1
         if self.on_floor is not None and s.reputation < self.on_floor[0] <= before:
             self.on_floor[1](miner_id)
+
+    def lift(self, miner_id: str, floor: float) -> None:
+        """Raise the miner's reputation to ``floor`` if it is below (it passed a trial
+        again)."""
+        s = self.get(miner_id)
+        s.reputation = max(s.reputation, floor)
+        if self.listener is not None:
+            self.listener(("lift", miner_id, floor))
+
+    def apply(self, event: Sequence[Any]) -> None:
+        """A change another replica made (see the class docstring), as if made here.
+
+        Raises:
+            ValueError: an event of no known shape.
+        """
+        match tuple(event):
+            case ("ok", str(miner), ttft, tps):
+                self._success(miner, _number(ttft), _number(tps))
+            case ("fail", str(miner)):
+                self._failure(miner)
+            case ("lift", str(miner), float(floor) | int(floor)):
+                s = self.get(miner)
+                s.reputation = max(s.reputation, float(floor))
+            case _:
+                raise ValueError(f"not a score event: {event!r}")
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        """Every record, as JSON-ready lists (:meth:`restore` reads them)."""
+        return {m: [s.reputation, s.decode_tps, s.ttft, s.succeeded, s.failed]
+                for m, s in self._scores.items()}
+
+    def restore(self, records: dict[str, list[Any]]) -> None:
+        """Take another replica's :meth:`snapshot` for the miners not measured here yet.
+
+        Raises:
+            ValueError: a record of no known shape.
+        """
+        for miner, record in records.items():
+            if miner in self._scores:
+                continue
+            try:
+                r, tps, ttft, ok, failed = record
+                self._scores[miner] = MinerScore(
+                    min(REPUTATION_MAX, max(REPUTATION_MIN, float(r))), _number(tps),
+                    _number(ttft), int(ok), int(failed))
+            except (TypeError, ValueError):
+                raise ValueError(f"not a score record: {record!r}") from None
+
+
+def _number(x: object) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        raise ValueError(f"not a number: {x!r}")
+    return float(x)

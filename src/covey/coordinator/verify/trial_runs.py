@@ -103,7 +103,9 @@ class TrialRuns:
     def retrial(self, miner_id: str) -> None:
         """The miner's reputation fell below the floor: hold it until it passes a trial."""
         session = self.dispatcher.registry.sessions.get(miner_id)
-        if session is None or session.closed or not self.policy.trials:
+        # A miner on another replica is its owner's to hold: the owner sees the same
+        # reputation (shared by the replicas) and announces the hold.
+        if session is None or session.closed or not session.local or not self.policy.trials:
             return
         log.warning("miner %s fell below the reputation floor; holding it for a trial",
                     miner_id[:16])
@@ -161,8 +163,7 @@ class TrialRuns:
                      " (no reference or validator: unverified)"
                      if "unverified" in verdict.figures else "")
             if again:
-                score = self.dispatcher.scores.get(session.miner_id)
-                score.reputation = max(score.reputation, self.policy.reputation_floor)
+                self.dispatcher.scores.lift(session.miner_id, self.policy.reputation_floor)
             return
         session.refused.add(offer.name)
         self.metrics.checks.labels("trial", "failed").inc()
