@@ -17,7 +17,7 @@ from conftest import MODEL, Proc, postgres_database
 from covey.coordinator.errors import ApiError
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
-from covey.coordinator.remote import ReplicaBus, RemoteSession
+from covey.coordinator.remote import RemoteSession, ReplicaBus
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.shared import SharedUsage
 from test_billing import sign_up
@@ -45,8 +45,9 @@ class Replica:
         return self
 
     async def close(self) -> None:
-        self.shared.close()
-        await self.bus.close()
+        if self.bus._nc is not None and not self.bus._nc.is_closed:
+            self.shared.close()
+            await self.bus.close()
 
 
 async def settle() -> None:
@@ -85,6 +86,10 @@ def test_a_keys_limits_hold_across_replicas(nats_url):  # noqa: F811
             a.limits.leave("acct")
             await settle()
             assert a.limits.elsewhere == {"other": 1} and b.limits.elsewhere == {}
+            # A replica that stops says so: its requests stop counting at once.
+            await b.close()
+            await asyncio.sleep(INTERVAL)
+            assert a.limits.elsewhere == {}
         finally:
             for r in (a, b):
                 await r.close()
@@ -247,3 +252,42 @@ def test_two_real_replicas_hold_one_keys_concurrency(tmp_path: Path, nats_url): 
         finally:
             for net in (one, two):
                 net.close()
+
+
+def test_score_events_and_records_from_elsewhere_are_held_to_their_shape():
+    from covey.coordinator.scores import REPUTATION_MAX, Scoreboard
+
+    board = Scoreboard()
+    for bad in (["ok", "m"], ["ok", 5, None, None], ["ok", "m", "fast", None],
+                ["ok", "m", float("nan"), None], ["fail"], ["lift", "m", "high"],
+                ["boom", "m"], "fail"):
+        with pytest.raises(ValueError):
+            board.apply(bad)
+    assert board.snapshot() == {}
+    with pytest.raises(ValueError):
+        board.restore({"m": [1.0, None]})
+    board.restore({"a": [1e9, 12.5, 0.2, 3, 1]})
+    assert board.get("a").reputation == REPUTATION_MAX
+    assert (board.get("a").decode_tps, board.get("a").succeeded) == (12.5, 3)
+    board.failure("b")
+    board.restore({"b": [9.0, None, None, 0, 0]})  # measured here: kept
+    assert board.get("b").reputation == pytest.approx(0.8)
+
+
+def test_another_replicas_starts_drain_the_bucket_down_to_a_minutes_debt():
+    now = [0.0]
+    limits = KeyLimits(KeyLimitPolicy(concurrency=0, per_minute=60), clock=lambda: now[0])
+    limits.spent("acct", 1_000)
+    assert "limited to 60" in refused(limits, "acct")
+    now[0] += 60.0  # a minute's refill pays the debt back, no more
+    assert "limited to 60" in refused(limits, "acct")
+    now[0] += 1.0
+    assert refused(limits, "acct") is None
+    limits.shared = True
+    limits.enter("b")
+    limits.leave("b")
+    limits.enter("c")
+    # What was admitted before sharing began is in the next full report, not in this one.
+    assert limits.report() == ({"b": 0, "c": 1}, {"b": 1, "c": 1})
+    assert limits.report() == ({}, {})
+    assert limits.report(full=True) == ({"acct": 1, "c": 1}, {})

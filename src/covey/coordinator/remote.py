@@ -170,11 +170,14 @@ class ReplicaBus:
                        asyncio.create_task(self._announcer())]
 
     async def close(self) -> None:
-        """Say this replica's miners are gone, and disconnect."""
+        """Send what is queued, say this replica's miners are gone, and disconnect."""
         for task in self._tasks:
             task.cancel()
         if self._nc is not None:
             with contextlib.suppress(Exception):
+                while not self._outbox.empty():
+                    subject, data, headers = self._outbox.get_nowait()
+                    await self._nc.publish(subject, data, headers=headers or None)
                 await self._nc.publish("covey.miners", json.dumps(
                     {"replica": self.replica, "miners": []}).encode())
                 await self._nc.drain()

@@ -95,11 +95,16 @@ class SharedUsage:
         self._events.append(event)
 
     def close(self) -> None:
-        """Stop reporting (the others drop this replica's counts once it is silent)."""
+        """Stop reporting, with a last report that holds nothing open (queued on the bus:
+        close the bus after this, which sends what is queued)."""
         if self._task is not None:
             self._task.cancel()
         self.scores.listener = None
         self.limits.shared = False
+        self.bus.publish("covey.usage", json.dumps(
+            {"replica": self.bus.replica, "full": True, "open": {}, "started": {},
+             "scores": self._events, "busy": {}}).encode(), {})
+        self._events = []
 
     async def _reporter(self) -> None:
         while True:
@@ -113,7 +118,7 @@ class SharedUsage:
     def report(self) -> bytes:
         """This replica's next report (JSON), and forget what it carries."""
         self._reports += 1
-        full = self._reports % FULL_EVERY == 0
+        full = (self._reports - 1) % FULL_EVERY == 0  # the first too: a restart starts over
         opened, started = self.limits.report(full)
         events, self._events = self._events, []
         return json.dumps({"replica": self.bus.replica, "full": full, "open": opened,
