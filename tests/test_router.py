@@ -200,8 +200,9 @@ def test_unless_client_leaves_cancels_the_work_and_leaves_the_caller_usable():
 
 
 def test_a_replica_uses_its_own_miners_before_another_replicas():
-    """Another replica's miner looks idle from here (its jobs from there are not counted)
-    and costs a relay: it gets a job only when no miner of this replica has a slot free."""
+    """Another replica's miner may look idle from here (its jobs from there are counted
+    only from reports) and costs a relay: it gets a job only when no miner of this replica
+    has a slot free."""
     import asyncio
 
     from covey.coordinator.miners import MinerRegistry

@@ -22,9 +22,10 @@ Several coordinator replicas serve one network. A miner's socket is on one repli
   the same key there; closing that remote session tells its owner to drop its own
   (``covey.drop.<owner>``), as a second local session would.
 
-Limits: slots are counted per replica (two replicas may both give a miner its last slot;
-the miner queues the extra task); a frame above NATS's payload limit (1 MiB by default)
-cannot cross replicas.
+Limits: slots are counted on every replica from the others' reports
+(:mod:`covey.coordinator.shared`), so two replicas may still both give a miner its last
+slot within one report's time (the miner queues the extra task); a frame above NATS's
+payload limit (1 MiB by default) cannot cross replicas.
 """
 
 from __future__ import annotations

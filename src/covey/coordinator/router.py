@@ -215,8 +215,8 @@ class Dispatcher:
         ok = [s for s in pool if usable(s)]
         if not ok and len(pool) < len(free):  # the sample missed: look at them all
             ok = [s for s in free if usable(s)]
-        # Another replica's miner costs a relay per frame, and this replica sees only its
-        # own jobs there: its own miners go first while one has a free slot.
+        # Another replica's miner costs a relay per frame, and this replica learns of the
+        # jobs there only from reports: its own miners go first while one has a free slot.
         near = [s for s in ok if s.local]
         if not near and len(pool) < len(free) and any(not s.local for s in ok):
             near = [s for s in free if s.local and usable(s)]  # the sample missed them
