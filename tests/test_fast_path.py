@@ -156,3 +156,32 @@ def test_both_paths_answer_alike(network: Network, path: str, body: dict):
                        headers={**network.headers, "Content-Type": content_type})
         answers.append(_shape(r))
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", SLOW], ids=["fast", "route"])
+def test_an_internal_error_answers_500_and_frees_the_keys_slot(tmp_path: Path,
+                                                               content_type: str):
+    """A bug in the request path is a 500 in OpenAI's shape, and the request leaves the
+    key's concurrency count (a key allowed one request at a time is not locked out)."""
+    from covey.coordinator.quotas import KeyLimitPolicy
+
+    config = CoordinatorConfig(data_dir=tmp_path,
+                               key_limits=KeyLimitPolicy(concurrency=1, per_minute=0))
+    app = create_app(config)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        key = client.post("/v1/accounts").json()["api_key"]
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
+        body = json.dumps({**CHAT, "model": "smollm2-135m-instruct"})
+        client.post("/v1/chat/completions", content=body, headers=auth)  # caches the key
+        serving = app.state.serving
+
+        async def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        serving._start = broken
+        for _ in range(3):
+            r = client.post("/v1/chat/completions", content=body, headers=auth)
+            assert r.status_code == 500, r.text
+            assert r.json()["error"]["code"] == "internal_error"
+            assert "Traceback" not in r.text
+        assert serving.limits.open(serving.billing.bank.cached_account(key)) == 0

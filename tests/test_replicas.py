@@ -72,6 +72,39 @@ def test_only_the_escrows_of_a_dead_replica_are_refunded_once(url: str):
         led.close()
 
 
+def test_the_owner_rows_of_closed_escrows_are_pruned(url: str):
+    """One owner row per request would grow for ever: a sweep drops those of escrows that
+    closed, and keeps those of open ones (and of any written in the last minute)."""
+    from sqlalchemy import select
+
+    from covey.coordinator.ledger.replicas import prune_owners
+    from covey.coordinator.ledger.schema import escrow_owners
+
+    led = Ledger(url, SigningKey.generate())
+    try:
+        bank = Bank(led, BankPolicy(grant=1_000_000))
+        bank.replica = "a" * 16
+        payer, _ = bank.sign_up()
+        for job in ("settled", "refunded", "open"):
+            bank.hold(job, payer, 1_000)
+        bank.settle("settled", payer, "f" * 64, 10)
+        bank.refund("refunded", payer)
+
+        def owners() -> set[str]:
+            with led.engine.connect() as conn:
+                return set(conn.execute(select(escrow_owners.c.job_id)).scalars())
+
+        assert prune_owners(led) == 0  # written just now: kept a while
+        assert owners() == {"settled", "refunded", "open"}
+        later = time.time_ns() // 1000 + 61_000_000
+        assert prune_owners(led, now_us=later) == 2
+        assert owners() == {"open"}
+        assert orphaned_escrows(bank, own=bank.replica) == [("open", payer)]
+        assert led.verify(led.public_key).ok
+    finally:
+        led.close()
+
+
 def test_an_expired_lease_is_dead_without_an_end(url: str):
     led = Ledger(url, SigningKey.generate())
     try:

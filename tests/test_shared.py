@@ -184,17 +184,24 @@ def test_a_malformed_report_changes_nothing_and_reports_go_on(nats_url):  # noqa
         a = await Replica(nats_url, policy).start()
         nc = await nats.connect(nats_url)
         try:
-            for bad in (b"not json", b"[]", json.dumps({"replica": "z"}).encode(),
-                        json.dumps({"replica": "z", "open": {"acct": "many"}, "started": {},
-                                    "scores": [], "busy": {}}).encode(),
-                        json.dumps({"replica": "y", "open": {}, "started": {},
-                                    "scores": [["ok", "q", "fast", None]], "busy": {}}
-                                   ).encode()):
+            for bad in (b"not json", b"[]", b"null", b"{}", json.dumps({"replica": 5}).encode(),
+                        json.dumps({"replica": "z", "open": {"acct": "many"}}).encode(),
+                        json.dumps({"replica": "z", "open": {"acct": -100}}).encode(),
+                        json.dumps({"replica": "z", "open": {"acct": 10**18}}).encode(),
+                        json.dumps({"replica": "z", "started": {"acct": 1.5}}).encode(),
+                        json.dumps({"replica": "z", "busy": {"q": {"m": -1}}}).encode(),
+                        b'{"replica": "z", "open": {"acct": 1}, "scores": '
+                        b'[["lift", "q", Infinity]]}',
+                        json.dumps({"replica": "y", "open": {"acct": 1}, "scores": [
+                            ["ok", "q", 1.0, 2.0], ["ok", "q", 1.7e308, 1.7e308]]}).encode(),
+                        b"[" * 100_000):
                 await nc.publish("covey.usage", bad)
             await nc.flush()
             await settle()
+            # Nothing of any of them was applied, not even a report's good part.
             assert a.limits.elsewhere == {}
-            assert a.dispatcher.scores.get("q").succeeded == 0
+            assert a.dispatcher.scores.snapshot() == {}
+            assert a.shared._seen == {}
             a.limits.enter("acct")
             assert a.shared._task is not None and not a.shared._task.done()
         finally:
@@ -259,19 +266,31 @@ def test_score_events_and_records_from_elsewhere_are_held_to_their_shape():
 
     board = Scoreboard()
     for bad in (["ok", "m"], ["ok", 5, None, None], ["ok", "m", "fast", None],
-                ["ok", "m", float("nan"), None], ["fail"], ["lift", "m", "high"],
-                ["boom", "m"], "fail"):
+                ["ok", "m", float("nan"), None], ["ok", "m", 1.7e308, None],
+                ["ok", "m", None, -1.0], ["ok", "", None, None], ["ok", "m" * 129, 1, 1],
+                ["fail"], ["lift", "m", "high"], ["lift", "m", float("inf")],
+                ["lift", "m", 11.0], ["lift", "m", 0.01], ["lift", "m", True], ["boom", "m"],
+                "fail", None, {"ok": "m"}):
         with pytest.raises(ValueError):
-            board.apply(bad)
-    assert board.snapshot() == {}
-    with pytest.raises(ValueError):
-        board.restore({"m": [1.0, None]})
-    board.restore({"a": [1e9, 12.5, 0.2, 3, 1]})
-    assert board.get("a").reputation == REPUTATION_MAX
+            Scoreboard.checked(bad)
+    board.apply(Scoreboard.checked(["ok", "m", 0.5, 40]))
+    assert (board.get("m").ttft, board.get("m").decode_tps) == (0.5, 40.0)
+    with pytest.raises(ValueError, match="1 of 3"):  # the good ones are taken
+        board.restore({"a": [9.5, 12.5, 0.2, 3, 1], "b": [1.0, None],
+                       "c": [2.0, None, None, 1, 0]})
+    assert board.get("a").reputation == 9.5
     assert (board.get("a").decode_tps, board.get("a").succeeded) == (12.5, 3)
+    assert board.get("c").reputation == 2.0
+    for bad in ([float("nan"), None, None, 0, 0], [1.0, float("inf"), None, 0, 0],
+                [REPUTATION_MAX * 2, None, None, 0, 0],
+                [1.0, None, None, -1, 0], [1.0, None, None, 1.5, 0]):
+        with pytest.raises(ValueError):
+            board.restore({"d": bad})
+    assert "d" not in board.snapshot()
     board.failure("b")
     board.restore({"b": [9.0, None, None, 0, 0]})  # measured here: kept
     assert board.get("b").reputation == pytest.approx(0.8)
+    assert list(board.snapshot(["c", "gone"], limit=2)) == ["c", "m"]
 
 
 def test_another_replicas_starts_drain_the_bucket_down_to_a_minutes_debt():
@@ -291,3 +310,11 @@ def test_another_replicas_starts_drain_the_bucket_down_to_a_minutes_debt():
     assert limits.report() == ({"b": 0, "c": 1}, {"b": 1, "c": 1})
     assert limits.report() == ({}, {})
     assert limits.report(full=True) == ({"acct": 1, "c": 1}, {})
+
+
+def test_a_nats_urls_credentials_are_never_shown():
+    from covey.coordinator.remote import shown
+
+    assert shown("nats://covey:s3cret@10.0.0.5:4222") == "nats://***@10.0.0.5:4222"
+    assert shown("nats://t0ken@nats") == "nats://***@nats"
+    assert shown("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"

@@ -86,7 +86,8 @@ def coordinator(
     nats_url: Annotated[str | None, typer.Option(
         help="NATS server shared by the replicas of this network (with a shared "
              "--database-url): each replica routes to the miners connected to the others, "
-             "e.g. nats://127.0.0.1:4222.")] = None,
+             "e.g. nats://127.0.0.1:4222, or nats://user:password@host:4222 for a server "
+             "that asks for credentials (never logged).")] = None,
     lease_ttl: Annotated[float, typer.Option(
         min=1.0, help="Seconds this coordinator's lease on a shared ledger lasts unless "
         "renewed: after a replica dies, another refunds its open escrows once it expires.")
@@ -177,7 +178,8 @@ def coordinator(
             raise typer.Exit(2)
         problem = _unreachable(nats_url, "nats", 4222)
         if problem:
-            err.print(f"[red]error:[/red] --nats-url {nats_url}: {problem}")
+            from covey.coordinator.remote import shown
+            err.print(f"[red]error:[/red] --nats-url {shown(nats_url)}: {problem}")
             raise typer.Exit(2)
     wm_key = _watermark_key(watermark_key) if watermark_key else None
     setups: dict[str, Path] = {}

@@ -53,7 +53,7 @@ from covey.coordinator.metrics import Metrics
 from covey.coordinator.miners import MinerRegistry, serve_miner
 from covey.coordinator.quotas import KeyLimitPolicy, KeyLimits
 from covey.coordinator.rebalance import Rebalancer
-from covey.coordinator.remote import ReplicaBus
+from covey.coordinator.remote import ReplicaBus, shown
 from covey.coordinator.router import Dispatcher, QueuePolicy
 from covey.coordinator.shared import SharedUsage
 from covey.coordinator.traffic import TrafficRecorder
@@ -219,7 +219,8 @@ def create_app(config: CoordinatorConfig | None = None) -> FastAPI:
             await bus.start()
             shared = SharedUsage(bus, serving.limits, dispatcher)
             await shared.start()
-            log.info("replica %s on the bus at %s", billing.bank.replica, config.nats_url)
+            log.info("replica %s on the bus at %s", billing.bank.replica,
+                     shown(config.nats_url))
         stakes = await asyncio.to_thread(ledger.balances_like, "stake:")
         for account, staked in stakes.items():
             registry.set_stake(account.removeprefix("stake:"), staked)

@@ -37,6 +37,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from covey.coordinator.link import (
     Request,
@@ -56,6 +57,14 @@ ANNOUNCE_S = 2.0
 """Seconds between a replica's announcements of its miners."""
 STALE_S = 6.0
 """A replica silent this long has lost its miners on the other replicas."""
+
+
+def shown(url: str) -> str:
+    """``url`` as logs and errors may show it: without a user name, password or token."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 class BusUnavailable(Exception):
@@ -151,7 +160,7 @@ class ReplicaBus:
         import nats
 
         async def quiet(exc: Exception) -> None:
-            log.warning("NATS at %s: %s", self.url, exc or type(exc).__name__)
+            log.warning("NATS at %s: %s", shown(self.url), exc or type(exc).__name__)
 
         try:
             async with asyncio.timeout(timeout):
@@ -160,7 +169,8 @@ class ReplicaBus:
                                               reconnect_time_wait=0.5, connect_timeout=2,
                                               error_cb=quiet)
         except (TimeoutError, OSError, ValueError) as exc:
-            raise BusUnavailable(f"cannot reach NATS at {self.url} ({exc or 'timed out'})"
+            raise BusUnavailable(f"cannot reach NATS at {shown(self.url)} "
+                                 f"({exc or 'timed out'})"
                                  ) from None
         await self._nc.subscribe(f"covey.to.{self.replica}", cb=self._on_task)
         await self._nc.subscribe(f"covey.from.{self.replica}", cb=self._on_reply)

@@ -8,7 +8,6 @@ every change, and a replica that starts takes a running one's records
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,10 @@ REPUTATION_MIN = 0.1
 REPUTATION_MAX = 10.0
 EWMA_ALPHA = 0.2
 """Weight of the newest sample in the moving averages: about the last ten jobs count."""
+TTFT_MAX_S = 3600.0
+"""The largest time to first token (seconds) taken from another replica."""
+TPS_MAX = 1e6
+"""The largest decode speed (tokens/s) taken from another replica."""
 
 
 def next_reputation(r: float, failed: bool) -> float:
@@ -116,49 +119,83 @@ class Scoreboard:
         if self.listener is not None:
             self.listener(("lift", miner_id, floor))
 
-    def apply(self, event: Sequence[Any]) -> None:
-        """A change another replica made (see the class docstring), as if made here.
+    @staticmethod
+    def checked(event: Any) -> tuple[Any, ...]:
+        """``event`` (see the class docstring) as :meth:`apply` takes it, once it is of a
+        known shape with values in range: a miner id of 1 to 128 characters, a time to
+        first token of 0 to :data:`TTFT_MAX_S` seconds, a decode speed of 0 to
+        :data:`TPS_MAX` tokens/s (either may be None), a floor within [0.1, 10].
 
         Raises:
-            ValueError: an event of no known shape.
+            ValueError: anything else.
         """
-        match tuple(event):
-            case ("ok", str(miner), ttft, tps):
-                self._success(miner, _number(ttft), _number(tps))
-            case ("fail", str(miner)):
+        match tuple(event) if isinstance(event, list | tuple) else None:
+            case ("ok", str(miner), ttft, tps) if 0 < len(miner) <= 128:
+                return ("ok", miner, _number(ttft, TTFT_MAX_S), _number(tps, TPS_MAX))
+            case ("fail", str(miner)) if 0 < len(miner) <= 128:
+                return ("fail", miner)
+            case ("lift", str(miner), floor) if 0 < len(miner) <= 128:
+                value = _number(floor, REPUTATION_MAX)
+                if value is not None and value >= REPUTATION_MIN:
+                    return ("lift", miner, value)
+        raise ValueError(f"not a score event: {event!r}")
+
+    def apply(self, event: tuple[Any, ...]) -> None:
+        """A change another replica made, as :meth:`checked` returned it, as if made here."""
+        match event:
+            case ("ok", miner, ttft, tps):
+                self._success(miner, ttft, tps)
+            case ("fail", miner):
                 self._failure(miner)
-            case ("lift", str(miner), float(floor) | int(floor)):
+            case ("lift", miner, floor):
                 s = self.get(miner)
-                s.reputation = max(s.reputation, float(floor))
-            case _:
-                raise ValueError(f"not a score event: {event!r}")
+                s.reputation = max(s.reputation, floor)
 
-    def snapshot(self) -> dict[str, list[Any]]:
-        """Every record, as JSON-ready lists (:meth:`restore` reads them)."""
+    def snapshot(self, first: Sequence[str] = (), limit: int = 5000) -> dict[str, list[Any]]:
+        """Up to ``limit`` records, those of the miners in ``first`` before the others, as
+        JSON-ready lists (:meth:`restore` reads them)."""
+        order = [m for m in first if m in self._scores]
+        order += [m for m in self._scores if m not in set(order)]
         return {m: [s.reputation, s.decode_tps, s.ttft, s.succeeded, s.failed]
-                for m, s in self._scores.items()}
+                for m in order[:limit] for s in [self._scores[m]]}
 
-    def restore(self, records: dict[str, list[Any]]) -> None:
-        """Take another replica's :meth:`snapshot` for the miners not measured here yet.
+    def restore(self, records: Any) -> None:
+        """Take another replica's :meth:`snapshot` for the miners not measured here yet;
+        records out of shape or range are skipped (counted in the error).
 
         Raises:
-            ValueError: a record of no known shape.
+            ValueError: ``records`` is not a mapping, or some records were skipped.
         """
+        if not isinstance(records, dict):
+            raise ValueError("not a scoreboard")
+        skipped = 0
         for miner, record in records.items():
             if miner in self._scores:
                 continue
             try:
                 r, tps, ttft, ok, failed = record
+                reputation = _number(r, REPUTATION_MAX)
+                if reputation is None or not all(
+                        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**53
+                        for n in (ok, failed)):
+                    raise ValueError
                 self._scores[miner] = MinerScore(
-                    min(REPUTATION_MAX, max(REPUTATION_MIN, float(r))), _number(tps),
-                    _number(ttft), int(ok), int(failed))
+                    max(REPUTATION_MIN, reputation), _number(tps, TPS_MAX),
+                    _number(ttft, TTFT_MAX_S), ok, failed)
             except (TypeError, ValueError):
-                raise ValueError(f"not a score record: {record!r}") from None
+                skipped += 1
+        if skipped:
+            raise ValueError(f"{skipped} of {len(records)} score records were out of shape")
 
 
-def _number(x: object) -> float | None:
+def _number(x: object, most: float) -> float | None:
+    """``x`` as a float within [0, ``most``], or None for None.
+
+    Raises:
+        ValueError: anything else (NaN and infinities included).
+    """
     if x is None:
         return None
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
-        raise ValueError(f"not a number: {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= most:
+        raise ValueError(f"not a number within [0, {most}]: {x!r}")
     return float(x)

@@ -29,7 +29,9 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from covey.coordinator.miners import MinerRegistry
 from covey.coordinator.quotas import KeyLimits
@@ -44,6 +46,31 @@ REPORT_S = 0.2
 FULL_EVERY = 10
 """Every this many reports carries every open count, not only those that changed (a lost
 message heals within ``FULL_EVERY × REPORT_S`` seconds)."""
+
+
+SNAPSHOT_RECORDS = 5000
+"""Miner records a replica hands one that starts (about 120 bytes each: well within NATS's
+default 1 MiB message)."""
+COUNT_MAX = 1_000_000
+"""The largest count a report may carry (requests open or started, slots held)."""
+_Name = Annotated[str, Field(min_length=1, max_length=128)]
+_Count = Annotated[int, Field(ge=0, le=COUNT_MAX)]
+
+
+class Report(BaseModel):
+    """One replica's usage report (see the module docstring): ``open`` and ``started``
+    requests by account, ``scores`` events (:meth:`~covey.coordinator.scores.Scoreboard.
+    checked` holds each to its shape), ``busy`` slots by miner and model; ``full`` says
+    ``open`` and ``busy`` list everything, not only what changed."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    replica: _Name
+    full: bool = False
+    open: dict[_Name, _Count] = {}
+    started: dict[_Name, _Count] = {}
+    scores: list[Any] = Field(default=[], max_length=COUNT_MAX)
+    busy: dict[_Name, dict[_Name, _Count]] = {}
 
 
 class SharedUsage:
@@ -146,43 +173,43 @@ class SharedUsage:
 
     async def _on_report(self, msg: Any) -> None:
         try:
-            body = json.loads(msg.data)
-            replica = body["replica"]
-            if replica == self.bus.replica:
-                return
-            self.take(replica, body)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("a malformed usage report came over the bus: %s", exc)
+            self.take(msg.data)
+        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, and any other
+            log.warning("a malformed usage report came over the bus: %s",
+                        str(exc).splitlines()[0])
 
-    def take(self, replica: str, body: dict[str, Any]) -> None:
-        """Apply ``replica``'s report ``body`` (:meth:`report`'s fields).
+    def take(self, data: bytes) -> None:
+        """Apply another replica's report (:meth:`report`'s JSON); one of this replica's
+        own is ignored.
 
         Raises:
-            ValueError, KeyError, TypeError: a report of no known shape (what was read of
-                it before stays applied).
+            ValueError: a report of no known shape, or with a count or score out of range:
+                nothing of it is applied.
         """
+        report = Report.model_validate_json(data)
+        if report.replica == self.bus.replica:
+            return
+        events = [Scoreboard.checked(e) for e in report.scores]
+        replica = report.replica
         self._seen[replica] = time.monotonic()
-        full = bool(body.get("full"))
         opened = self._open.setdefault(replica, {})
-        if full:
-            stale = set(opened) - set(body["open"])
-            opened.update(dict.fromkeys(stale, 0))
-        for account, n in body["open"].items():
-            opened[account] = int(n)
+        if report.full:
+            opened.update(dict.fromkeys(set(opened) - set(report.open), 0))
+        opened.update(report.open)
         for account in list(opened):
             self._recount_open(account)
             if not opened[account]:
                 del opened[account]
-        for account, n in body["started"].items():
-            self.limits.spent(account, int(n))
-        for event in body["scores"]:
+        for account, n in report.started.items():
+            self.limits.spent(account, n)
+        for event in events:
             self.scores.apply(event)
         busy = self._busy.setdefault(replica, {})
-        changed = set(busy) if full else set()
-        if full:
+        changed = set(busy) if report.full else set()
+        if report.full:
             busy.clear()
-        for miner, models in body["busy"].items():
-            busy[miner] = {m: int(n) for m, n in models.items() if int(n) > 0}
+        for miner, models in report.busy.items():
+            busy[miner] = {m: n for m, n in models.items() if n > 0}
             changed.add(miner)
         self._recount_busy(changed)
 
@@ -220,4 +247,6 @@ class SharedUsage:
     async def _on_scores_asked(self, msg: Any) -> None:
         if not msg.reply:
             return
-        await msg.respond(json.dumps(self.scores.snapshot()).encode())
+        # Live miners' records first, and few enough for one NATS message (1 MiB).
+        await msg.respond(json.dumps(self.scores.snapshot(
+            list(self.registry.sessions), SNAPSHOT_RECORDS)).encode())

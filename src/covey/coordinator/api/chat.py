@@ -93,7 +93,11 @@ async def respond(state: Any, receive: Callable[[], Awaitable[dict[str, Any]]], 
         # pydantic writes the JSON itself (one pass, in Rust), not a dict for json.dumps
         return Response(body.model_dump_json(), media_type="application/json")
 
-    stayed, response = await unless_client_leaves(receive, work())
+    try:
+        stayed, response = await unless_client_leaves(receive, work())
+    except Exception:  # a bug's 500: the key's slot must not stay taken for ever
+        serving.finish(record, 500, "internal_error")  # nothing when already finished
+        raise
     return response if stayed and response is not None else Response(status_code=CLIENT_CLOSED)
 
 

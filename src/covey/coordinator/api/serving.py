@@ -284,6 +284,9 @@ class Serving:
         except asyncio.CancelledError:
             self.finish(record, CLIENT_CLOSED)
             raise
+        except Exception:  # a bug's 500: the key's slot must not stay taken for ever
+            self.finish(record, 500, "internal_error")
+            raise
 
     async def _start(self, job: Generate, chat: bool, record: RequestRecord,
                      sealer: Sealer | None, text: bool) -> tuple[RunningJob, Formatter]:

@@ -13,9 +13,9 @@
 - **Start-up.** A replica starting refunds its own escrows (left by its previous run: none
   of them can be running now) and the orphans of dead replicas.
 - **Duties.** Sweeps that must run once across replicas (refunding the escrows of replicas
-  that died since) run on the leader only: the holder of a PostgreSQL session advisory
-  lock, which the database frees when the leader's connection dies. On SQLite there is
-  one replica, which leads.
+  that died since, dropping the owner rows of closed escrows) run on the leader only: the
+  holder of a PostgreSQL session advisory lock, which the database frees when the leader's
+  connection dies. On SQLite there is one replica, which leads.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import secrets
 import time
 from pathlib import Path
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from covey.coordinator.ledger.bank import Bank
-from covey.coordinator.ledger.schema import escrow_owners, replicas
+from covey.coordinator.ledger.schema import balances, escrow_owners, replicas
 from covey.coordinator.ledger.store import Ledger, LedgerError
 
 log = logging.getLogger("covey.coordinator.ledger")
@@ -182,3 +182,23 @@ def refund_orphaned(bank: Bank, own: str | None = None) -> int:
     for job_id, payer in orphaned_escrows(bank, own):
         n += bank.refund(job_id, payer) > 0
     return n
+
+
+OWNER_ROWS_KEPT_S = 60.0
+"""Seconds an escrow's owner row outlives its escrow at least (a sweep then drops it)."""
+
+
+def prune_owners(ledger: Ledger, now_us: int | None = None,
+                 kept_s: float = OWNER_ROWS_KEPT_S) -> int:
+    """Drop the owner rows of escrows that closed (settled or refunded) at least
+    ``kept_s`` seconds after they were written; returns how many went. Only open escrows
+    need an owner (:func:`orphaned_escrows`), and one row per request would otherwise grow
+    the table for ever."""
+    now = _now_us() if now_us is None else now_us
+    open_jobs = select(func.substr(balances.c.account, len("escrow:") + 1)).where(
+        balances.c.account.startswith("escrow:"))
+    with ledger.engine.begin() as conn:
+        result = conn.execute(delete(escrow_owners).where(
+            escrow_owners.c.created_us < now - int(kept_s * 1_000_000),
+            escrow_owners.c.job_id.not_in(open_jobs)))
+    return result.rowcount
