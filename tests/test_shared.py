@@ -149,7 +149,7 @@ def test_reputation_is_shared_and_a_new_replica_starts_from_it(nats_url):  # noq
 def test_slots_are_counted_on_every_replica_and_a_freed_one_reaches_a_waiter(nats_url):  # noqa: F811
     async def scenario() -> None:
         policy = KeyLimitPolicy()
-        a, b = [await Replica(nats_url, policy, stale_after=0.5).start() for _ in range(2)]
+        a, b = [await Replica(nats_url, policy, stale_after=1.0).start() for _ in range(2)]
         try:
             # One miner with two slots: connected to A, mirrored on B.
             here = _session(a.registry, "x", slots=2)
@@ -166,12 +166,16 @@ def test_slots_are_counted_on_every_replica_and_a_freed_one_reaches_a_waiter(nat
             assert await asyncio.wait_for(waiting, 1) is there  # freed on A, granted on B
             await settle()
             assert here.elsewhere == {"m": 1} and not here.free_for("m")
-            # A replica that goes silent no longer holds slots anywhere.
-            await b.close()
+            # A replica that goes silent (killed: no last report) no longer holds slots.
+            assert b.shared._task is not None
+            b.shared._task.cancel()
+            await asyncio.sleep(0.5)
+            assert here.elsewhere == {"m": 1}  # not yet stale
             await asyncio.sleep(1.0)
             assert here.elsewhere == {} and here.free_for("m")
         finally:
             await a.close()
+            await b.close()
 
     asyncio.run(scenario())
 
