@@ -4,10 +4,12 @@ in-process replicas on the real NATS server, then two real replicas and a real m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,18 @@ class Replica:
             await self.bus.close()
 
 
+@contextlib.asynccontextmanager
+async def running(url: str, policy: KeyLimitPolicy, stale_after: float = 5.0
+                  ) -> AsyncIterator[list[Replica]]:
+    """Two replicas, started; more appended to the list are closed at the end too."""
+    replicas = [await Replica(url, policy, stale_after).start() for _ in range(2)]
+    try:
+        yield replicas
+    finally:
+        for r in replicas:
+            await r.close()
+
+
 async def settle() -> None:
     """Long enough for every replica to have sent a report and read the others'."""
     await asyncio.sleep(INTERVAL * 6)
@@ -67,8 +81,7 @@ def refused(limits: KeyLimits, account: str) -> str | None:
 def test_a_keys_limits_hold_across_replicas(nats_url):  # noqa: F811
     async def scenario() -> None:
         policy = KeyLimitPolicy(concurrency=3, per_minute=0)
-        a, b = [await Replica(nats_url, policy).start() for _ in range(2)]
-        try:
+        async with running(nats_url, policy) as (a, b):
             a.limits.enter("acct")
             a.limits.enter("acct")
             await settle()
@@ -90,9 +103,6 @@ def test_a_keys_limits_hold_across_replicas(nats_url):  # noqa: F811
             await b.close()
             await asyncio.sleep(INTERVAL)
             assert a.limits.elsewhere == {}
-        finally:
-            for r in (a, b):
-                await r.close()
 
     asyncio.run(scenario())
 
@@ -100,8 +110,7 @@ def test_a_keys_limits_hold_across_replicas(nats_url):  # noqa: F811
 def test_requests_per_minute_are_counted_across_replicas(nats_url):  # noqa: F811
     async def scenario() -> None:
         policy = KeyLimitPolicy(concurrency=0, per_minute=4)
-        a, b = [await Replica(nats_url, policy).start() for _ in range(2)]
-        try:
+        async with running(nats_url, policy) as (a, b):
             for _ in range(3):
                 assert refused(a.limits, "acct") is None
             await settle()
@@ -109,9 +118,6 @@ def test_requests_per_minute_are_counted_across_replicas(nats_url):  # noqa: F81
             assert "limited to 4 requests per minute" in refused(b.limits, "acct")
             await settle()
             assert "limited to 4" in refused(a.limits, "acct")
-        finally:
-            for r in (a, b):
-                await r.close()
 
     asyncio.run(scenario())
 
@@ -119,9 +125,8 @@ def test_requests_per_minute_are_counted_across_replicas(nats_url):  # noqa: F81
 def test_reputation_is_shared_and_a_new_replica_starts_from_it(nats_url):  # noqa: F811
     async def scenario() -> None:
         policy = KeyLimitPolicy()
-        a, b = [await Replica(nats_url, policy).start() for _ in range(2)]
-        c = None
-        try:
+        async with running(nats_url, policy) as replicas:
+            a, b = replicas
             miner = "m" * 64
             a.dispatcher.scores.failure(miner)
             a.dispatcher.scores.failure(miner)
@@ -135,13 +140,9 @@ def test_reputation_is_shared_and_a_new_replica_starts_from_it(nats_url):  # noq
             a.dispatcher.scores.lift(miner, 0.9)
             await settle()
             assert b.dispatcher.scores.get(miner).reputation == pytest.approx(0.9)
-            c = await Replica(nats_url, policy).start()
+            replicas.append(c := await Replica(nats_url, policy).start())
             s = c.dispatcher.scores.get(miner)
             assert (s.reputation, s.failed, s.succeeded) == (pytest.approx(0.9), 2, 1)
-        finally:
-            for r in (a, b, c):
-                if r is not None:
-                    await r.close()
 
     asyncio.run(scenario())
 
@@ -149,8 +150,7 @@ def test_reputation_is_shared_and_a_new_replica_starts_from_it(nats_url):  # noq
 def test_slots_are_counted_on_every_replica_and_a_freed_one_reaches_a_waiter(nats_url):  # noqa: F811
     async def scenario() -> None:
         policy = KeyLimitPolicy()
-        a, b = [await Replica(nats_url, policy, stale_after=1.0).start() for _ in range(2)]
-        try:
+        async with running(nats_url, policy, stale_after=1.0) as (a, b):
             # One miner with two slots: connected to A, mirrored on B.
             here = _session(a.registry, "x", slots=2)
             there = _session(b.registry, "x", slots=2, kind=RemoteSession)
@@ -173,9 +173,6 @@ def test_slots_are_counted_on_every_replica_and_a_freed_one_reaches_a_waiter(nat
             assert here.elsewhere == {"m": 1}  # not yet stale
             await asyncio.sleep(1.0)
             assert here.elsewhere == {} and here.free_for("m")
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(scenario())
 

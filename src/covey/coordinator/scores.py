@@ -114,10 +114,13 @@ class Scoreboard:
     def lift(self, miner_id: str, floor: float) -> None:
         """Raise the miner's reputation to ``floor`` if it is below (it passed a trial
         again)."""
-        s = self.get(miner_id)
-        s.reputation = max(s.reputation, floor)
+        self._lift(miner_id, floor)
         if self.listener is not None:
             self.listener(("lift", miner_id, floor))
+
+    def _lift(self, miner_id: str, floor: float) -> None:
+        s = self.get(miner_id)
+        s.reputation = max(s.reputation, floor)
 
     @staticmethod
     def checked(event: Any) -> tuple[Any, ...]:
@@ -148,14 +151,14 @@ class Scoreboard:
             case ("fail", miner):
                 self._failure(miner)
             case ("lift", miner, floor):
-                s = self.get(miner)
-                s.reputation = max(s.reputation, floor)
+                self._lift(miner, floor)
 
     def snapshot(self, first: Sequence[str] = (), limit: int = 5000) -> dict[str, list[Any]]:
         """Up to ``limit`` records, those of the miners in ``first`` before the others, as
         JSON-ready lists (:meth:`restore` reads them)."""
-        order = [m for m in first if m in self._scores]
-        order += [m for m in self._scores if m not in set(order)]
+        order = list(dict.fromkeys(m for m in first if m in self._scores))
+        chosen = set(order)
+        order += [m for m in self._scores if m not in chosen]
         return {m: [s.reputation, s.decode_tps, s.ttft, s.succeeded, s.failed]
                 for m in order[:limit] for s in [self._scores[m]]}
 

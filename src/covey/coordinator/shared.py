@@ -128,9 +128,9 @@ class SharedUsage:
             self._task.cancel()
         self.scores.listener = None
         self.limits.shared = False
-        self.bus.publish("covey.usage", json.dumps(
-            {"replica": self.bus.replica, "full": True, "open": {}, "started": {},
-             "scores": self._events, "busy": {}}).encode(), {})
+        self.bus.publish("covey.usage", Report(replica=self.bus.replica, full=True,
+                                               scores=self._events).model_dump_json().encode(),
+                         {})
         self._events = []
 
     async def _reporter(self) -> None:
@@ -148,9 +148,8 @@ class SharedUsage:
         full = (self._reports - 1) % FULL_EVERY == 0  # the first too: a restart starts over
         opened, started = self.limits.report(full)
         events, self._events = self._events, []
-        return json.dumps({"replica": self.bus.replica, "full": full, "open": opened,
-                           "started": started, "scores": events,
-                           "busy": self._busy_changes(full)}).encode()
+        return Report(replica=self.bus.replica, full=full, open=opened, started=started,
+                      scores=events, busy=self._busy_changes(full)).model_dump_json().encode()
 
     def _busy_changes(self, full: bool) -> dict[str, dict[str, int]]:
         now: dict[str, dict[str, int]] = {}
@@ -193,13 +192,16 @@ class SharedUsage:
         replica = report.replica
         self._seen[replica] = time.monotonic()
         opened = self._open.setdefault(replica, {})
-        if report.full:
-            opened.update(dict.fromkeys(set(opened) - set(report.open), 0))
-        opened.update(report.open)
-        for account in list(opened):
+        touched = set(report.open)
+        if report.full:  # what it no longer lists is closed
+            touched |= opened.keys()
+        for account in touched:
+            n = report.open.get(account, 0)
+            if n:
+                opened[account] = n
+            else:
+                opened.pop(account, None)
             self._recount_open(account)
-            if not opened[account]:
-                del opened[account]
         for account, n in report.started.items():
             self.limits.spent(account, n)
         for event in events:
